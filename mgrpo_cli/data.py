@@ -1,0 +1,137 @@
+"""Problems, and the embedded synthetic task ``arith``.
+
+``arith``: 2-4 operands of 1..20 joined by ``+``/``-``, evaluated left to right. A worked solution
+takes one operation per step (``12+7=19 19-5=14 \\boxed{14}``). The warm-up's first-attempt
+solutions sometimes merge two or more operations into one step (``12+7-5=14``), which is shorter and
+more error-prone, so a first attempt has something to get wrong and a careful second look
+(one operation per step) has something to fix. File and hub data sets live in ``loaders``.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its gold answer (an answer string such as ``18`` or ``\\frac{1}{2}``)."""
+
+    id: str
+    question: str
+    answer: str
+    solution: Optional[str] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _eval_left_to_right(operands: list[int], ops: list[str]) -> int:
+    value = operands[0]
+    for op, x in zip(ops, operands[1:]):
+        value = value + x if op == "+" else value - x
+    return value
+
+
+def arith_question(operands: list[int], ops: list[str]) -> str:
+    return str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:]))
+
+
+def careful_solution(operands: list[int], ops: list[str]) -> str:
+    """One operation per step: ``12+7=19 19-5=14 \\boxed{14}``."""
+    return merged_solution(operands, ops, merge=[False] * (len(ops) - 1))
+
+
+def merged_solution(operands: list[int], ops: list[str], merge: list[bool]) -> str:
+    """Steps joined where ``merge[i]`` says step i+1 continues step i: ``12+7-5=14 \\boxed{14}``."""
+    steps, value, expr = [], operands[0], str(operands[0])
+    for i, (op, x) in enumerate(zip(ops, operands[1:])):
+        expr += f"{op}{x}"
+        value = value + x if op == "+" else value - x
+        if i < len(merge) and merge[i]:
+            continue
+        steps.append(f"{expr}={value}")
+        expr = str(value)
+    return " ".join(steps) + f" \\boxed{{{value}}}"
+
+
+def random_merges(n_ops: int, rng: random.Random, merge_prob: float) -> list[bool]:
+    return [rng.random() < merge_prob for _ in range(n_ops - 1)]
+
+
+def parse_arith(question: str) -> tuple[list[int], list[str]]:
+    """Inverse of :func:`arith_question` (operands are positive integers)."""
+    operands, ops, num = [], [], ""
+    for ch in question.strip():
+        if ch.isdigit():
+            num += ch
+        elif ch in "+-" and num:
+            operands.append(int(num))
+            ops.append(ch)
+            num = ""
+        else:
+            raise ValueError(f"not an arith question: {question!r}")
+    operands.append(int(num))
+    return operands, ops
+
+
+class ArithTask:
+    """Deterministic problem streams: ``test`` and ``valid`` are fixed sets, ``train`` avoids both."""
+
+    def __init__(self, min_operands: int = 2, max_operands: int = 4, max_operand: int = 20,
+                 ops: str = "+-", merge_prob: float = 0.5, n_test: int = 400, n_valid: int = 200,
+                 seed: int = 0):
+        if not 2 <= min_operands <= max_operands:
+            raise ValueError(f"dataset.arith: need 2 <= min_operands <= max_operands, got "
+                             f"{min_operands}, {max_operands}")
+        if not set(ops) <= {"+", "-"} or not ops:
+            raise ValueError(f"dataset.arith.ops: only '+' and '-' are supported, got {ops!r}")
+        self.min_operands, self.max_operands, self.max_operand = min_operands, max_operands, max_operand
+        self.ops, self.merge_prob, self.seed = ops, merge_prob, seed
+        self.test = self._fixed("test", n_test, exclude=set())
+        self.valid = self._fixed("valid", n_valid, exclude={p.question for p in self.test})
+        self._held_out = {p.question for p in self.test} | {p.question for p in self.valid}
+
+    def _rng(self, split: str, seed: int) -> random.Random:
+        digest = hashlib.sha256(f"arith/{split}/{seed}".encode()).hexdigest()
+        return random.Random(int(digest[:16], 16))
+
+    def _draw(self, rng: random.Random) -> tuple[list[int], list[str]]:
+        n = rng.randint(self.min_operands, self.max_operands)
+        operands = [rng.randint(1, self.max_operand) for _ in range(n)]
+        ops = [rng.choice(self.ops) for _ in range(n - 1)]
+        return operands, ops
+
+    def _problem(self, split: str, index: int, operands: list[int], ops: list[str]) -> Problem:
+        return Problem(
+            id=f"arith-{split}-{index}",
+            question=arith_question(operands, ops),
+            answer=str(_eval_left_to_right(operands, ops)),
+            solution=careful_solution(operands, ops),
+            meta={"operands": len(operands)},
+        )
+
+    def _fixed(self, split: str, n: int, exclude: set[str]) -> list[Problem]:
+        rng, out, seen = self._rng(split, self.seed), [], set(exclude)
+        while len(out) < n:
+            operands, ops = self._draw(rng)
+            q = arith_question(operands, ops)
+            if q in seen:
+                continue
+            seen.add(q)
+            out.append(self._problem(split, len(out), operands, ops))
+        return out
+
+    def train_stream(self, seed: Optional[int] = None) -> Iterator[Problem]:
+        """Endless training problems, none of them in ``test`` or ``valid``."""
+        rng, i = self._rng("train", self.seed if seed is None else seed), 0
+        while True:
+            operands, ops = self._draw(rng)
+            if arith_question(operands, ops) in self._held_out:
+                continue
+            yield self._problem("train", i, operands, ops)
+            i += 1
+
+    def first_attempt(self, problem: Problem, rng: random.Random) -> str:
+        """A warm-up first-attempt solution: some steps merged at random (``merge_prob``)."""
+        operands, ops = parse_arith(problem.question)
+        return merged_solution(operands, ops, random_merges(len(ops), rng, self.merge_prob))

@@ -1,0 +1,127 @@
+"""GRPO math as small pure functions on tensors (no Lightning, no config, no strings of text).
+
+For a group of G responses to one input with rewards r_1..r_G:
+    A_i = (r_i - mean(r)) / (std(r) + eps)                        (group_advantages)
+and for each completion token t of response i, with ratio rho = pi_theta / pi_old:
+    l_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_k3
+    KL_k3 = exp(ref - logp) - (ref - logp) - 1                     (k3_kl)
+aggregated per sequence then over the batch (``grpo``), over all tokens (``dapo``), or by a constant
+(``dr_grpo``). Ungradable responses carry a NaN reward: they are left out of the group statistics
+and get zero advantage. When each rollout is used for one update, pi_old = pi_theta.detach(), so
+rho = 1 in value but carries the policy gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+SCALE_MODES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """(n_groups, group_size) rewards, NaN = ungradable -> advantages of the same shape (NaN -> 0)."""
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale_rewards: expected one of {SCALE_MODES}, got {scale!r}")
+    valid = ~torch.isnan(rewards)
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = valid.sum(-1, keepdim=True)
+    mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(valid, r - mean, torch.zeros_like(r))
+    if scale == "group":
+        # unbiased std within each group (0 for groups with fewer than two gradable responses)
+        var = centred.pow(2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = centred / (var.sqrt() + eps)
+    elif scale == "batch":
+        total = valid.sum()
+        all_centred = torch.where(valid, r - r[valid].mean() if total else r, torch.zeros_like(r))
+        std = (all_centred.pow(2).sum() / (total - 1).clamp(min=1)).sqrt()
+        adv = centred / (std + eps)
+    else:
+        adv = centred
+    return torch.where(valid, adv, torch.zeros_like(adv))
+
+
+def zero_variance_share(rewards: torch.Tensor) -> float:
+    """Share of groups whose gradable rewards are all equal ("reward vanishing")."""
+    valid = ~torch.isnan(rewards)
+    hi = torch.where(valid, rewards, torch.full_like(rewards, -float("inf"))).amax(-1)
+    lo = torch.where(valid, rewards, torch.full_like(rewards, float("inf"))).amin(-1)
+    return ((hi <= lo) | (valid.sum(-1) < 2)).float().mean().item()
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without a full-vocabulary log-prob copy. (B, T, V), (B, T) -> (B, T)."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    # half precision: upcast one row at a time so the float32 copy stays small
+    out = []
+    for row_logits, row_index in zip(logits, index):
+        row = row_logits.float()
+        out.append(row.gather(-1, row_index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(out)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy loss and a mask of tokens where clipping was active. adv: (B,)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    loss = -torch.min(unclipped, clipped)
+    return loss, (clipped < unclipped)
+
+
+def sequence_terms(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """(B, T) per-token values -> (B,) per-sequence terms, to be summed and divided by
+    :func:`loss_normalizer` (so micro-batches add up to the whole batch's loss)."""
+    summed = (per_token * mask).sum(-1)
+    if loss_type == "grpo":
+        return summed / mask.sum(-1).clamp(min=1)
+    if loss_type in ("dapo", "dr_grpo"):
+        return summed
+    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
+    """What the summed sequence terms of the whole batch (mask: (B, T)) are divided by."""
+    if loss_type == "grpo":
+        return float(max(mask.shape[0], 1))
+    if loss_type == "dapo":
+        return float(max(mask.sum().item(), 1))
+    if loss_type == "dr_grpo":
+        return float(max(mask.shape[0] * max_completion_length, 1))
+    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,
+                    ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+                    eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss (B, T), the per-token KL (zeros when beta == 0) and the clip mask."""
+    old = logp.detach() if old_logp is None else old_logp
+    loss, clipped = clipped_surrogate(logp, old, advantages, eps_low, eps_high)
+    if beta > 0 and ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    return loss, kl.detach(), clipped
+
+
+def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
+              max_completion_length: int | None = None, **kw) -> torch.Tensor:
+    """The whole-batch scalar loss (for tests and single-batch callers)."""
+    per_token, _, _ = grpo_token_loss(logp, advantages, **kw)
+    terms = sequence_terms(per_token, mask, loss_type)
+    return terms.sum() / loss_normalizer(mask, loss_type, max_completion_length or mask.shape[1])
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((values * mask).sum() / mask.sum().clamp(min=1)).item()

@@ -1,0 +1,159 @@
+"""Supervised warm start of the embedded tiny model on the synthetic ``arith`` task.
+
+A random model earns no reward, so GRPO needs a policy that is already partly right. The warm-up
+trains on worked solutions (loss on the solution tokens only) and stops at the first check whose
+held-out (``valid`` split) accuracy reaches ``warmup.target_accuracy``: the band where GRPO has
+the most to learn. A share of examples (``warmup.correction_share``) are correction examples: a
+first attempt (right, or with one step off), a guiding phrase, then a careful one-step-at-a-time
+solution (loss on the part after the phrase), so the model starts with a little self-correction.
+
+The result is saved with ``save_pretrained`` under ``warmup.cache_dir/<key>`` (key = hash of
+everything that shapes it) and reused by later runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, random_merges
+from mgrpo_cli.layers import solve
+from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_tokenizer
+from mgrpo_cli.prompts import PromptRenderer
+from mgrpo_cli.rollout import HFEngine
+
+log = logging.getLogger(__name__)
+
+
+def flawed_attempt(problem: Problem, rng: random.Random, merge_prob: float, error_prob: float) -> str:
+    """A first attempt: steps merged at random, and with ``error_prob`` one step's result off by 1..10."""
+    operands, ops = parse_arith(problem.question)
+    merges = random_merges(len(ops), rng, merge_prob)
+    if rng.random() >= error_prob:
+        return merged_solution(operands, ops, merges)
+    # an error in one step carries through every later step, as a real slip would
+    n_steps = 1 + sum(1 for m in merges if not m)
+    bad_step = rng.randrange(n_steps)
+    offset = rng.choice([-1, 1]) * rng.randint(1, 10)
+    steps, value, expr, step = [], operands[0], str(operands[0]), 0
+    for i, (op, x) in enumerate(zip(ops, operands[1:])):
+        expr += f"{op}{x}"
+        value = value + x if op == "+" else value - x
+        if i < len(merges) and merges[i]:
+            continue
+        if step == bad_step:
+            value += offset
+        steps.append(f"{expr}={value}")
+        expr, step = str(value), step + 1
+    return " ".join(steps) + f" \\boxed{{{value}}}"
+
+
+def warmup_examples(task: ArithTask, problems: list[Problem], renderer: PromptRenderer, phrases: list[str],
+                    correction_share: float, rng: random.Random) -> list[tuple[str, str]]:
+    """(context, target) pairs: the loss covers ``target`` only."""
+    out = []
+    for p in problems:
+        prompt = renderer.render(p.question)
+        if rng.random() < correction_share:
+            attempt = flawed_attempt(p, rng, task.merge_prob, error_prob=0.5)
+            context = renderer.render(p.question, ((attempt, rng.choice(phrases)),))
+            operands, ops = parse_arith(p.question)
+            out.append((context, careful_solution(operands, ops)))
+        else:
+            out.append((prompt, task.first_attempt(p, rng)))
+    return out
+
+
+def _batch(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 outside the targets)."""
+    rows = []
+    for context, target in pairs:
+        c = tokenizer(context, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((c + t, [-100] * len(c) + t))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+def cache_key(cfg: Any) -> str:
+    shaping = {
+        "model": {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "attn_implementation")},
+        "arith": OmegaConf.to_container(cfg.dataset.arith),
+        "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
+                                              "correction_share")},
+        "phrases": list(cfg.layer.phrases), "phrase_template": cfg.layer.phrase_template,
+        "max_completion_length": cfg.model.max_completion_length, "seed": cfg.seed, "version": 1,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warm_start(cfg: Any, grader_correct, progress=None) -> Path:
+    """Return the folder of the warmed-up tiny model, training it first if it is not cached."""
+    out = Path(cfg.warmup.cache_dir) / cache_key(cfg)
+    if (out / "warmup.json").is_file():
+        log.info("warm start: reusing %s (%s)", out, (out / "warmup.json").read_text().strip())
+        return out
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.seed)
+    task = ArithTask(**cfg.dataset.arith)
+    renderer = PromptRenderer(tokenizer, "plain", phrase_template=cfg.layer.phrase_template)
+    engine = HFEngine(model, tokenizer)
+    stream = task.train_stream(seed=cfg.seed + 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
+    w, start, acc, step = cfg.warmup, time.perf_counter(), 0.0, 0
+    questions, golds = [p.question for p in task.valid], [p.answer for p in task.valid]
+    model.train()
+    for step in range(1, w.steps + 1):
+        pairs = warmup_examples(task, [next(stream) for _ in range(w.batch_size)], renderer,
+                                list(cfg.layer.phrases), w.correction_share, rng)
+        pairs.sort(key=lambda p: len(p[0]) + len(p[1]))
+        half = len(pairs) // 2
+        parts = [_batch(tokenizer, part) for part in (pairs[:half], pairs[half:])]
+        n_tokens = sum((labels != -100).sum().item() for _, _, labels in parts)
+        opt.zero_grad(set_to_none=True)
+        for ids, mask, labels in parts:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                reduction="sum") / n_tokens
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress:
+            progress(step, loss.item(), acc)
+        if step % w.eval_every == 0 or step == w.steps:
+            solved = solve(engine, renderer, grader_correct, questions, golds,
+                           max_new_tokens=cfg.model.max_completion_length, batch_size=256)
+            acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
+            log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss.item(), acc,
+                     time.perf_counter() - start)
+            if acc >= w.target_accuracy:
+                break
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"steps": step, "valid_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}
+    (out / "warmup.json").write_text(json.dumps(info))
+    log.info("warm start saved to %s: %s", out, info)
+    return out
+
+
+def load_warm(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
