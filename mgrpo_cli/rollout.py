@@ -60,7 +60,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     cache = DynamicCache(config=model.config)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]  # (U, V)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -86,7 +86,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
             break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     width = int(lengths.max().item()) if rows else 0

@@ -1,0 +1,50 @@
+"""``mgrpo <command> [hydra overrides]``: pick the command's ``@hydra.main`` and hand it the rest.
+
+Hydra has no subcommands; removing the command word from ``sys.argv`` keeps everything Hydra users
+expect (``-m`` sweeps, ``--cfg job``, ``--help``, run folders). No torch import happens here, so
+``mgrpo`` alone answers at once.
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: mgrpo <command> [key=value ...] [-m] [--cfg job] [--help]
+
+commands:
+  train   train a policy with GRPO / MGRPO          (mgrpo train model=qwen1.5b layer=grpo)
+  eval    score a model on a dataset, t1 and t2     (mgrpo eval dataset=gsm8k model.path=DIR)
+
+examples:
+  mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~8 min on 2 CPU cores
+  mgrpo train -m layer=grpo,mgrpo seed=0,1     # a sweep: 4 runs
+  mgrpo train --cfg job                        # print the composed config
+  mgrpo eval dataset=math500 checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt
+  mgrpo eval rescore=outputs/eval/runs/<run>/problems.jsonl
+"""
+
+COMMANDS = {"train": "mgrpo_cli.train", "eval": "mgrpo_cli.evaluate"}
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"mgrpo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    import importlib
+
+    try:
+        module = importlib.import_module(COMMANDS[command])
+    except FileNotFoundError as e:  # conf/ not found
+        print(e, file=sys.stderr)
+        return 2
+    sys.argv = [f"mgrpo {command}", *argv[2:]]
+    module.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The Lightning module: one ``training_step`` runs every GRPO layer of MGRPO on the same policy.
+
+Layer 1 is GRPO on the questions (G samples each). Layer d >= 2 takes responses of layer d-1
+(selected by ``layer.select``), appends a guiding phrase, samples H corrections each and applies
+the same rollout -> grade -> advantage -> loss path (``layers.run_layer`` and
+``layers.policy_loss_backward``). Layer losses are summed (L1 + lambda * L2, one optimizer step) or
+applied as sequential optimizer steps. Validation is the two-pass (t1, t2) greedy evaluation.
+Manual optimization: the step owns its backward passes (micro-batched) and the optimizer step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from mgrpo_cli import layers as layers_mod
+from mgrpo_cli.data import Problem
+from mgrpo_cli.layers import LayerInput, LossSettings, completion_logps
+from mgrpo_cli.metrics import self_correction
+from mgrpo_cli.modeling import is_peft
+from mgrpo_cli.prompts import PromptRenderer
+from mgrpo_cli.rollout import Rollout, build_engine
+
+log = logging.getLogger(__name__)
+
+
+class MGRPOModule(L.LightningModule):
+    def __init__(self, policy, tokenizer, cfg: Any, reward_fn, reference=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.reward_fn = reward_fn
+        self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
+        g, lay, m = cfg.grpo, cfg.layer, cfg.model
+        self.renderer = PromptRenderer(tokenizer, m.prompt_template, cfg.system_prompt, lay.input_mode,
+                                       lay.phrase_template, lay.new_turn_prompt)
+        self.engine = build_engine(cfg.rollout.engine, policy, tokenizer, max_prompt_length=m.max_prompt_length,
+                                   seed=cfg.seed)
+        self.settings = LossSettings(
+            beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
+            scale_rewards=g.scale_rewards, std_eps=g.std_eps, temperature=g.temperature,
+            micro_batch_tokens=g.micro_batch_tokens, max_completion_length=m.max_completion_length)
+        self.rng = random.Random(cfg.seed)
+        self.last_val: dict[str, float] = {}
+        self._val_rows: list[dict] = []
+        self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+
+    # ------------------------------------------------------------------ set-up
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.cfg.grpo.lr, weight_decay=self.cfg.grpo.weight_decay)
+
+    def setup(self, stage: str) -> None:
+        ref = self._reference[0]
+        if ref is not None:
+            ref.to(self.device)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # problems are text; tensors are made on the device by the rollout
+
+    def _ref_logps(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs: the LoRA model with its adapter disabled, else the frozen copy."""
+        with torch.no_grad():
+            if is_peft(self.policy):
+                with self.policy.disable_adapter():
+                    return completion_logps(self.policy, rollout, rows, self.settings.temperature)
+            return completion_logps(self._reference[0], rollout, rows, self.settings.temperature)
+
+    # ------------------------------------------------------------------ training
+    def _step_optimizer(self, opt) -> None:
+        self.clip_gradients(opt, gradient_clip_val=self.cfg.grpo.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def training_step(self, batch: list[Problem], batch_idx: int):
+        start = time.perf_counter()
+        opt = self.optimizers()
+        g, lay = self.cfg.grpo, self.cfg.layer
+        questions, golds = [p.question for p in batch], [p.answer for p in batch]
+        inputs = [LayerInput(i) for i in range(len(batch))]
+        metrics: dict[str, float] = {}
+        results = []
+        opt.zero_grad(set_to_none=True)
+        for depth in range(1, lay.depth + 1):
+            if not inputs:
+                break
+            first = depth == 1
+            n = g.num_generations if first else lay.group_size
+            max_new = self.cfg.model.max_completion_length if first or lay.max_new_tokens is None else lay.max_new_tokens
+            result = layers_mod.run_layer(
+                self.engine, self.renderer, self.reward_fn, questions, golds, inputs, n=n,
+                max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, settings=self.settings,
+                reward_mode="correct" if first else lay.reward, improvement_bonus=lay.improvement_bonus)
+            keep = None
+            if not first and lay.keep == "successful":
+                keep = torch.tensor([bool(c) for c in result.correct])
+            elif not first and lay.keep != "all":
+                raise ValueError(f"layer.keep: expected all|successful, got {lay.keep!r}")
+            loss_stats = layers_mod.policy_loss_backward(
+                self.policy, result.rollout, result.advantages.reshape(-1), self.settings, self.manual_backward,
+                weight=1.0 if first else lay.weight, keep=keep, ref_logps=self._ref_logps)
+            if lay.combine == "sequential":
+                self._step_optimizer(opt)
+            elif lay.combine != "sum":
+                raise ValueError(f"layer.combine: expected sum|sequential, got {lay.combine!r}")
+            metrics.update({f"train/layer{depth}/{k}": v for k, v in {**result.metrics, **loss_stats}.items()})
+            results.append(result)
+            if depth < lay.depth:
+                table = [result.correct[i * n:(i + 1) * n] for i in range(len(inputs))]
+                chosen = layers_mod.select_responses(table, lay.select, lay.k, self.rng)
+                inputs = layers_mod.next_inputs(inputs, result.rollout.texts, result.correct, n, chosen,
+                                                list(lay.phrases), self.rng)
+        if lay.combine == "sum":
+            self._step_optimizer(opt)
+        metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
+        metrics["train/step_time"] = time.perf_counter() - start
+        self.log_dict(metrics, on_step=True, batch_size=len(batch))
+        self.log("reward", metrics["train/layer1/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
+        if "train/layer2/accuracy" in metrics:
+            self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=len(batch))
+        self._maybe_log_samples(results, batch)
+
+    def _maybe_log_samples(self, results, batch: list[Problem]) -> None:
+        every = self.cfg.logger.samples_every
+        if not every or self.global_step % every != 0 or self.run_logger is None:
+            return
+        rows = []
+        for depth, res in enumerate(results, start=1):
+            n = res.rollout.n
+            for j, text in enumerate(res.rollout.texts[: self.cfg.logger.samples_n]):
+                x = res.inputs[j // n]
+                reward = res.rewards.reshape(-1)[j].item()
+                rows.append({"step": self.global_step, "layer": depth, "question": batch[x.problem].question,
+                             "gold": batch[x.problem].answer, "turns": [list(t) for t in x.turns],
+                             "completion": text, "reward": None if reward != reward else reward})
+        self.run_logger.log_text(json.dumps(rows, indent=1), f"samples/step_{self.global_step:06d}.json")
+
+    # ------------------------------------------------------------------ validation: two-pass t1/t2
+    def validation_step(self, batch: list[Problem], batch_idx: int):
+        ev, lay = self.cfg.eval, self.cfg.layer
+        solved = layers_mod.solve(
+            self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in batch],
+            [p.answer for p in batch], max_new_tokens=self.cfg.model.max_completion_length,
+            batch_size=ev.batch_size, phrase=lay.eval_phrase if ev.two_pass else None,
+            max_new_tokens_t2=lay.max_new_tokens)
+        for i, _ in enumerate(batch):
+            self._val_rows.append({"t1": bool(solved.t1_correct[i][0]),
+                                   "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None})
+
+    def on_validation_epoch_end(self) -> None:
+        rows, self._val_rows = self._val_rows, []
+        if not rows:
+            return
+        t1 = [r["t1"] for r in rows]
+        if rows[0]["t2"] is None:
+            out = {"acc_t1": sum(t1) / len(t1), "n": float(len(t1))}
+        else:
+            out = self_correction(t1, [r["t2"] for r in rows])
+        self.last_val = {k: float(v) for k, v in out.items()}
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows))

@@ -1,0 +1,73 @@
+"""MLflow through Lightning's ``MLFlowLogger``: the only module that talks to mlflow.
+
+Runs go to a local SQLite store (``sqlite:///<paths.outputs>/mlflow.db``) unless
+``logger.tracking_uri`` says otherwise; open them with ``mlflow ui --backend-store-uri <that uri>``.
+A run gets the resolved config as flattened params, the command-line overrides as a tag, per-step
+metrics, and text/PNG artifacts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: Any) -> str:
+    if cfg.logger.tracking_uri:
+        return cfg.logger.tracking_uri
+    db = Path(cfg.paths.outputs).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
+        out[prefix[:-1]] = json.dumps(node)
+    else:
+        out[prefix[:-1]] = node
+    return out
+
+
+class RunLogger:
+    """A thin wrapper over ``MLFlowLogger`` adding text and file artifacts."""
+
+    def __init__(self, cfg: Any, run_name: str, overrides: Optional[list[str]] = None):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        self.uri = tracking_uri(cfg)
+        artifacts = Path(cfg.paths.outputs).resolve() / "mlartifacts"
+        self.logger = MLFlowLogger(experiment_name=cfg.logger.experiment, run_name=run_name,
+                                   tracking_uri=self.uri, artifact_location=artifacts.as_uri(),
+                                   tags={"overrides": " ".join(overrides or []) or "(none)",
+                                         "task": cfg.task_name})
+        container = OmegaConf.to_container(cfg, resolve=True)
+        params = {k: v for k, v in flatten(container).items() if k != "layer.phrases"}
+        params["layer.phrases"] = " | ".join(cfg.layer.phrases)[:6000]
+        self.logger.log_hyperparams(params)
+
+    @property
+    def run_id(self) -> str:
+        return self.logger.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.logger.experiment.log_text(self.run_id, text, artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.logger.experiment.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "success") -> None:
+        self.logger.finalize(status)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the REAL conf/ composed and shrunk (CPU, few steps, tmp paths)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mgrpo_cli.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+SMALL = ["debug=fast", "logger=none", "trainer.threads=2"]
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    """A composed train config: 2 steps, 2 prompts x 4 samples, no warm-up, outputs under tmp."""
+    def make(*extra: str):
+        return compose("train", SMALL + [f"paths.outputs={tmp_path}", "warmup.enabled=false", *extra])
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script (falls back to python -m mgrpo_cli)."""
+    exe = Path(sys.executable).parent / "mgrpo"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mgrpo_cli"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", COLUMNS="120")
+    return subprocess.run(cmd + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def requires_data(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path}")
+    return path

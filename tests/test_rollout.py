@@ -1,0 +1,86 @@
+"""The fast sampling path gives the same tokens and log-probs as model.generate + a plain forward."""
+import tempfile
+
+import torch
+from omegaconf import OmegaConf
+
+from mgrpo_cli.config import ModelConfig
+from mgrpo_cli.layers import completion_logps
+from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
+from mgrpo_cli.rollout import HFEngine, sample
+
+
+def _tiny(seed=0):
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(OmegaConf.structured(ModelConfig), tok, seed=seed).eval()
+    return model, tok
+
+
+def _bias_eos(model, tok, scale=3.0):
+    """Make EOS likely enough that some rows stop early (exercises row dropping)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tok.eos_token_id] *= scale
+
+
+def test_greedy_tokens_equal_model_generate():
+    model, tok = _tiny()
+    _bias_eos(model, tok)
+    prompts = ["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=1, max_new_tokens=20,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0)
+    ref = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+    ref_mask = torch.ones_like(ref)
+    for r in range(ref.shape[0]):  # generate pads after EOS; our mask covers tokens up to EOS
+        eos = (ref[r] == tok.eos_token_id).nonzero()
+        if len(eos):
+            ref_mask[r, eos[0, 0] + 1:] = 0
+    w = ids.shape[1]
+    assert torch.equal(ids, torch.where(ref_mask.bool(), ref, tok.pad_token_id)[:, :w])
+    assert torch.equal(mask, ref_mask[:, :w])
+    assert (ref[:, w:] == tok.pad_token_id).all()
+
+
+def test_logps_equal_plain_forward_and_groups_repeat():
+    model, tok = _tiny(seed=1)
+    engine = HFEngine(model, tok)
+    ro = engine.generate(["5+5\n", "1-19+3\n"], n=3, max_new_tokens=12, temperature=0.0)
+    assert ro.completion_ids.shape[0] == 6 and ro.num_groups == 2
+    assert ro.texts[0] == ro.texts[1] == ro.texts[2]  # greedy: the group is identical
+    logps = completion_logps(model, ro, torch.arange(6), temperature=1.0)
+    for r in range(6):
+        p = ro.prompt_ids[r][ro.prompt_mask[r].bool()]
+        c = ro.completion_ids[r][ro.completion_mask[r].bool()]
+        full = torch.cat([p, c]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(full).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1).gather(-1, c.unsqueeze(-1)).squeeze(-1)
+        got = logps[r][ro.completion_mask[r].bool()]
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_sampling_is_seeded():
+    model, tok = _tiny()
+    a = HFEngine(model, tok, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
+    b = HFEngine(model, tok, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
+    assert a.texts == b.texts and len(set(a.texts)) > 1
+
+
+def test_tokenizer_survives_autotokenizer_round_trip():
+    from transformers import AutoTokenizer
+
+    model, tok = _tiny()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        again = AutoTokenizer.from_pretrained(d)
+        text = "12+7=19 19-5=14 \\boxed{14}\nWait, let me double-check that.  é"
+        ids = again(text, add_special_tokens=False).input_ids
+        assert again.decode(ids) == text
+        assert ids == tok(text, add_special_tokens=False).input_ids
+        reloaded, tok2 = load_policy(OmegaConf.structured(ModelConfig(path=d)))
+        assert tok2.eos_token_id == tok.eos_token_id and tok2.padding_side == "left"
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            assert torch.allclose(reloaded(x).logits, model(x).logits, atol=1e-6)
