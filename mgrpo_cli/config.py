@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,27 @@ def conf_dir() -> Path:
     return path
 
 
+def _choice(name: str, *values: str) -> type[StrEnum]:
+    """A closed set of string values: a typo fails at compose time with the allowed values named."""
+    return StrEnum(name, {v: v for v in values})
+
+
+PromptTemplate = _choice("PromptTemplate", "plain", "chat")
+DatasetKind = _choice("DatasetKind", "arith", "file", "hub")
+AnswerFormat = _choice("AnswerFormat", "answer", "gsm8k", "boxed", "list")
+OnBadRow = _choice("OnBadRow", "error", "skip")
+FormatStyle = _choice("FormatStyle", "boxed", "think")
+InputMode = _choice("InputMode", "continue", "new_turn")
+Select = _choice("Select", "all", "wrong", "sample")
+L2Reward = _choice("L2Reward", "correct", "improvement")
+Keep = _choice("Keep", "all", "successful")
+Combine = _choice("Combine", "sum", "sequential")
+LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
+ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
+Engine = _choice("Engine", "hf", "vllm")
+LoraExport = _choice("LoraExport", "merged", "adapter")
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -38,7 +60,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     max_prompt_length: int = 512
     max_completion_length: int = 48
-    prompt_template: str = "plain"  # plain | chat
+    prompt_template: PromptTemplate = PromptTemplate.plain
     # tiny model architecture (used only when path is null and name == tiny)
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -75,7 +97,7 @@ class ArithConfig:
 @dataclass
 class DatasetConfig:
     name: str = "arith"
-    kind: str = "arith"  # arith | file | hub
+    kind: DatasetKind = DatasetKind.arith
     train_path: Optional[str] = None
     test_path: Optional[str] = None
     hub_name: Optional[str] = None
@@ -85,8 +107,8 @@ class DatasetConfig:
     fields: FieldMap = field(default_factory=FieldMap)
     # how the gold answer is read: answer (as is) | gsm8k (#### N) | boxed (last \boxed{} of solution,
     # or answer when given) | list (a Python-style list in a string, as OlympiadBench's final_answer)
-    answer_format: str = "answer"
-    on_bad_row: str = "error"  # error | skip
+    answer_format: AnswerFormat = AnswerFormat.answer
+    on_bad_row: OnBadRow = OnBadRow.error
     arith: ArithConfig = field(default_factory=ArithConfig)
 
 
@@ -102,7 +124,7 @@ class RewardConfig:
     terms: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
     timeout_s: float = 2.0
     last_number_fallback: bool = False
-    format_style: str = "boxed"  # boxed | think
+    format_style: FormatStyle = FormatStyle.boxed
 
 
 GUIDING_PHRASES = [
@@ -120,14 +142,14 @@ GUIDING_PHRASES = [
 class LayerConfig:
     name: str = "mgrpo"
     depth: int = 2  # 1 = GRPO; 2 = MGRPO (the paper); k >= 3 chains further corrections
-    input_mode: str = "continue"  # continue | new_turn
-    select: str = "sample"  # all | wrong | sample
+    input_mode: InputMode = InputMode["continue"]
+    select: Select = Select.sample
     k: int = 2  # responses per query sent on when select == sample
     group_size: int = 4  # H
-    reward: str = "correct"  # correct | improvement
+    reward: L2Reward = L2Reward.correct
     improvement_bonus: float = 1.0
-    keep: str = "all"  # all | successful
-    combine: str = "sum"  # sum | sequential
+    keep: Keep = Keep.all
+    combine: Combine = Combine.sum
     weight: float = 1.0  # lambda
     max_new_tokens: Optional[int] = None  # null = model.max_completion_length
     phrases: list[str] = field(default_factory=lambda: list(GUIDING_PHRASES))
@@ -145,8 +167,8 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     beta: float = 0.0
-    loss_type: str = "grpo"  # grpo | dapo | dr_grpo
-    scale_rewards: str = "group"  # group | batch | none
+    loss_type: LossType = LossType.grpo
+    scale_rewards: ScaleRewards = ScaleRewards.group
     std_eps: float = 1e-4
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -165,6 +187,7 @@ class WarmupConfig:
     target_accuracy: float = 0.35
     correction_share: float = 0.4
     cache_dir: str = "${paths.outputs}/warmstart"
+    only: bool = False  # stop after the warm start (to make or refresh it)
 
 
 @dataclass
@@ -181,7 +204,9 @@ class TrainerConfig:
     accumulate: int = 1
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
     checkpoint_every: int = 100
-    deepspeed_stage: Optional[int] = None
+    deepspeed_stage: Optional[int] = None  # 2 | 3 (trainer=deepspeed)
+    # write sha256 checksums of the policy's weights per rank to <run>/checksums/rank<k>.json at the end
+    weight_checksums: bool = False
 
 
 @dataclass
@@ -204,6 +229,8 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # merged: LoRA folded into the weights | adapter: the adapter alone (loads on top of its base model)
+    export: LoraExport = LoraExport.merged
 
 
 @dataclass
@@ -219,7 +246,7 @@ class EvalConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
+    engine: Engine = Engine.hf
 
 
 @dataclass
@@ -254,23 +281,12 @@ class EvalAppConfig(TrainAppConfig):
     rescore: Optional[str] = None
     # a Lightning checkpoint to load the policy from (model.path may point to an export folder instead)
     checkpoint: Optional[str] = None
-
-
-_GROUPS = {
-    "model": ModelConfig,
-    "dataset": DatasetConfig,
-    "reward": RewardConfig,
-    "layer": LayerConfig,
-    "trainer": TrainerConfig,
-    "logger": LoggerConfig,
-    "lora": LoraConfig,
-}
+    # save_pretrained the loaded policy (e.g. from `checkpoint`) into this folder and stop (no scoring)
+    export_to: Optional[str] = None
 
 
 def register_configs() -> None:
-    """Register the schemas: ``<group>/schema`` for each group, ``train_schema``/``eval_schema``."""
+    """Register ``train_schema``/``eval_schema``: they type every group's subtree (model, layer, …)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainAppConfig)
     cs.store(name="eval_schema", node=EvalAppConfig)
-    for group, node in _GROUPS.items():
-        cs.store(group=group, name="schema", node=node)

@@ -5,7 +5,13 @@ the project makes itself: one token per byte (256 byte symbols, no merges) plus 
 It is laid out as a byte-level BPE with no merges, so transformers' ``AutoTokenizer`` (which always
 rebuilds ``Qwen2Tokenizer`` for ``model_type="qwen2"``, see ``../shared/STACK.md``) loads it back
 unchanged, spaces and newlines included. Also here: LoRA wrapping, the reference policy for the KL
-term, and export with ``save_pretrained``.
+term, export with ``save_pretrained``, and weight checksums (multi-process runs compare them).
+
+Real models (``conf/model/qwen*.yaml``) load from a hub name or a local folder, in the configured
+dtype (``auto``: bf16 on GPU, fp32 on CPU). A folder holding a LoRA adapter (``adapter_config.json``,
+as ``lora.export=adapter`` writes it) loads its base model and the adapter on top.
+``model.random_init_layers`` builds a random-initialised model with the folder's architecture and
+that many layers, without reading weights (offline tests of the real configs).
 """
 from __future__ import annotations
 
@@ -111,8 +117,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optional[str] = None):
     """(model, tokenizer) from ``path`` (or ``cfg.path``): a hub name or folder; tiny if both unset.
 
-    ``cfg.random_init_layers`` builds a random-initialised model with the same architecture and
-    that many layers (offline tests of the real model configs; weights are not downloaded).
+    ``cfg.random_init_layers`` builds a random-initialised model (seeded with ``seed``) with the same
+    architecture and that many layers (offline tests of the real model configs; no weights are read).
+    A folder with ``adapter_config.json`` is a LoRA adapter: its base model is loaded, then the adapter.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -122,31 +129,74 @@ def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optiona
             raise ValueError(f"model.path is not set for model={cfg.name} (a hub name or a local folder)")
         tok = build_byte_tokenizer()
         return build_tiny_model(cfg, tok, seed=seed), tok
+    is_local = Path(path).exists()
+    if is_local:
+        path = str(Path(path).resolve())  # recorded as the base of a LoRA adapter export
+    elif "/" not in path:
+        raise ValueError(f"model.path: {path!r} is neither a local folder nor a hub name (org/name)")
     dtype = resolve_dtype(cfg.dtype, accelerator)
-    if cfg.random_init_layers:
+    if is_local and (Path(path) / "adapter_config.json").is_file():
+        model = _load_adapter(cfg, path, dtype)
+    elif cfg.random_init_layers:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         config.num_hidden_layers = cfg.random_init_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[: cfg.random_init_layers]
-        config._attn_implementation = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        model._mgrpo_random_init = True  # no weights behind config._name_or_path: no adapter-only export
     else:
-        is_local = Path(path).exists()
-        if not is_local and "/" not in path:
-            raise ValueError(f"model.path: {path!r} is neither a local folder nor a hub name (org/name)")
         model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code)
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     tok = load_tokenizer(path, cfg.trust_remote_code)
+    _align_special_tokens(model, tok)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant checkpointing also back-propagates through frozen inputs (LoRA needs that)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tok
 
 
+def _load_adapter(cfg: Any, path: str, dtype: torch.dtype):
+    """A LoRA adapter folder: its base model (hub name or folder) with the adapter on top, trainable."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"model.path={path}: adapter_config.json names no base_model_name_or_path")
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    return PeftModel.from_pretrained(model, path, is_trainable=True)
+
+
+def _align_special_tokens(model, tok) -> None:
+    """Generation stops and pads with the tokenizer's ids (a hub config may name other ones)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tok.pad_token_id
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tok.eos_token_id
+
+
 def apply_lora(model, cfg: Any):
-    """Wrap ``model`` with a peft LoRA adapter (only adapter weights train)."""
+    """Wrap ``model`` with a peft LoRA adapter (only adapter weights train).
+
+    A model that already carries an adapter (loaded from an adapter export) keeps it, trainable.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if is_peft(model):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+    if cfg.export == "adapter" and not _reloadable_base(model):
+        raise ValueError("lora.export=adapter needs a base model with weights on disk or on the hub; this one is "
+                         "random-initialised or built in-process, so an adapter alone could not be reloaded "
+                         "(use lora.export=merged)")
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     targets = [t for t in cfg.target_modules if t in names]
     if not targets:
@@ -154,6 +204,10 @@ def apply_lora(model, cfg: Any):
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def _reloadable_base(model) -> bool:
+    return bool(getattr(model.config, "_name_or_path", "")) and not getattr(model, "_mgrpo_random_init", False)
 
 
 def is_peft(model) -> bool:
@@ -169,7 +223,12 @@ def frozen_reference(model):
 
 
 def export(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
-    """``save_pretrained`` the policy (LoRA merged, or the adapter alone) with its tokenizer."""
+    """``save_pretrained`` the policy with its tokenizer: LoRA merged into the weights (default), or
+    the adapter alone (``merge_lora=False``; ``adapter_config.json`` names the base to load it on).
+
+    Either folder loads with ``mgrpo eval model.path=<folder>`` and with
+    ``AutoModelForCausalLM.from_pretrained(<folder>)`` (transformers loads an adapter's base itself).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     to_save = model
@@ -177,4 +236,25 @@ def export(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Pa
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    log.info("exported %s to %s", "the LoRA adapter" if is_peft(to_save) else "the model", out)
+    return out
+
+
+def param_checksums(model, trainable_only: bool = False) -> dict[str, str]:
+    """sha256 of every parameter's bytes (name -> hex) plus ``"__all__"`` over all of them, in name order.
+
+    Equal checksums on every rank of a data-parallel run mean the replicas hold identical weights.
+    """
+    import hashlib
+
+    total = hashlib.sha256()
+    out: dict[str, str] = {}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if trainable_only and not p.requires_grad:
+            continue
+        data = p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        out[name] = hashlib.sha256(data).hexdigest()
+        total.update(name.encode())
+        total.update(data)
+    out["__all__"] = total.hexdigest()
     return out

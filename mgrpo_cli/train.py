@@ -131,6 +131,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     reward_fn = build_reward(cfg.reward)
     run_logger = None
     try:
+        if cfg.warmup.only:
+            from mgrpo_cli.warmup import warm_start
+
+            path = warm_start(cfg, reward_fn.grader.correct)
+            log.info("warm start ready: %s", path)
+            return {}
         policy, tok, source = build_policy(cfg, reward_fn.grader.correct)
         if cfg.lora.enabled:
             policy = apply_lora(policy, cfg.lora)

@@ -8,7 +8,10 @@ first attempt (right, or with one step off), a guiding phrase, then a careful on
 solution (loss on the part after the phrase), so the model starts with a little self-correction.
 
 The result is saved with ``save_pretrained`` under ``warmup.cache_dir/<key>`` (key = hash of
-everything that shapes it) and reused by later runs.
+everything that shapes it) and reused by later runs. The warm start of the default configuration
+ships with the package (``mgrpo_cli/warmstart/<key>``, 2 MB), made by
+``mgrpo train warmup.only=true warmup.cache_dir=mgrpo_cli/warmstart``; any other configuration is
+warmed up on first use.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, random_merges
 from mgrpo_cli.layers import solve
@@ -87,6 +91,26 @@ def _batch(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch
     return ids, mask, labels
 
 
+def sft_step(model, opt, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """One optimizer step of token-mean cross-entropy on the targets, in two length-sorted micro-batches."""
+    pairs = sorted(pairs, key=lambda p: len(p[0]) + len(p[1]))
+    half = len(pairs) // 2
+    parts = [_batch(tokenizer, part) for part in (pairs[:half], pairs[half:]) if part]
+    n_tokens = sum((labels != -100).sum().item() for _, _, labels in parts)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for ids, mask, labels in parts:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+            reduction="sum") / n_tokens
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return total
+
+
 def cache_key(cfg: Any) -> str:
     shaping = {
         "model": {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -100,12 +124,17 @@ def cache_key(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def warm_start(cfg: Any, grader_correct, progress=None) -> Path:
+SHIPPED = Path(__file__).resolve().parent / "warmstart"
+
+
+def warm_start(cfg: Any, grader_correct) -> Path:
     """Return the folder of the warmed-up tiny model, training it first if it is not cached."""
-    out = Path(cfg.warmup.cache_dir) / cache_key(cfg)
-    if (out / "warmup.json").is_file():
-        log.info("warm start: reusing %s (%s)", out, (out / "warmup.json").read_text().strip())
-        return out
+    key = cache_key(cfg)
+    for folder in (Path(cfg.warmup.cache_dir) / key, SHIPPED / key):
+        if (folder / "warmup.json").is_file():
+            log.info("warm start: reusing %s (%s)", folder, (folder / "warmup.json").read_text().strip())
+            return folder
+    out = Path(cfg.warmup.cache_dir) / key
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = build_byte_tokenizer()
@@ -118,32 +147,24 @@ def warm_start(cfg: Any, grader_correct, progress=None) -> Path:
     w, start, acc, step = cfg.warmup, time.perf_counter(), 0.0, 0
     questions, golds = [p.question for p in task.valid], [p.answer for p in task.valid]
     model.train()
-    for step in range(1, w.steps + 1):
-        pairs = warmup_examples(task, [next(stream) for _ in range(w.batch_size)], renderer,
-                                list(cfg.layer.phrases), w.correction_share, rng)
-        pairs.sort(key=lambda p: len(p[0]) + len(p[1]))
-        half = len(pairs) // 2
-        parts = [_batch(tokenizer, part) for part in (pairs[:half], pairs[half:])]
-        n_tokens = sum((labels != -100).sum().item() for _, _, labels in parts)
-        opt.zero_grad(set_to_none=True)
-        for ids, mask, labels in parts:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                reduction="sum") / n_tokens
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress:
-            progress(step, loss.item(), acc)
-        if step % w.eval_every == 0 or step == w.steps:
-            solved = solve(engine, renderer, grader_correct, questions, golds,
-                           max_new_tokens=cfg.model.max_completion_length, batch_size=256)
-            acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
-            log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss.item(), acc,
-                     time.perf_counter() - start)
-            if acc >= w.target_accuracy:
-                break
+    columns = (TextColumn("[bold]warm-up"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}  valid acc {task.fields[acc]:.1%}"))
+    with Progress(*columns) as bar:
+        task_id = bar.add_task("warm-up", total=w.steps, loss=float("nan"), acc=0.0)
+        for step in range(1, w.steps + 1):
+            pairs = warmup_examples(task, [next(stream) for _ in range(w.batch_size)], renderer,
+                                    list(cfg.layer.phrases), w.correction_share, rng)
+            loss = sft_step(model, opt, tokenizer, pairs)
+            bar.update(task_id, advance=1, loss=loss)
+            if step % w.eval_every == 0 or step == w.steps:
+                solved = solve(engine, renderer, grader_correct, questions, golds,
+                               max_new_tokens=cfg.model.max_completion_length, batch_size=256)
+                acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
+                log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss, acc,
+                         time.perf_counter() - start)
+                bar.update(task_id, acc=acc)
+                if acc >= w.target_accuracy:
+                    break
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,313 @@
+"""Training-step speed: our GRPO / MGRPO step against TRL 1.16's GRPOTrainer on the same model folder.
+
+Both sides do the same work per step: 8 prompts x 8 generations = 64 completions of at most N new
+tokens (stopping at EOS), beta = 0.04 with a reference model, lr 1e-4, fp32, 20 steps; a step's
+time is the median of steps 3..20. TRL runs ``../shared/bench/trl_grpo_baseline.py`` (its defaults,
+gradient checkpointing on); ours runs ``MGRPOModule.training_step`` (rollout -> grade -> advantages
+-> loss/backward -> optimizer step) under a plain Lightning Trainer, composed from the real conf/.
+Every run is a fresh subprocess, and the two sides alternate (TRL, ours, TRL, ours, ...) so that
+load from other work on the machine falls on both; the result is the median of per-pair ratios.
+
+Sizes: ``tiny`` is the 304k-parameter Qwen2 the baseline builds (N = 32); ``mid`` the same tokenizer
+with hidden 384, intermediate 1536, 6 layers, 6 heads, 2 kv heads (13.0M parameters, N = 128).
+Also printed: the MGRPO step (layer=mgrpo defaults) over our GRPO step, on the tiny model, in the
+same alternation; the peak RSS of the default ``mgrpo train`` (20 steps); and our step time for
+G in {4, 8, 16} and N in {32, 64, 128} with a least-squares line (slope, R^2). In that scan EOS is
+switched off so that every completion is exactly N tokens long and N is the work done.
+
+    python benchmarks/step_speed.py [--pairs 3] [--sizes tiny,mid] [--mid-steps 20] [--threads 0]
+
+The last line is ``STEP_SPEED ours/trl tiny=<ratio> mid=<ratio>``. Needs ``pip install -e .[bench]``
+(trl 1.16). The models are built offline under ``--workdir`` (kept between runs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT.parent / "shared" / "bench" / "trl_grpo_baseline.py"
+PROMPTS_PER_STEP = 8
+FIRST_TIMED_STEP = 3
+SIZES = {  # name -> (max new tokens, architecture overrides of the baseline's tiny Qwen2)
+    "tiny": (32, {}),
+    "mid": (128, {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+                  "num_attention_heads": 6, "num_key_value_heads": 2}),
+}
+
+
+def _baseline():
+    """The TRL baseline script as a module (its tiny-model builder and its prompts)."""
+    spec = importlib.util.spec_from_file_location("trl_grpo_baseline", BASELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_model(folder: Path, size: str) -> Path:
+    """The baseline's tiny Qwen2 (char tokenizer, chat template), resized per ``SIZES``; built once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig, GenerationConfig, Qwen2ForCausalLM
+
+    _baseline().build_tiny_qwen2(str(folder))
+    arch = SIZES[size][1]
+    if arch:
+        config = AutoConfig.from_pretrained(folder)
+        for k, v in arch.items():
+            setattr(config, k, v)
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------ our side (a child process)
+
+def ours(args) -> None:
+    """Time ``MGRPOModule.training_step`` for ``args.steps`` steps; last line ``OURS seconds_per_step=..``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from torch.utils.data import DataLoader
+
+    from mgrpo_cli.config import conf_dir, register_configs
+    from mgrpo_cli.data import Problem
+    from mgrpo_cli.modeling import frozen_reference
+    from mgrpo_cli.module import MGRPOModule
+    from mgrpo_cli.rewards import build_reward
+    from mgrpo_cli.train import build_policy, setup_runtime
+
+    overrides = [
+        f"model.path={args.model_dir}", "model.dtype=float32", "model.prompt_template=plain",
+        f"model.max_completion_length={args.max_new_tokens}", "warmup.enabled=false", "logger=none",
+        f"layer={args.layer}", f"grpo.num_generations={args.num_generations}",
+        f"grpo.prompts_per_step={PROMPTS_PER_STEP}", "grpo.beta=0.04", "grpo.lr=1e-4", "grpo.temperature=1.0",
+        f"trainer.max_steps={args.steps}", f"paths.outputs={tempfile.mkdtemp(prefix='step_speed_')}",
+    ]
+    if args.threads:
+        overrides.append(f"trainer.threads={args.threads}")
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    setup_runtime(cfg)
+    reward_fn = build_reward(cfg.reward)
+    policy, tok, _ = build_policy(cfg, reward_fn.grader.correct)
+    if args.no_eos:  # the scan: a new EOS token the 64-logit model can never emit -> every row runs N tokens
+        tok.add_special_tokens({"eos_token": "<|never|>"})
+    module = MGRPOModule(policy, tok, cfg, reward_fn, frozen_reference(policy))
+
+    data = _baseline().make_dataset(256)  # TRL's prompts "{a}+{b}=" and answers
+    problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"]))]
+    batches = [[problems[(s * PROMPTS_PER_STEP + j) % len(problems)] for j in range(PROMPTS_PER_STEP)]
+               for s in range(args.steps)]
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.times, self.lengths = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self.t0)
+            self.lengths.append(float(trainer.callback_metrics["train/layer1/completion_length"]))
+
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, logger=False,
+                        callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    reward_fn.close()
+    median = statistics.median(timer.times[FIRST_TIMED_STEP - 1:])
+    print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
+    print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
+    sys.stdout.flush()
+    print(f"OURS seconds_per_step={median:.4f} mean_completion_length={statistics.mean(timer.lengths):.2f}")
+
+
+# ------------------------------------------------------------------------ the driver
+
+def _last_value(stdout: str, prefix: str) -> dict[str, float]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(prefix)]
+    if not lines:
+        raise RuntimeError(f"no line starting with {prefix!r} in:\n{stdout[-3000:]}")
+    return {k: float(v) for k, v in (kv.split("=") for kv in lines[-1].split()[1:])}
+
+
+def _child(cmd: list[str], prefix: str) -> dict[str, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return _last_value(proc.stdout, prefix)
+
+
+def run_trl(model_dir: Path, max_new: int, steps: int, threads: int) -> float:
+    cmd = [sys.executable, str(BASELINE), "--model-dir", str(model_dir), "--skip-gen-bench",
+           "--max-completion-length", str(max_new), "--max-steps", str(steps)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return _child(cmd, "TRL_GRPO")["seconds_per_step"]
+
+
+def run_ours(model_dir: Path, max_new: int, steps: int, threads: int, layer: str = "grpo",
+             num_generations: int = 8, no_eos: bool = False) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--ours", "--model-dir", str(model_dir), "--max-new-tokens", str(max_new),
+           "--steps", str(steps), "--threads", str(threads), "--layer", layer,
+           "--num-generations", str(num_generations)] + (["--no-eos"] if no_eos else [])
+    return _child(cmd, "OURS")
+
+
+def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int, with_mgrpo: bool) -> dict:
+    """Alternate TRL and ours (and MGRPO) ``pairs`` times; per-pair ratios and their medians."""
+    max_new = SIZES[size][0]
+    rows = []
+    for i in range(pairs):
+        row = {"trl": run_trl(model_dir, max_new, steps, threads)}
+        o = run_ours(model_dir, max_new, steps, threads)
+        row["ours"], row["ours_len"] = o["seconds_per_step"], o["mean_completion_length"]
+        if with_mgrpo:
+            row["mgrpo"] = run_ours(model_dir, max_new, steps, threads, layer="mgrpo")["seconds_per_step"]
+        print(f"[{size}] pair {i + 1}/{pairs}: TRL {row['trl']:.3f} s  ours GRPO {row['ours']:.3f} s"
+              + (f"  ours MGRPO {row['mgrpo']:.3f} s" if with_mgrpo else "")
+              + f"  ours/TRL {row['ours'] / row['trl']:.3f}", flush=True)
+        rows.append(row)
+    out = {"rows": rows, "ratio": statistics.median(r["ours"] / r["trl"] for r in rows),
+           "trl": statistics.median(r["trl"] for r in rows), "ours": statistics.median(r["ours"] for r in rows)}
+    if with_mgrpo:
+        out["mgrpo_ratio"] = statistics.median(r["mgrpo"] / r["ours"] for r in rows)
+        out["mgrpo"] = statistics.median(r["mgrpo"] for r in rows)
+    return out
+
+
+def peak_rss_default_train(steps: int, threads: int) -> tuple[float, float]:
+    """(GiB, seconds) of ``mgrpo train trainer.max_steps=<steps>`` in a fresh outputs folder (warm-up included)."""
+    outputs = tempfile.mkdtemp(prefix="step_speed_rss_")
+    exe = Path(sys.executable).parent / "mgrpo"
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "mgrpo_cli"]),
+           "train", f"trainer.max_steps={steps}", f"paths.outputs={outputs}"]
+    if threads:
+        cmd.append(f"trainer.threads={threads}")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, COLUMNS="120"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
+    return kib / 2**20, time.perf_counter() - start
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares y = a + b x: (a, b, R^2)."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return a, b, 1.0 - ss_res / ss_tot if ss_tot else 1.0
+
+
+def scan(model_dir: Path, steps: int, threads: int) -> dict:
+    """Our GRPO step time for G in {4, 8, 16} (N = 32) and N in {32, 64, 128} (G = 8), EOS off."""
+    times = {}
+    for g, n in [(4, 32), (8, 32), (16, 32), (8, 64), (8, 128)]:
+        times[(g, n)] = run_ours(model_dir, n, steps, threads, num_generations=g, no_eos=True)["seconds_per_step"]
+        print(f"[scan] G={g:<3d} N={n:<4d} {times[(g, n)]:.3f} s/step", flush=True)
+    gs, ns = [4, 8, 16], [32, 64, 128]
+    return {"times": times, "fit_g": linear_fit(gs, [times[(g, 32)] for g in gs]),
+            "fit_n": linear_fit(ns, [times[(8, n)] for n in ns])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgrpo_step_speed"))
+    ap.add_argument("--sizes", default="tiny,mid")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20, help="steps per run (median of steps 3..steps)")
+    ap.add_argument("--mid-steps", type=int, default=None, help="steps per run at the mid size (default --steps)")
+    ap.add_argument("--scan-steps", type=int, default=6)
+    ap.add_argument("--rss-steps", type=int, default=20)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,rss,scan")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides; 0 = torch's default")
+    ap.add_argument("--json-out", default=None)
+    # the child mode (one timed run of ours)
+    ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--layer", default="grpo", help=argparse.SUPPRESS)
+    ap.add_argument("--num-generations", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--no-eos", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.ours:
+        ours(args)
+        return 0
+
+    work = Path(args.workdir)
+    skip = set(filter(None, args.skip.split(",")))
+    sizes = [s for s in args.sizes.split(",") if s]
+    models = {s: build_model(work / s, s) for s in {*sizes, "tiny"}}
+    result: dict = {"threads": args.threads, "pairs": args.pairs}
+    t_start = time.perf_counter()
+    if "compare" not in skip:
+        for size in sizes:
+            steps = args.mid_steps if size == "mid" and args.mid_steps else args.steps
+            result[size] = compare(size, models[size], args.pairs, steps, args.threads, with_mgrpo=size == "tiny")
+            result[size]["steps"] = steps
+    if "rss" not in skip:
+        gib, secs = peak_rss_default_train(args.rss_steps, args.threads)
+        result["rss_gib"], result["rss_s"] = gib, secs
+        print(f"[rss] mgrpo train trainer.max_steps={args.rss_steps}: peak RSS {gib:.2f} GiB ({secs:.0f} s, warm-up included)")
+    if "scan" not in skip:
+        result["scan"] = scan(models["tiny"], args.scan_steps, args.threads)
+    result["seconds"] = time.perf_counter() - t_start
+    print(report(result))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    ratios = " ".join(f"{s}={result[s]['ratio']:.3f}" for s in sizes if s in result)
+    print(f"STEP_SPEED ours/trl {ratios}")
+    return 0
+
+
+def report(r: dict) -> str:
+    """The markdown table for docs/benchmarks.md."""
+    lines = ["", "| size | new tokens | TRL s/step | ours GRPO s/step | ours/TRL (median of pairs) | pairs |",
+             "|---|---|---|---|---|---|"]
+    for size in SIZES:
+        if size in r:
+            x = r[size]
+            per = ", ".join(f"{row['ours'] / row['trl']:.2f}" for row in x["rows"])
+            lines.append(f"| {size} | {SIZES[size][0]} | {x['trl']:.3f} | {x['ours']:.3f} | **{x['ratio']:.2f}** ({per}) "
+                         f"| {len(x['rows'])} x {x['steps']} steps |")
+    if "tiny" in r and "mgrpo_ratio" in r["tiny"]:
+        lines.append(f"\nMGRPO step (layer=mgrpo defaults) / our GRPO step, tiny: **{r['tiny']['mgrpo_ratio']:.2f}** "
+                     f"({r['tiny']['mgrpo']:.3f} s vs {r['tiny']['ours']:.3f} s)")
+    if "rss_gib" in r:
+        lines.append(f"\nPeak RSS of the default `mgrpo train` (20 steps, warm-up included): **{r['rss_gib']:.2f} GiB**")
+    if "scan" in r:
+        s = r["scan"]
+        lines.append("\n| G | N | s/step |\n|---|---|---|")
+        lines += [f"| {g} | {n} | {t:.3f} |" for (g, n), t in s["times"].items()]
+        for name, (a, b, r2) in (("G", s["fit_g"]), ("N", s["fit_n"])):
+            lines.append(f"\nlinear fit over {name}: s/step = {a:.3f} + {b:.4f} x {name}, R^2 = {r2:.3f}")
+    lines.append(f"\n(benchmark wall time {r['seconds'] / 60:.1f} min, torch threads: "
+                 f"{r['threads'] or 'default'})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
