@@ -6,6 +6,7 @@ expect (``-m`` sweeps, ``--cfg job``, ``--help``, run folders). No torch import 
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: mgrpo <command> [key=value ...] [-m] [--cfg job] [--help]
@@ -23,10 +24,17 @@ examples:
 """
 
 COMMANDS = {"train": "mgrpo_cli.train", "eval": "mgrpo_cli.evaluate"}
+# Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
+# mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
+# command travels to them in this variable (they also get LOCAL_RANK).
+COMMAND_ENV = "MGRPO_COMMAND"
 
 
 def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv if argv is None else argv)
+    relaunched = os.environ.get(COMMAND_ENV) if "LOCAL_RANK" in os.environ else None
+    if relaunched in COMMANDS and (len(argv) < 2 or argv[1] not in COMMANDS):
+        argv = [argv[0], relaunched, *argv[1:]]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -41,7 +49,9 @@ def main(argv: list[str] | None = None) -> int | None:
     except FileNotFoundError as e:  # conf/ not found
         print(e, file=sys.stderr)
         return 2
-    sys.argv = [f"mgrpo {command}", *argv[2:]]
+    os.environ[COMMAND_ENV] = command
+    # a runnable argv[0] (the console script, or this file under -m) lets the DDP launcher start the other ranks
+    sys.argv = [argv[0] if os.path.isfile(argv[0]) else f"mgrpo {command}", *argv[2:]]
     module.main()
     return 0
 

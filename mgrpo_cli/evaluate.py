@@ -129,11 +129,16 @@ def scalars(summary: dict, prefix: str) -> dict[str, float]:
 
 def load_model(cfg: Any, grader_correct):
     """The policy to score: ``checkpoint`` (Lightning .ckpt), ``model.path`` (export/HF folder), or
-    the tiny model's warm start."""
+    the tiny model's warm start.
+
+    A checkpoint is rebuilt with the model and LoRA settings it was trained with (a ``model.<key>`` or
+    ``lora.<key>`` given on the command line still wins), then its weights are loaded.
+    """
     import torch
+    from omegaconf import OmegaConf
 
     from mgrpo_cli.modeling import apply_lora
-    from mgrpo_cli.train import build_policy
+    from mgrpo_cli.train import build_policy, overrides
 
     if cfg.checkpoint:
         ckpt_path = Path(cfg.checkpoint)
@@ -141,8 +146,12 @@ def load_model(cfg: Any, grader_correct):
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = ckpt.get("hyper_parameters", {}).get("config", {})
-        policy, tok, _ = build_policy(cfg, grader_correct, path_override=(saved.get("model") or {}).get("path"))
-        if (saved.get("lora") or {}).get("enabled") or cfg.lora.enabled:
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides()}
+        keep = {group: {k: v for k, v in (saved.get(group) or {}).items() if f"{group}.{k}" not in given}
+                for group in ("model", "lora")}
+        cfg = OmegaConf.merge(cfg, keep, {"warmup": {"enabled": False}})  # the weights come from the checkpoint
+        policy, tok, _ = build_policy(cfg, grader_correct)
+        if cfg.lora.enabled:
             policy = apply_lora(policy, cfg.lora)
         state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
         policy.load_state_dict(state)
@@ -205,6 +214,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     grader = reward_fn.grader
     run_logger = None
     try:
+        if cfg.export_to:
+            from mgrpo_cli.modeling import export
+
+            policy, tok, source = load_model(cfg, grader.correct)
+            folder = export(policy, tok, cfg.export_to, merge_lora=cfg.lora.export == "merged")
+            log.info("exported %s to %s", source, folder)
+            return {"export": str(folder)}
         skipped, rate = 0, None
         if cfg.rescore:
             records = read_records(cfg.rescore)

@@ -159,6 +159,9 @@ class LossSettings:
     temperature: float = 1.0
     micro_batch_tokens: int = 65536
     max_completion_length: int = 48
+    # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
+    # passes (each is a collective there); the extra passes carry zero weight
+    lockstep: Optional[Callable[[int], int]] = None
 
 
 def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, settings: LossSettings,
@@ -176,9 +179,12 @@ def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, sett
     norm = grpo.loss_normalizer(mask_all, settings.loss_type, settings.max_completion_length)
     eps_high = settings.epsilon if settings.epsilon_high is None else settings.epsilon_high
     total_loss, kl_sum, clip_sum, tokens = 0.0, 0.0, 0.0, 0.0
-    for rows in micro_batches(rollout, settings.micro_batch_tokens):
-        mask = mask_all[rows]
-        if mask.sum() == 0:
+    batches = micro_batches(rollout, settings.micro_batch_tokens)
+    passes = settings.lockstep(len(batches)) if settings.lockstep else len(batches)
+    for i in range(passes):
+        rows = batches[i] if i < len(batches) else batches[0][:1]  # a zero-weight pass to stay in step
+        mask = mask_all[rows] if i < len(batches) else torch.zeros_like(mask_all[rows])
+        if mask.sum() == 0 and settings.lockstep is None:
             continue
         logp = completion_logps(model, rollout, rows, settings.temperature)
         ref = ref_logps(rollout, rows) if (settings.beta > 0 and ref_logps is not None) else None

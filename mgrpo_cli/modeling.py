@@ -244,6 +244,7 @@ def param_checksums(model, trainable_only: bool = False) -> dict[str, str]:
     """sha256 of every parameter's bytes (name -> hex) plus ``"__all__"`` over all of them, in name order.
 
     Equal checksums on every rank of a data-parallel run mean the replicas hold identical weights.
+    Sharded parameters (DTensor) are gathered first: a collective, so every rank must call this.
     """
     import hashlib
 
@@ -252,7 +253,10 @@ def param_checksums(model, trainable_only: bool = False) -> dict[str, str]:
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if trainable_only and not p.requires_grad:
             continue
-        data = p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         out[name] = hashlib.sha256(data).hexdigest()
         total.update(name.encode())
         total.update(data)

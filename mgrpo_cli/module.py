@@ -6,6 +6,9 @@ the same rollout -> grade -> advantage -> loss path (``layers.run_layer`` and
 ``layers.policy_loss_backward``). Layer losses are summed (L1 + lambda * L2, one optimizer step) or
 applied as sequential optimizer steps. Validation is the two-pass (t1, t2) greedy evaluation.
 Manual optimization: the step owns its backward passes (micro-batched) and the optimizer step.
+On several processes (``mgrpo_cli.distributed``): each rank draws its own prompts, DDP gradients
+are averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
+between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from mgrpo_cli import distributed
 from mgrpo_cli import layers as layers_mod
 from mgrpo_cli.data import Problem
 from mgrpo_cli.layers import LayerInput, LossSettings, completion_logps
@@ -52,7 +56,7 @@ class MGRPOModule(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
@@ -63,6 +67,26 @@ class MGRPOModule(L.LightningModule):
         ref = self._reference[0]
         if ref is not None:
             ref.to(self.device)
+
+    def configure_model(self) -> None:
+        """Sharded strategies: ranks must run the same number of forward/backward passes (each one is a
+        collective), and under ``trainer=fsdp`` (FSDP2) the policy is sharded here and every rollout
+        runs on its gathered full parameters (:class:`distributed.FullParamsEngine`)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
+            return
+        if self.cfg.layer.select == "wrong" and self.cfg.layer.depth > 1:
+            raise ValueError(f"layer.select=wrong is not supported with trainer={self.cfg.trainer.name}: a rank "
+                             "whose answers are all right would skip layer 2 while the others run it")
+        self.settings.lockstep = distributed.max_over_ranks
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            raise ValueError("trainer=deepspeed with deepspeed_stage=3 is not supported: ZeRO-3 would fetch "
+                             "parameters per module per decoded token; use trainer=fsdp (FSDP2) instead")
+        if isinstance(strategy, ModelParallelStrategy) and not distributed.is_sharded(self.policy):
+            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"])
+            self.engine = distributed.FullParamsEngine(self.engine, self.policy)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # problems are text; tensors are made on the device by the rollout
@@ -76,7 +100,17 @@ class MGRPOModule(L.LightningModule):
             return completion_logps(self._reference[0], rollout, rows, self.settings.temperature)
 
     # ------------------------------------------------------------------ training
+    def manual_backward(self, loss, *args, **kwargs) -> None:
+        """Backward without DDP's all-reduce: ranks may run different numbers of micro-batches, so
+        gradients are averaged once per optimizer step, in :meth:`_step_optimizer`."""
+        with distributed.no_backward_sync(self.trainer.strategy.model):
+            super().manual_backward(loss, *args, **kwargs)
+
     def _step_optimizer(self, opt) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            distributed.all_reduce_grads([p for p in self.policy.parameters() if p.requires_grad])
         self.clip_gradients(opt, gradient_clip_val=self.cfg.grpo.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,6 +157,7 @@ class MGRPOModule(L.LightningModule):
             self._step_optimizer(opt)
         metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
         metrics["train/step_time"] = time.perf_counter() - start
+        metrics = distributed.mean_over_ranks(metrics)
         self.log_dict(metrics, on_step=True, batch_size=len(batch))
         self.log("reward", metrics["train/layer1/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
         if "train/layer2/accuracy" in metrics:
@@ -146,18 +181,23 @@ class MGRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation: two-pass t1/t2
     def validation_step(self, batch: list[Problem], batch_idx: int):
+        """Each rank answers every world_size-th problem of the batch; rows are gathered at epoch end."""
         ev, lay = self.cfg.eval, self.cfg.layer
-        solved = layers_mod.solve(
-            self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in batch],
-            [p.answer for p in batch], max_new_tokens=self.cfg.model.max_completion_length,
-            batch_size=ev.batch_size, phrase=lay.eval_phrase if ev.two_pass else None,
-            max_new_tokens_t2=lay.max_new_tokens)
-        for i, _ in enumerate(batch):
+        mine = batch[self.global_rank::self.trainer.world_size]
+        with distributed.full_params(self.policy):  # collective: entered by every rank, even with no problems
+            if not mine:
+                return
+            solved = layers_mod.solve(
+                self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
+                [p.answer for p in mine], max_new_tokens=self.cfg.model.max_completion_length,
+                batch_size=ev.batch_size, phrase=lay.eval_phrase if ev.two_pass else None,
+                max_new_tokens_t2=lay.max_new_tokens)
+        for i, _ in enumerate(mine):
             self._val_rows.append({"t1": bool(solved.t1_correct[i][0]),
                                    "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None})
 
     def on_validation_epoch_end(self) -> None:
-        rows, self._val_rows = self._val_rows, []
+        rows, self._val_rows = distributed.gather(self._val_rows), []
         if not rows:
             return
         t1 = [r["t1"] for r in rows]
@@ -166,4 +206,6 @@ class MGRPOModule(L.LightningModule):
         else:
             out = self_correction(t1, [r["t2"] for r in rows])
         self.last_val = {k: float(v) for k, v in out.items()}
-        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows))
+        # every rank holds the same numbers; sync_dist keeps Lightning's epoch-level bookkeeping consistent
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows),
+                      sync_dist=self.trainer.world_size > 1)

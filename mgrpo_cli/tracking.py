@@ -51,7 +51,7 @@ class RunLogger:
                                    tracking_uri=self.uri, artifact_location=artifacts.as_uri(),
                                    tags={"overrides": " ".join(overrides or []) or "(none)",
                                          "task": cfg.task_name})
-        container = OmegaConf.to_container(cfg, resolve=True)
+        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         params = {k: v for k, v in flatten(container).items() if k != "layer.phrases"}
         params["layer.phrases"] = " | ".join(cfg.layer.phrases)[:6000]
         self.logger.log_hyperparams(params)

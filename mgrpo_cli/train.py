@@ -122,7 +122,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-    from mgrpo_cli.modeling import apply_lora, export, frozen_reference
+    from mgrpo_cli.distributed import WeightChecksums
+    from mgrpo_cli.modeling import apply_lora, frozen_reference
     from mgrpo_cli.module import MGRPOModule
     from mgrpo_cli.rewards import build_reward
     from mgrpo_cli.tracking import RunLogger
@@ -149,11 +150,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                every_n_train_steps=cfg.trainer.checkpoint_every)
         t = cfg.trainer
+        callbacks = [ckpt, RichProgressBar()] + ([WeightChecksums(out)] if t.weight_checksums else [])
         trainer = L.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(t),
             precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
             check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
-            logger=run_logger.logger if run_logger else False, callbacks=[ckpt, RichProgressBar()],
+            logger=run_logger.logger if run_logger else False, callbacks=callbacks,
             enable_checkpointing=True, default_root_dir=str(out), use_distributed_sampler=False)
         log.info("policy: %s; run folder: %s; %d held-out problems", source, out, n_val)
         start = _validate(trainer, module, val_dl)
@@ -162,8 +164,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         end = _validate(trainer, module, val_dl)
         log.info("held-out after training:  %s", _fmt(end))
         result = {f"start/{k}": v for k, v in start.items()} | {f"end/{k}": v for k, v in end.items()}
+        export_policy(cfg, module.policy, tok, out / "export", trainer.is_global_zero, reward_fn.grader.correct)
         if trainer.is_global_zero:
-            export(module.policy, tok, out / "export")
             if run_logger:
                 run_logger.log_metrics(result, step=trainer.global_step)
             _print_summary(start, end, out)
@@ -179,11 +181,42 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         reward_fn.close()
 
 
+def export_policy(cfg: Any, policy, tok, folder: Path, is_global_zero: bool, grader_correct) -> None:
+    """Rank 0 saves the policy (``modeling.export``; LoRA merged unless ``lora.export=adapter``).
+
+    A sharded policy (trainer=fsdp) is gathered first, with every rank taking part, into a fresh
+    unsharded copy on rank 0's CPU.
+    """
+    from mgrpo_cli import distributed
+    from mgrpo_cli.modeling import apply_lora, export
+
+    if distributed.is_sharded(policy):
+        state = distributed.full_state_dict(policy)  # collective; the full weights land on rank 0
+        if not is_global_zero:
+            return
+        policy, _, _ = build_policy(cfg, grader_correct)
+        if cfg.lora.enabled:
+            policy = apply_lora(policy, cfg.lora)
+        policy.load_state_dict(state)
+    if is_global_zero:
+        export(policy, tok, folder, merge_lora=cfg.lora.export == "merged")
+
+
 def _strategy(t: Any):
+    """The Lightning strategy of ``trainer.strategy``: ddp as is; fsdp = FSDP2 over all ranks
+    (``ModelParallelStrategy``, the module shards the policy); deepspeed = ZeRO stage 2."""
     if t.strategy == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(stage=t.deepspeed_stage or 2)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(t.devices, int) or t.devices < 1:
+            raise ValueError(f"trainer=fsdp needs trainer.devices as a number of devices per node, got {t.devices!r}")
+        # one full checkpoint file (rank 0 gathers it), which `mgrpo eval checkpoint=...` reads
+        return ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
     return t.strategy
 
 

@@ -115,7 +115,7 @@ def cache_key(cfg: Any) -> str:
     shaping = {
         "model": {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "num_key_value_heads", "attn_implementation")},
-        "arith": OmegaConf.to_container(cfg.dataset.arith),
+        "arith": OmegaConf.to_container(cfg.dataset.arith, enum_to_str=True),
         "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
                                               "correction_share")},
         "phrases": list(cfg.layer.phrases), "phrase_template": cfg.layer.phrase_template,
