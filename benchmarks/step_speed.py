@@ -1,21 +1,31 @@
 """Training-step speed: our GRPO / MGRPO step against TRL 1.16's GRPOTrainer on the same model folder.
 
 Both sides do the same work per step: 8 prompts x 8 generations = 64 completions of at most N new
-tokens (stopping at EOS), beta = 0.04 with a reference model, lr 1e-4, fp32, 20 steps; a step's
-time is the median of steps 3..20. TRL runs ``../shared/bench/trl_grpo_baseline.py`` (its defaults,
-gradient checkpointing on); ours runs ``MGRPOModule.training_step`` (rollout -> grade -> advantages
--> loss/backward -> optimizer step) under a plain Lightning Trainer, composed from the real conf/.
-Every run is a fresh subprocess, and the two sides alternate (TRL, ours, TRL, ours, ...) so that
-load from other work on the machine falls on both; the result is the median of per-pair ratios.
+tokens (stopping at EOS), beta = 0.04 with a reference model, lr 1e-4, fp32; a run's step time is the
+median of steps 3..S. TRL runs ``../shared/bench/trl_grpo_baseline.py`` (its defaults: gradient
+checkpointing on, sdpa attention); ours runs ``MGRPOModule.training_step`` (rollout -> grade ->
+advantages -> loss/backward -> optimizer step) under a plain Lightning Trainer, from the real conf/
+composed with the same settings and ``model.attn_implementation=sdpa`` (the kernel TRL's loader picks;
+the tiny config's default is eager). Our prompts are TRL's ``"{a}+{b}="`` through the plain template
+(which adds a newline: one more prompt token). Every run is a fresh subprocess; the sides alternate
+(TRL, ours, TRL, ours, ...) so that load from other work falls on both, and the result is the median
+of the per-pair ratios.
 
-Sizes: ``tiny`` is the 304k-parameter Qwen2 the baseline builds (N = 32); ``mid`` the same tokenizer
-with hidden 384, intermediate 1536, 6 layers, 6 heads, 2 kv heads (13.0M parameters, N = 128).
-Also printed: the MGRPO step (layer=mgrpo defaults) over our GRPO step, on the tiny model, in the
-same alternation; the peak RSS of the default ``mgrpo train`` (20 steps); and our step time for
-G in {4, 8, 16} and N in {32, 64, 128} with a least-squares line (slope, R^2). In that scan EOS is
-switched off so that every completion is exactly N tokens long and N is the work done.
+Sizes: ``tiny`` is the 304k-parameter Qwen2 the baseline builds (N = 32, S = 20); ``mid`` the same
+tokenizer with hidden 384, intermediate 1536, 6 layers, 6 heads, 2 kv heads (13.0M parameters,
+N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes on 2 cores; pass
+``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step
+(``layer=mgrpo`` defaults) over our GRPO step on the tiny model, in the same alternation; the peak RSS
+of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
+N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
+completion is exactly N tokens and N is the work done.
 
-    python benchmarks/step_speed.py [--pairs 3] [--sizes tiny,mid] [--mid-steps 20] [--threads 0]
+Threads: ``--threads 1`` (the default) runs both sides single-threaded. With torch's default (2
+threads on 2 cores) any other busy process makes both sides 20-30x slower at random (OpenMP
+barriers wait on a descheduled thread), which swamps the comparison; ``--threads 0`` keeps torch's
+default on both sides for an idle machine.
+
+    python benchmarks/step_speed.py [--pairs 3] [--sizes tiny,mid] [--mid-steps 6] [--threads 1]
 
 The last line is ``STEP_SPEED ours/trl tiny=<ratio> mid=<ratio>``. Needs ``pip install -e .[bench]``
 (trl 1.16). The models are built offline under ``--workdir`` (kept between runs).
@@ -38,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT.parent / "shared" / "bench" / "trl_grpo_baseline.py"
 PROMPTS_PER_STEP = 8
 FIRST_TIMED_STEP = 3
+# the attention kernel TRL's from_pretrained picks for this folder (our tiny config says eager)
+OURS_OVERRIDES = ["model.attn_implementation=sdpa"]
 SIZES = {  # name -> (max new tokens, architecture overrides of the baseline's tiny Qwen2)
     "tiny": (32, {}),
     "mid": (128, {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
@@ -100,6 +112,7 @@ def ours(args) -> None:
     ]
     if args.threads:
         overrides.append(f"trainer.threads={args.threads}")
+    overrides += OURS_OVERRIDES + args.set
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -117,13 +130,14 @@ def ours(args) -> None:
 
     class StepTimer(L.Callback):
         def __init__(self):
-            self.times, self.lengths = [], []
+            self.times, self.cpu, self.lengths = [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
             self.lengths.append(float(trainer.callback_metrics["train/layer1/completion_length"]))
 
     timer = StepTimer()
@@ -133,10 +147,12 @@ def ours(args) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
     reward_fn.close()
     median = statistics.median(timer.times[FIRST_TIMED_STEP - 1:])
+    cpu = statistics.median(timer.cpu[FIRST_TIMED_STEP - 1:])
     print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
     print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
     sys.stdout.flush()
-    print(f"OURS seconds_per_step={median:.4f} mean_completion_length={statistics.mean(timer.lengths):.2f}")
+    print(f"OURS seconds_per_step={median:.4f} cpu_seconds_per_step={cpu:.4f} "
+          f"mean_completion_length={statistics.mean(timer.lengths):.2f}")
 
 
 # ------------------------------------------------------------------------ the driver
@@ -194,20 +210,54 @@ def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int, wi
     return out
 
 
-def peak_rss_default_train(steps: int, threads: int) -> tuple[float, float]:
-    """(GiB, seconds) of ``mgrpo train trainer.max_steps=<steps>`` in a fresh outputs folder (warm-up included)."""
+def _warm_start_note(outputs: str) -> tuple[list[str], str]:
+    """Extra overrides and a note for the RSS run: the default tiny model needs its warm start.
+
+    A shipped warm start (``mgrpo_cli/warmstart/<key>``) is used as is; one cached under this clone's
+    ``outputs/warmstart/<key>`` is copied in; with neither, the warm-up runs, shortened to 20 steps
+    (it trains the 0.5M-parameter model on batches of 128 examples: its memory does not grow with steps).
+    """
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from mgrpo_cli.config import conf_dir, register_configs
+    from mgrpo_cli.warmup import SHIPPED, cache_key
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        key = cache_key(compose(config_name="train", overrides=[f"paths.outputs={outputs}"]))
+    if (SHIPPED / key / "warmup.json").is_file():
+        return [], f"shipped warm start {key}"
+    cached = ROOT / "outputs" / "warmstart" / key
+    if (cached / "warmup.json").is_file():
+        shutil.copytree(cached, Path(outputs) / "warmstart" / key)
+        return [], f"cached warm start {key} copied in"
+    return ["warmup.steps=20"], "no cached warm start: warm-up run, shortened to 20 steps"
+
+
+def peak_rss_default_train(steps: int, threads: int) -> tuple[float, float, str]:
+    """(GiB, seconds, note) of ``mgrpo train trainer.max_steps=<steps>`` in a fresh outputs folder.
+
+    Run under a fresh ``--rss-child`` process so that ``RUSAGE_CHILDREN`` sees only this run (the peak
+    of its largest process: the trainer, or the grader's worker)."""
     outputs = tempfile.mkdtemp(prefix="step_speed_rss_")
+    extra, note = _warm_start_note(outputs)
     exe = Path(sys.executable).parent / "mgrpo"
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "mgrpo_cli"]),
-           "train", f"trainer.max_steps={steps}", f"paths.outputs={outputs}"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mgrpo_cli"]
+    cmd += ["train", f"trainer.max_steps={steps}", f"paths.outputs={outputs}", *extra]
     if threads:
         cmd.append(f"trainer.threads={threads}")
     start = time.perf_counter()
+    kib = _child([sys.executable, __file__, "--rss-child", "--", *cmd], "RSS")["max_kib"]
+    return kib / 2**20, time.perf_counter() - start, note
+
+
+def rss_child(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, COLUMNS="120"))
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
-    return kib / 2**20, time.perf_counter() - start
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    print(f"RSS max_kib={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -222,14 +272,18 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 def scan(model_dir: Path, steps: int, threads: int) -> dict:
-    """Our GRPO step time for G in {4, 8, 16} (N = 32) and N in {32, 64, 128} (G = 8), EOS off."""
-    times = {}
+    """Our GRPO step for G in {4, 8, 16} (N = 32) and N in {32, 64, 128} (G = 8), EOS off.
+
+    The lines are fitted to the step's CPU seconds (= its work, single-threaded), which other load on
+    the machine disturbs far less than wall time; both are printed."""
+    times, cpu = {}, {}
     for g, n in [(4, 32), (8, 32), (16, 32), (8, 64), (8, 128)]:
-        times[(g, n)] = run_ours(model_dir, n, steps, threads, num_generations=g, no_eos=True)["seconds_per_step"]
-        print(f"[scan] G={g:<3d} N={n:<4d} {times[(g, n)]:.3f} s/step", flush=True)
+        o = run_ours(model_dir, n, steps, threads, num_generations=g, no_eos=True)
+        times[(g, n)], cpu[(g, n)] = o["seconds_per_step"], o["cpu_seconds_per_step"]
+        print(f"[scan] G={g:<3d} N={n:<4d} {times[(g, n)]:.3f} s/step (cpu {cpu[(g, n)]:.3f} s)", flush=True)
     gs, ns = [4, 8, 16], [32, 64, 128]
-    return {"times": times, "fit_g": linear_fit(gs, [times[(g, 32)] for g in gs]),
-            "fit_n": linear_fit(ns, [times[(8, n)] for n in ns])}
+    return {"times": times, "cpu": cpu, "fit_g": linear_fit(gs, [cpu[(g, 32)] for g in gs]),
+            "fit_n": linear_fit(ns, [cpu[(8, n)] for n in ns])}
 
 
 def main() -> int:
@@ -238,11 +292,11 @@ def main() -> int:
     ap.add_argument("--sizes", default="tiny,mid")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20, help="steps per run (median of steps 3..steps)")
-    ap.add_argument("--mid-steps", type=int, default=None, help="steps per run at the mid size (default --steps)")
-    ap.add_argument("--scan-steps", type=int, default=6)
+    ap.add_argument("--mid-steps", type=int, default=6, help="steps per run at the mid size (20 = the full protocol)")
+    ap.add_argument("--scan-steps", type=int, default=8)
     ap.add_argument("--rss-steps", type=int, default=20)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,rss,scan")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides; 0 = torch's default")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides; 0 = torch's default")
     ap.add_argument("--json-out", default=None)
     # the child mode (one timed run of ours)
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
@@ -251,9 +305,15 @@ def main() -> int:
     ap.add_argument("--layer", default="grpo", help=argparse.SUPPRESS)
     ap.add_argument("--num-generations", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--no-eos", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ours:
         ours(args)
+        return 0
+    if args.rss_child:
+        rss_child(args.command)
         return 0
 
     work = Path(args.workdir)
@@ -268,9 +328,10 @@ def main() -> int:
             result[size] = compare(size, models[size], args.pairs, steps, args.threads, with_mgrpo=size == "tiny")
             result[size]["steps"] = steps
     if "rss" not in skip:
-        gib, secs = peak_rss_default_train(args.rss_steps, args.threads)
-        result["rss_gib"], result["rss_s"] = gib, secs
-        print(f"[rss] mgrpo train trainer.max_steps={args.rss_steps}: peak RSS {gib:.2f} GiB ({secs:.0f} s, warm-up included)")
+        gib, secs, note = peak_rss_default_train(args.rss_steps, args.threads)
+        result["rss_gib"], result["rss_s"], result["rss_note"] = gib, secs, note
+        print(f"[rss] mgrpo train trainer.max_steps={args.rss_steps}: peak RSS {gib:.2f} GiB ({secs:.0f} s; {note})",
+              flush=True)
     if "scan" not in skip:
         result["scan"] = scan(models["tiny"], args.scan_steps, args.threads)
     result["seconds"] = time.perf_counter() - t_start
@@ -297,13 +358,14 @@ def report(r: dict) -> str:
         lines.append(f"\nMGRPO step (layer=mgrpo defaults) / our GRPO step, tiny: **{r['tiny']['mgrpo_ratio']:.2f}** "
                      f"({r['tiny']['mgrpo']:.3f} s vs {r['tiny']['ours']:.3f} s)")
     if "rss_gib" in r:
-        lines.append(f"\nPeak RSS of the default `mgrpo train` (20 steps, warm-up included): **{r['rss_gib']:.2f} GiB**")
+        lines.append(f"\nPeak RSS of the default `mgrpo train trainer.max_steps=20`: **{r['rss_gib']:.2f} GiB** "
+                     f"({r['rss_note']}; {r['rss_s']:.0f} s)")
     if "scan" in r:
         s = r["scan"]
-        lines.append("\n| G | N | s/step |\n|---|---|---|")
-        lines += [f"| {g} | {n} | {t:.3f} |" for (g, n), t in s["times"].items()]
+        lines.append("\n| G | N | s/step (wall) | CPU s/step |\n|---|---|---|---|")
+        lines += [f"| {g} | {n} | {t:.3f} | {s['cpu'][(g, n)]:.3f} |" for (g, n), t in s["times"].items()]
         for name, (a, b, r2) in (("G", s["fit_g"]), ("N", s["fit_n"])):
-            lines.append(f"\nlinear fit over {name}: s/step = {a:.3f} + {b:.4f} x {name}, R^2 = {r2:.3f}")
+            lines.append(f"\nlinear fit over {name}: CPU s/step = {a:.3f} + {b:.4f} x {name}, R^2 = {r2:.3f}")
     lines.append(f"\n(benchmark wall time {r['seconds'] / 60:.1f} min, torch threads: "
                  f"{r['threads'] or 'default'})")
     return "\n".join(lines)

@@ -88,8 +88,8 @@ class ArithConfig:
     max_operands: int = 4
     max_operand: int = 20
     ops: str = "+-"
-    # share of steps that the warm-up's first-attempt solutions merge with the next one
-    merge_prob: float = 0.5
+    # share of the warm-up's first-attempt solutions that give the result in one step
+    shortcut_prob: float = 0.5
     n_test: int = 400
     n_valid: int = 200  # warm-up's own check set, disjoint from test
 

@@ -1,10 +1,11 @@
 """Problems, and the embedded synthetic task ``arith``.
 
 ``arith``: 2-4 operands of 1..20 joined by ``+``/``-``, evaluated left to right. A worked solution
-takes one operation per step (``12+7=19 19-5=14 \\boxed{14}``). The warm-up's first-attempt
-solutions sometimes merge two or more operations into one step (``12+7-5=14``), which is shorter and
-more error-prone, so a first attempt has something to get wrong and a careful second look
-(one operation per step) has something to fix. File and hub data sets live in ``loaders``.
+takes one operation per step (``12+7=19 19-5=14 \\boxed{14}``). A share of the warm-up's
+first-attempt solutions (``shortcut_prob``) skip the steps and write the result at once
+(``12+7-5=14 \\boxed{14}``): shorter and more error-prone, so a first attempt has a choice that
+GRPO can learn to make well, and a careful second look (one operation per step) has something to
+fix. File and hub data sets live in ``loaders``.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def merged_solution(operands: list[int], ops: list[str], merge: list[bool]) -> s
     return " ".join(steps) + f" \\boxed{{{value}}}"
 
 
-def random_merges(n_ops: int, rng: random.Random, merge_prob: float) -> list[bool]:
-    return [rng.random() < merge_prob for _ in range(n_ops - 1)]
+def shortcut_merges(n_ops: int, rng: random.Random, shortcut_prob: float) -> list[bool]:
+    """Merge flags for :func:`merged_solution`: every step merged (one-step answer) or none."""
+    return [rng.random() < shortcut_prob] * (n_ops - 1)
 
 
 def parse_arith(question: str) -> tuple[list[int], list[str]]:
@@ -78,7 +80,7 @@ class ArithTask:
     """Deterministic problem streams: ``test`` and ``valid`` are fixed sets, ``train`` avoids both."""
 
     def __init__(self, min_operands: int = 2, max_operands: int = 4, max_operand: int = 20,
-                 ops: str = "+-", merge_prob: float = 0.5, n_test: int = 400, n_valid: int = 200,
+                 ops: str = "+-", shortcut_prob: float = 0.5, n_test: int = 400, n_valid: int = 200,
                  seed: int = 0):
         if not 2 <= min_operands <= max_operands:
             raise ValueError(f"dataset.arith: need 2 <= min_operands <= max_operands, got "
@@ -86,7 +88,7 @@ class ArithTask:
         if not set(ops) <= {"+", "-"} or not ops:
             raise ValueError(f"dataset.arith.ops: only '+' and '-' are supported, got {ops!r}")
         self.min_operands, self.max_operands, self.max_operand = min_operands, max_operands, max_operand
-        self.ops, self.merge_prob, self.seed = ops, merge_prob, seed
+        self.ops, self.shortcut_prob, self.seed = ops, shortcut_prob, seed
         self.test = self._fixed("test", n_test, exclude=set())
         self.valid = self._fixed("valid", n_valid, exclude={p.question for p in self.test})
         self._held_out = {p.question for p in self.test} | {p.question for p in self.valid}
@@ -132,6 +134,6 @@ class ArithTask:
             i += 1
 
     def first_attempt(self, problem: Problem, rng: random.Random) -> str:
-        """A warm-up first-attempt solution: some steps merged at random (``merge_prob``)."""
+        """A warm-up first-attempt solution: all at once with ``shortcut_prob``, else step by step."""
         operands, ops = parse_arith(problem.question)
-        return merged_solution(operands, ops, random_merges(len(ops), rng, self.merge_prob))
+        return merged_solution(operands, ops, shortcut_merges(len(ops), rng, self.shortcut_prob))

@@ -1,4 +1,4 @@
-"""What training on several processes needs beyond one process; every function is a no-op in one process.
+"""What training on several processes needs beyond one process (the collectives do nothing in one process).
 
 Every rank draws its own prompts and keeps each prompt's whole group (G completions, then H
 corrections) to itself, so group advantages need no communication. Ranks talk in these places only:
@@ -9,9 +9,9 @@ corrections) to itself, so group advantages need no communication. Ranks talk in
 - sharded parameters (``trainer=fsdp``, FSDP2 ``fully_shard``): :func:`shard_policy` shards every
   decoder layer and the policy; :func:`full_params` gathers the full parameters once for a rollout,
   after which each rank samples alone (no collective per decoded token, ranks may stop at different
-  lengths); :func:`max_over_ranks` lets every rank run the same number of forward/backward passes
-  (under sharding each one is a collective);
-- :class:`WeightChecksums` writes each rank's weight checksums (``trainer.weight_checksums=true``),
+  lengths); :func:`max_over_ranks` lets every rank run the same number of loss passes, each one
+  forward call and one backward (under sharding each is a collective), padding with zero-weight passes;
+- :func:`weight_checksums_callback` writes each rank's weight checksums (``trainer.weight_checksums=true``),
   to check that data-parallel replicas stay identical.
 Not here: DeepSpeed ZeRO-3 rollouts (its per-module parameter fetches would run per decoded token).
 """
@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
 
@@ -120,19 +119,23 @@ def is_sharded(model) -> bool:
     return bool(_fsdp_modules(model))
 
 
-def shard_policy(policy, mesh) -> None:
+def shard_policy(policy, mesh, param_dtype: torch.dtype | None = None) -> None:
     """``fully_shard`` every decoder layer, then the policy (embeddings, final norm, head), in place.
 
     The root keeps its parameters gathered between forward and backward (they are used first and last).
+    ``param_dtype`` (bf16 under ``bf16-mixed``): gathered parameters and compute in that dtype, while the
+    shards, gradients reduced in float32 and the optimizer state keep the parameters' own dtype.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
 
     layers = [m for m in policy.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ValueError(f"trainer=fsdp: found no decoder layers (…DecoderLayer modules) in {type(policy).__name__}")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(policy, mesh=mesh, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     log.info("sharded the policy over %d ranks (%d decoder layers)", mesh.size(), len(layers))
 
 
@@ -185,19 +188,25 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- replica checks
 
-class WeightChecksums(L.Callback):
-    """Write ``<out>/checksums/rank<k>.json``: sha256 of the policy's weights at fit start and at fit end."""
+def weight_checksums_callback(out: str | Path):
+    """A Lightning callback writing ``<out>/checksums/rank<k>.json``: sha256 of the policy's weights at fit
+    start and fit end on each rank (``trainer.weight_checksums=true``). Lightning is imported here only,
+    so that this module stays light for the processes tests start."""
+    import lightning as L
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out) / "checksums"
-        self.start: dict[str, str] = {}
+    class WeightChecksums(L.Callback):
+        def __init__(self, folder: Path):
+            self.folder, self.start = folder, {}
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.start = param_checksums(pl_module.policy)
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.start = param_checksums(pl_module.policy)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        end = param_checksums(pl_module.policy)
-        self.out.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
-                  "start": self.start["__all__"], "end": end["__all__"], "params": end}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+        def on_fit_end(self, trainer, pl_module) -> None:
+            end = param_checksums(pl_module.policy)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            record = {"rank": trainer.global_rank, "world_size": trainer.world_size,
+                      "global_step": trainer.global_step, "start": self.start["__all__"], "end": end["__all__"],
+                      "params": end, "params_start": self.start}
+            (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+
+    return WeightChecksums(Path(out) / "checksums")

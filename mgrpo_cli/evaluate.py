@@ -164,6 +164,7 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mgrpo_cli.layers import solve
+    from mgrpo_cli.modeling import device_for
     from mgrpo_cli.prompts import PromptRenderer
     from mgrpo_cli.rollout import build_engine
 
@@ -171,7 +172,7 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
     if ev.n > 1 and ev.temperature <= 0:
         raise ValueError(f"eval.n={ev.n} samples per problem need eval.temperature > 0 (got {ev.temperature})")
     policy, tok, source = load_model(cfg, grader.correct)
-    policy.eval()
+    policy.eval().to(device_for(cfg.trainer.accelerator))  # trainer=gpu scores on the GPU
     log.info("scoring %s on %d problems", source, len(problems))
     renderer = PromptRenderer(tok, m.prompt_template, cfg.system_prompt, lay.input_mode, lay.phrase_template,
                               lay.new_turn_prompt)

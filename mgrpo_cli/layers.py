@@ -109,8 +109,16 @@ def transitions(prev: Sequence[Optional[bool]], now: Sequence[Optional[bool]]) -
 
 # ---------------------------------------------------------------- the layer pipeline
 
-def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-token log-probs of the completions of ``rows`` under ``model``: (len(rows), C)."""
+def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: float,
+                     share_prompts: bool = True) -> torch.Tensor:
+    """Per-token log-probs of the completions of ``rows`` under ``model``: (len(rows), C).
+
+    Rows of a group share their prompt. Where ``rows`` hold runs of one group (as :func:`micro_batches`
+    makes them), each prompt runs once and its key/value cache serves the run's completions
+    (:func:`_shared_prompt_logits`); otherwise prompt + completion run as one sequence per row. Both
+    give the same log-probs and gradients, up to float rounding. ``share_prompts=False`` always makes
+    one forward call (sharded training needs the same number of calls on every rank).
+    """
     prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
     comp_ids, comp_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
     # trim padding shared by every row of this micro-batch
@@ -118,11 +126,20 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
     width = int(comp_mask.sum(-1).max().item())
     prompt_ids, prompt_mask = prompt_ids[:, left:], prompt_mask[:, left:]
     comp_ids, comp_mask = comp_ids[:, :width], comp_mask[:, :width]
-    ids = torch.cat([prompt_ids, comp_ids], 1)
-    mask = torch.cat([prompt_mask, comp_mask], 1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1]  # (b, width, V) predicting comp tokens
+    group = rows // rollout.n
+    first_of_run = torch.ones_like(group, dtype=torch.bool)
+    first_of_run[1:] = group[1:] != group[:-1]
+    # gradient checkpointing drops the cache in training passes: one sequence per row then
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if share_prompts and int(first_of_run.sum()) < len(rows) and not checkpointing:
+        logits = _shared_prompt_logits(model, prompt_ids[first_of_run], prompt_mask[first_of_run], comp_ids,
+                                       comp_mask, run_of_row=first_of_run.cumsum(0) - 1)
+    else:
+        ids = torch.cat([prompt_ids, comp_ids], 1)
+        mask = torch.cat([prompt_mask, comp_mask], 1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                       logits_to_keep=width + 1).logits[:, :-1]  # (b, width, V) predicting comp tokens
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logps = grpo.selective_log_softmax(logits, comp_ids)
@@ -131,21 +148,62 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
     return full
 
 
-def micro_batches(rollout: Rollout, max_tokens: int) -> list[torch.Tensor]:
-    """Row index sets whose padded token count stays under ``max_tokens`` (rows sorted by length)."""
-    lengths = (rollout.prompt_mask.sum(-1) + rollout.completion_mask.sum(-1)).tolist()
-    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
-    batches, current, longest = [], [], 0
-    for r in order:
-        longest_if = max(longest, lengths[r])
-        if current and longest_if * (len(current) + 1) > max_tokens:
-            batches.append(torch.tensor(current))
-            current, longest_if = [], lengths[r]
-        current.append(r)
-        longest = longest_if
-    if current:
-        batches.append(torch.tensor(current))
-    return batches
+def _shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp_ids: torch.Tensor,
+                          comp_mask: torch.Tensor, run_of_row: torch.Tensor) -> torch.Tensor:
+    """Logits predicting each completion token, (B, W, V): the (U, P) distinct left-padded prompts run
+    once with a cache, then the (B, W) completions run on their prompt's cache (row b on prompt
+    ``run_of_row[b]``). Gradients flow through the shared prompt keys/values as in a plain forward."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[run_of_row]  # (B, 1, V): each prompt's last position predicts completion token 0
+    if comp_ids.shape[1] == 1:
+        return first
+    cache.batch_select_indices(run_of_row)
+    prompt_mask = prompt_mask[run_of_row]
+    mask = torch.cat([prompt_mask, comp_mask[:, :-1]], 1)
+    position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(comp_ids.shape[1] - 1, device=comp_ids.device)
+    rest = model(input_ids=comp_ids[:, :-1], attention_mask=mask, position_ids=position_ids, cache=cache,
+                 use_cache=True).logits  # (B, W - 1, V): completion token t predicts token t + 1
+    return torch.cat([first, rest], 1)
+
+
+# what one more micro-batch costs (its extra forward/backward calls), counted in padded tokens
+MICRO_BATCH_OVERHEAD_TOKENS = 256
+
+
+def micro_batches(rollout: Rollout, max_tokens: int, max_rows: int = 256) -> list[torch.Tensor]:
+    """Row index sets for the loss passes: the cheapest split into batches of at most ``max_tokens``.
+
+    Rows are taken in order of completion length and cut into consecutive runs, choosing the cuts
+    (dynamic programming) that minimise the padded work: a batch costs (its groups x its longest
+    prompt) + (its rows x its longest completion) + ``MICRO_BATCH_OVERHEAD_TOKENS``, as each prompt runs
+    once for its rows in the batch (see :func:`completion_logps`). Within a batch a group's rows are
+    adjacent. A batch holds at most ``max_rows`` rows, which bounds the search.
+    """
+    n = rollout.n
+    p_len = rollout.prompt_mask.sum(-1).tolist()
+    c_len = rollout.completion_mask.sum(-1).tolist()
+    order = sorted(range(len(c_len)), key=lambda r: (c_len[r], r))
+    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)  # best[j]: order[:j] split
+    for j in range(1, len(order) + 1):
+        groups, p_max, c_max = set(), 0, c_len[order[j - 1]]
+        for i in range(j - 1, max(j - max_rows, 0) - 1, -1):  # the last batch is order[i:j]
+            groups.add(order[i] // n)
+            p_max = max(p_max, p_len[order[i]])
+            cost = len(groups) * p_max + (j - i) * c_max
+            if cost > max_tokens and i < j - 1:
+                break
+            if best[i] + cost + MICRO_BATCH_OVERHEAD_TOKENS < best[j]:
+                best[j], cut[j] = best[i] + cost + MICRO_BATCH_OVERHEAD_TOKENS, i
+    batches, j = [], len(order)
+    while j > 0:
+        batches.append(torch.tensor(sorted(order[cut[j]:j])))  # index order keeps a group's rows adjacent
+        j = cut[j]
+    return batches[::-1]
 
 
 @dataclass
@@ -160,7 +218,7 @@ class LossSettings:
     micro_batch_tokens: int = 65536
     max_completion_length: int = 48
     # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
-    # passes (each is a collective there); the extra passes carry zero weight
+    # passes (each is a collective there), each one forward call; the extra passes carry zero weight
     lockstep: Optional[Callable[[int], int]] = None
 
 
@@ -186,7 +244,7 @@ def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, sett
         mask = mask_all[rows] if i < len(batches) else torch.zeros_like(mask_all[rows])
         if mask.sum() == 0 and settings.lockstep is None:
             continue
-        logp = completion_logps(model, rollout, rows, settings.temperature)
+        logp = completion_logps(model, rollout, rows, settings.temperature, share_prompts=settings.lockstep is None)
         ref = ref_logps(rollout, rows) if (settings.beta > 0 and ref_logps is not None) else None
         per_token, kl, clipped = grpo.grpo_token_loss(
             logp, advantages[rows], ref_logp=ref, beta=settings.beta, eps_low=settings.epsilon,

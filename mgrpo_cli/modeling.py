@@ -95,9 +95,16 @@ def build_tiny_model(cfg: Any, tokenizer, seed: int = 0):
     return model
 
 
+def device_for(accelerator: str) -> torch.device:
+    """cuda when ``trainer.accelerator`` asks for a GPU (gpu, cuda, or auto with one present), else cpu."""
+    gpu = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def resolve_dtype(name: str, accelerator: str = "cpu") -> torch.dtype:
+    """``model.dtype``: auto = bf16 on a GPU, fp32 on CPU."""
     if name == "auto":
-        return torch.bfloat16 if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if device_for(accelerator).type == "cuda" else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
@@ -220,6 +227,14 @@ def frozen_reference(model):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def reference_policy(policy, beta: float):
+    """The KL term's reference policy: none when ``beta`` is 0; none for a LoRA policy either (the
+    reference is the same model with its adapter disabled, no second copy); else a frozen copy."""
+    if beta <= 0 or is_peft(policy):
+        return None
+    return frozen_reference(policy)
 
 
 def export(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:

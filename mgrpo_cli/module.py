@@ -74,19 +74,27 @@ class MGRPOModule(L.LightningModule):
         runs on its gathered full parameters (:class:`distributed.FullParamsEngine`)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
+        strategy, lay = self.trainer.strategy, self.cfg.layer
+        sharded = isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy))
+        if (self.trainer.world_size > 1 and lay.select == "wrong" and lay.depth > 1
+                and (sharded or lay.combine == "sequential")):
+            raise ValueError(f"layer.select=wrong with trainer={self.cfg.trainer.name}"
+                             f"{'' if sharded else ' and layer.combine=sequential'}: a rank whose answers are all "
+                             "right would skip layer 2 while the others run it, and their collectives would not match")
+        if not sharded:
             return
-        if self.cfg.layer.select == "wrong" and self.cfg.layer.depth > 1:
-            raise ValueError(f"layer.select=wrong is not supported with trainer={self.cfg.trainer.name}: a rank "
-                             "whose answers are all right would skip layer 2 while the others run it")
         self.settings.lockstep = distributed.max_over_ranks
         if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
             raise ValueError("trainer=deepspeed with deepspeed_stage=3 is not supported: ZeRO-3 would fetch "
                              "parameters per module per decoded token; use trainer=fsdp (FSDP2) instead")
         if isinstance(strategy, ModelParallelStrategy) and not distributed.is_sharded(self.policy):
-            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"])
+            bf16_mixed = str(self.cfg.trainer.precision).startswith("bf16-mixed")
+            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"],
+                                     param_dtype=torch.bfloat16 if bf16_mixed else None)
             self.engine = distributed.FullParamsEngine(self.engine, self.policy)
+
+    def on_train_start(self) -> None:
+        self.policy.train()  # from_pretrained leaves models in eval mode
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # problems are text; tensors are made on the device by the rollout
@@ -95,8 +103,9 @@ class MGRPOModule(L.LightningModule):
         """Reference log-probs: the LoRA model with its adapter disabled, else the frozen copy."""
         with torch.no_grad():
             if is_peft(self.policy):
-                with self.policy.disable_adapter():
-                    return completion_logps(self.policy, rollout, rows, self.settings.temperature)
+                with self.policy.disable_adapter():  # sharded: one forward call, as every rank makes
+                    return completion_logps(self.policy, rollout, rows, self.settings.temperature,
+                                            share_prompts=self.settings.lockstep is None)
             return completion_logps(self._reference[0], rollout, rows, self.settings.temperature)
 
     # ------------------------------------------------------------------ training

@@ -1,8 +1,9 @@
 """Batched sampling with a KV cache, and the rollout engine interface.
 
 ``sample`` prefills each distinct prompt once, repeats its cache n times, then decodes one token per
-step for every unfinished row, dropping rows from the batch as they emit EOS (so a step costs what
-the still-running rows cost). Greedy when temperature is 0. It never calls ``model.generate``:
+step for every unfinished row, dropping finished rows from the batch whenever they make up a quarter
+of it (so a step costs about what the still-running rows cost, and the cache is not copied at every
+EOS), and stops when every row has emitted EOS. Greedy when temperature is 0. It never calls ``model.generate``:
 the test suite checks that its greedy tokens equal ``model.generate``'s.
 
 Engines: ``hf`` (this loop on a transformers model, the default). A vLLM engine would implement the
@@ -46,7 +47,14 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), draws i with probability p_i
+    # (torch.multinomial does the same, with a slower exponential sampler on CPU)
+    noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
+    return (probs / noise).argmax(-1)
+
+
+# finished rows leave the batch once they are this share of it (dropping copies the whole cache)
+DROP_FINISHED_AT = 0.25
 
 
 @torch.inference_mode()
@@ -58,35 +66,41 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
 
     device = prompt_ids.device
     cache = DynamicCache(config=model.config)
+    padded = not bool(prompt_mask.all())  # without padding no step needs an attention mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=position_ids,
                 cache=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]  # (U, V)
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, 0)
-    rows = prompt_ids.shape[0] * n
-    mask = prompt_mask.repeat_interleave(n, 0)  # (B, P + t) attention mask of the live rows
+    rows, prompt_width = prompt_ids.shape[0] * n, prompt_ids.shape[1]
+    # every step's attention mask at once: step t reads the first prompt_width + t + 1 columns
+    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), prompt_mask.new_ones(rows, max_new_tokens)], 1)
     next_pos = position_ids[:, -1].repeat_interleave(n, 0) + 1  # (B,)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
+    running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted EOS
     for t in range(max_new_tokens):
         nxt = _pick(logits, temperature, top_p, generator)  # (b,)
+        finished = running & (nxt == eos_token_id)
+        nxt = torch.where(running, nxt, pad_token_id)  # finished rows still in the batch write padding
         tokens[live, t] = nxt
-        done = nxt == eos_token_id
-        if done.any():
-            lengths[live[done]] = t + 1
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
+        if finished.any():
+            lengths[live[finished]] = t + 1
+            running &= ~finished
+            still = int(running.sum())
+            if still == 0:
                 break
-            live, nxt, mask, next_pos = live[keep], nxt[keep], mask[keep], next_pos[keep]
-            cache.batch_select_indices(keep)
+            if still <= (1 - DROP_FINISHED_AT) * running.numel():
+                keep = running.nonzero().squeeze(-1)
+                live, nxt, mask, next_pos, running = live[keep], nxt[keep], mask[keep], next_pos[keep], running[keep]
+                cache.batch_select_indices(keep)
         if t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                    cache=cache, use_cache=True)
+        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask[:, :prompt_width + t + 1] if padded else None,
+                    position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     width = int(lengths.max().item()) if rows else 0
@@ -113,6 +127,8 @@ class HFEngine:
         return next(self.model.parameters()).device
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # over-long prompts lose their start, never the generation prompt at their end
+        self.tokenizer.truncation_side = "left"
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False,
                              truncation=True, max_length=self.max_prompt_length)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -122,8 +123,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-    from mgrpo_cli.distributed import WeightChecksums
-    from mgrpo_cli.modeling import apply_lora, frozen_reference
+    from mgrpo_cli.distributed import weight_checksums_callback
+    from mgrpo_cli.modeling import apply_lora, reference_policy
     from mgrpo_cli.module import MGRPOModule
     from mgrpo_cli.rewards import build_reward
     from mgrpo_cli.tracking import RunLogger
@@ -141,7 +142,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         policy, tok, source = build_policy(cfg, reward_fn.grader.correct)
         if cfg.lora.enabled:
             policy = apply_lora(policy, cfg.lora)
-        reference = frozen_reference(policy) if cfg.grpo.beta > 0 and not cfg.lora.enabled else None
+        reference = reference_policy(policy, cfg.grpo.beta)
         module = MGRPOModule(policy, tok, cfg, reward_fn, reference)
         train_dl, val_dl, n_val = _dataloaders(cfg, module)
         if cfg.logger.enabled:
@@ -150,7 +151,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                every_n_train_steps=cfg.trainer.checkpoint_every)
         t = cfg.trainer
-        callbacks = [ckpt, RichProgressBar()] + ([WeightChecksums(out)] if t.weight_checksums else [])
+        callbacks = [ckpt, RichProgressBar()] + ([weight_checksums_callback(out)] if t.weight_checksums else [])
         trainer = L.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(t),
             precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
@@ -166,6 +167,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         result = {f"start/{k}": v for k, v in start.items()} | {f"end/{k}": v for k, v in end.items()}
         export_policy(cfg, module.policy, tok, out / "export", trainer.is_global_zero, reward_fn.grader.correct)
         if trainer.is_global_zero:
+            (out / "result.json").write_text(json.dumps(result, indent=1))
             if run_logger:
                 run_logger.log_metrics(result, step=trainer.global_step)
             _print_summary(start, end, out)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, random_merges
+from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, shortcut_merges
 from mgrpo_cli.layers import solve
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_tokenizer
 from mgrpo_cli.prompts import PromptRenderer
@@ -36,10 +36,10 @@ from mgrpo_cli.rollout import HFEngine
 log = logging.getLogger(__name__)
 
 
-def flawed_attempt(problem: Problem, rng: random.Random, merge_prob: float, error_prob: float) -> str:
-    """A first attempt: steps merged at random, and with ``error_prob`` one step's result off by 1..10."""
+def flawed_attempt(problem: Problem, rng: random.Random, shortcut_prob: float, error_prob: float) -> str:
+    """A first attempt (a shortcut with ``shortcut_prob``), with ``error_prob`` one step's result off by 1..10."""
     operands, ops = parse_arith(problem.question)
-    merges = random_merges(len(ops), rng, merge_prob)
+    merges = shortcut_merges(len(ops), rng, shortcut_prob)
     if rng.random() >= error_prob:
         return merged_solution(operands, ops, merges)
     # an error in one step carries through every later step, as a real slip would
@@ -66,7 +66,7 @@ def warmup_examples(task: ArithTask, problems: list[Problem], renderer: PromptRe
     for p in problems:
         prompt = renderer.render(p.question)
         if rng.random() < correction_share:
-            attempt = flawed_attempt(p, rng, task.merge_prob, error_prob=0.5)
+            attempt = flawed_attempt(p, rng, task.shortcut_prob, error_prob=0.5)
             context = renderer.render(p.question, ((attempt, rng.choice(phrases)),))
             operands, ops = parse_arith(p.question)
             out.append((context, careful_solution(operands, ops)))

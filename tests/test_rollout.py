@@ -1,6 +1,8 @@
 """The fast sampling path gives the same tokens and log-probs as model.generate + a plain forward."""
+import dataclasses
 import tempfile
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -10,9 +12,9 @@ from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_poli
 from mgrpo_cli.rollout import HFEngine, sample
 
 
-def _tiny(seed=0):
+def _tiny(seed=0, attn="eager"):
     tok = build_byte_tokenizer()
-    model = build_tiny_model(OmegaConf.structured(ModelConfig), tok, seed=seed).eval()
+    model = build_tiny_model(OmegaConf.structured(ModelConfig(attn_implementation=attn)), tok, seed=seed).eval()
     return model, tok
 
 
@@ -22,10 +24,11 @@ def _bias_eos(model, tok, scale=3.0):
         model.model.embed_tokens.weight[tok.eos_token_id] *= scale
 
 
-def test_greedy_tokens_equal_model_generate():
+@pytest.mark.parametrize("prompts", [["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"],  # left padding
+                                     ["12+7\n", "3+41\n", "18-9\n", "70-2\n"]])  # none: no attention mask
+def test_greedy_tokens_equal_model_generate(prompts):
     model, tok = _tiny()
     _bias_eos(model, tok)
-    prompts = ["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=1, max_new_tokens=20,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0)
@@ -58,6 +61,25 @@ def test_logps_equal_plain_forward_and_groups_repeat():
         want = torch.log_softmax(logits, -1).gather(-1, c.unsqueeze(-1)).squeeze(-1)
         got = logps[r][ro.completion_mask[r].bool()]
         assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn):
+    """Running each prompt once for its group's rows changes neither log-probs nor gradients."""
+    model, tok = _tiny(seed=2, attn=attn)
+    _bias_eos(model, tok, scale=2.0)
+    ro = HFEngine(model, tok, seed=1).generate(["5+5\n", "12-3+4\n", "7\n"], n=3, max_new_tokens=12,
+                                               temperature=1.0)
+    assert ro.prompt_mask.sum(-1).unique().numel() > 1 and ro.lengths.unique().numel() > 1
+    params = list(model.parameters())
+    results = []
+    for rollout in (ro, dataclasses.replace(ro, n=1)):  # n=1: every row its own group, one sequence per row
+        logps = completion_logps(model, rollout, torch.tensor([3, 4, 5, 0, 1, 8]), temperature=0.7)
+        grads = torch.autograd.grad((logps * rollout.completion_mask[[3, 4, 5, 0, 1, 8]]).sum(), params)
+        results.append((logps, grads))
+    (shared, g_shared), (plain, g_plain) = results
+    assert torch.allclose(shared, plain, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_shared, g_plain))
 
 
 def test_sampling_is_seeded():

@@ -1,0 +1,76 @@
+"""Eval throughput: `mgrpo eval`'s batched generation against one `model.generate` call per problem.
+
+Same model (the tiny model's shipped warm start, or --model-dir), same prompts (GSM8K test), same
+lengths (greedy, <= --max-new-tokens new tokens, prompts cut to --max-prompt-length tokens).
+The last line is the ratio of problems per second, batched / one at a time (target: >= 5).
+
+    python benchmarks/eval_speed.py [--n 64] [--batch-size 64] [--model-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=64, help="problems timed on each side")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-prompt-length", type=int, default=512)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from conftest import compose
+
+    from mgrpo_cli.layers import solve
+    from mgrpo_cli.loaders import load_problems
+    from mgrpo_cli.prompts import PromptRenderer
+    from mgrpo_cli.rewards import Grader
+    from mgrpo_cli.rollout import HFEngine
+    from mgrpo_cli.train import build_policy
+
+    cfg = compose("eval", ["dataset=gsm8k", "logger=none"] + ([f"model.path={args.model_dir}"] if args.model_dir else []))
+    problems = load_problems(cfg.dataset, "test", limit=args.n, seed=0).problems
+    with Grader() as grader:
+        model, tok, source = build_policy(cfg, grader.correct)
+        model.eval()
+        renderer = PromptRenderer(tok, cfg.model.prompt_template, cfg.system_prompt)
+        questions, golds = [p.question for p in problems], [p.answer for p in problems]
+        engine = HFEngine(model, tok, max_prompt_length=args.max_prompt_length)
+
+        t = time.perf_counter()
+        solved = solve(engine, renderer, grader.correct, questions, golds, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size)
+        batched = time.perf_counter() - t
+
+        tok.truncation_side = "left"
+        t = time.perf_counter()
+        one_by_one = []
+        for q in questions:
+            enc = tok([renderer.render(q)], return_tensors="pt", add_special_tokens=False, truncation=True,
+                      max_length=args.max_prompt_length)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            one_by_one.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+        single = time.perf_counter() - t
+    same = sum(a[0] == b for a, b in zip(solved.t1_texts, one_by_one))
+    result = {"model": source, "problems": len(problems), "batched_problems_per_s": len(problems) / batched,
+              "generate_problems_per_s": len(problems) / single, "identical_completions": same}
+    print(json.dumps(result, indent=1))
+    print(f"EVAL_SPEED ratio={single / batched:.2f}")
+
+
+if __name__ == "__main__":
+    main()
