@@ -10,8 +10,9 @@ evaluation shared by periodic validation and ``mgrpo eval``.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -10,8 +10,8 @@ A layer-k input is the problem plus the earlier turns, each a (response, guiding
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 PLAIN_TEMPLATE = "{question}\n"
 

@@ -11,8 +11,9 @@ same ``RolloutEngine.generate`` signature; it is not built here (no GPU on our m
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 import torch
 

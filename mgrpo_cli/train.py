@@ -9,11 +9,12 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mgrpo_cli.config import conf_dir, register_configs
 

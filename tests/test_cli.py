@@ -5,8 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import run_cli, requires_data
+from conftest import requires_data, run_cli
 
 FAST = ["debug=fast", "warmup.steps=2", "trainer.threads=2"]
 

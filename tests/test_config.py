@@ -2,10 +2,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-
-from conftest import ROOT, compose
 
 GROUPS = ["model", "dataset", "reward", "layer", "trainer", "logger", "lora", "experiment", "debug"]
 

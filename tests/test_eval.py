@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import compose, requires_data
+
 from mgrpo_cli.evaluate import RescoreError, read_records, run_eval, summarize
 
 

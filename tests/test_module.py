@@ -3,8 +3,8 @@ import lightning as L
 import pytest
 import torch
 
-from mgrpo_cli.module import MGRPOModule
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.module import MGRPOModule
 from mgrpo_cli.rewards import Grader, Scored
 from mgrpo_cli.train import _dataloaders
 
