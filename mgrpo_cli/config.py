@@ -182,10 +182,10 @@ class WarmupConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
-    eval_every: int = 50
+    eval_every: int = 10  # accuracy jumps within a few dozen steps: check often
     # stop at the first check whose accuracy reaches this (the band where GRPO has most to learn)
-    target_accuracy: float = 0.35
-    correction_share: float = 0.4
+    target_accuracy: float = 0.4
+    correction_share: float = 0.3
     cache_dir: str = "${paths.outputs}/warmstart"
     only: bool = False  # stop after the warm start (to make or refresh it)
 
