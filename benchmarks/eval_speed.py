@@ -1,7 +1,9 @@
 """Eval throughput: `mgrpo eval`'s batched generation against one `model.generate` call per problem.
 
 Same model (the tiny model's shipped warm start, or --model-dir), same prompts (GSM8K test), same
-lengths (greedy, <= --max-new-tokens new tokens, prompts cut to --max-prompt-length tokens).
+lengths: greedy, prompts cut to --max-prompt-length tokens, and every completion exactly
+--max-new-tokens long (EOS ignored on both sides, so neither side gains from stopping early;
+--stop-at-eos compares natural lengths instead).
 The last line is the ratio of problems per second, batched / one at a time (target: >= 5).
 
     python benchmarks/eval_speed.py [--n 64] [--batch-size 64] [--model-dir DIR]
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--max-prompt-length", type=int, default=512)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-at-eos", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,7 +50,7 @@ def main() -> None:
         model.eval()
         renderer = PromptRenderer(tok, cfg.model.prompt_template, cfg.system_prompt)
         questions, golds = [p.question for p in problems], [p.answer for p in problems]
-        engine = HFEngine(model, tok, max_prompt_length=args.max_prompt_length)
+        engine = HFEngine(model, tok, max_prompt_length=args.max_prompt_length, stop_at_eos=args.stop_at_eos)
 
         t = time.perf_counter()
         solved = solve(engine, renderer, grader.correct, questions, golds, max_new_tokens=args.max_new_tokens,
@@ -62,7 +65,7 @@ def main() -> None:
                       max_length=args.max_prompt_length)
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                     eos_token_id=engine.eos_token_id, pad_token_id=tok.pad_token_id)
             one_by_one.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
         single = time.perf_counter() - t
     same = sum(a[0] == b for a, b in zip(solved.t1_texts, one_by_one))

@@ -337,8 +337,12 @@ def main() -> int:
     result["seconds"] = time.perf_counter() - t_start
     print(report(result))
     if args.json_out:
+        plain = {**result}
+        if "scan" in plain:  # (G, N) keys -> "G=..,N=.."
+            plain["scan"] = {k: {f"G={g},N={n}": t for (g, n), t in v.items()} if isinstance(v, dict) else v
+                             for k, v in plain["scan"].items()}
         with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+            json.dump(plain, f, indent=1)
     ratios = " ".join(f"{s}={result[s]['ratio']:.3f}" for s in sizes if s in result)
     print(f"STEP_SPEED ours/trl {ratios}")
     return 0

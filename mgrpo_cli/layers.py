@@ -130,8 +130,9 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
     group = rows // rollout.n
     first_of_run = torch.ones_like(group, dtype=torch.bool)
     first_of_run[1:] = group[1:] != group[:-1]
-    # gradient checkpointing drops the cache in training passes: one sequence per row then
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    # gradient checkpointing drops the cache in passes with gradients: one sequence per row then
+    checkpointing = torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if share_prompts and int(first_of_run.sum()) < len(rows) and not checkpointing:
         logits = _shared_prompt_logits(model, prompt_ids[first_of_run], prompt_mask[first_of_run], comp_ids,
                                        comp_mask, run_of_row=first_of_run.cumsum(0) - 1)

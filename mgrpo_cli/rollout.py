@@ -118,9 +118,11 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int = 4096, seed: int = 0):
+    def __init__(self, model, tokenizer, *, max_prompt_length: int = 4096, seed: int = 0, stop_at_eos: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_length = max_prompt_length
+        # False: every completion runs to max_new_tokens (benchmarks compare equal lengths)
+        self.eos_token_id = tokenizer.eos_token_id if stop_at_eos else -1
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     @property
@@ -142,7 +144,7 @@ class HFEngine:
         try:
             gen = self.generator if self.device.type == "cpu" else None
             ids, mask = sample(self.model, prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
-                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                temperature=temperature, top_p=top_p, generator=gen)
         finally:
             self.model.train(was_training)
