@@ -82,6 +82,19 @@ def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_shared, g_plain))
 
 
+def test_gradient_checkpointing_runs_one_sequence_per_row():
+    """Checkpointed layers drop the cache when gradients are on, so the shared-prompt pass must not be used."""
+    model, tok = _tiny(seed=2)
+    ro = HFEngine(model, tok, seed=1).generate(["5+5\n", "12-3+4\n"], n=3, max_new_tokens=8, temperature=1.0)
+    want = completion_logps(model, ro, torch.arange(6), temperature=1.0).detach()
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = completion_logps(model, ro, torch.arange(6), temperature=1.0)
+    assert got.requires_grad and torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():  # no gradients: the cache is kept and the prompts are shared again
+        assert torch.allclose(completion_logps(model, ro, torch.arange(6), temperature=1.0), want, atol=1e-5)
+
+
 def test_sampling_is_seeded():
     model, tok = _tiny()
     a = HFEngine(model, tok, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
