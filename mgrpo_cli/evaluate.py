@@ -206,7 +206,7 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     from mgrpo_cli.loaders import load_problems
     from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.tracking import RunLogger
+    from mgrpo_cli.tracking import RunLogger, run_resources
     from mgrpo_cli.train import overrides, run_dir, setup_runtime
 
     setup_runtime(cfg)
@@ -214,7 +214,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     reward_fn = build_reward(cfg.reward)
     grader = reward_fn.grader
     run_logger = None
-    try:
+    with run_resources(reward_fn) as scope:
         if cfg.export_to:
             from mgrpo_cli.modeling import export
 
@@ -240,21 +240,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         summary["grader"] = grader.stats()
         files = write_outputs(out, name, records, summary)
         if cfg.logger.enabled:
-            run_logger = RunLogger(cfg, run_name=f"eval-{name}-{out.name}", overrides=overrides())
+            run_logger = scope.run_logger = RunLogger(cfg, run_name=f"eval-{name}-{out.name}", overrides=overrides())
             run_logger.log_metrics(scalars(summary, f"eval/{name}"))
             for f in files:
                 run_logger.log_file(f)
         _print(name, summary, out)
         return summary
-    except BaseException:
-        if run_logger:
-            run_logger.finish("failed")
-            run_logger = None
-        raise
-    finally:
-        if run_logger:
-            run_logger.finish()
-        reward_fn.close()
 
 
 def _print(name: str, summary: dict, out: Path) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
@@ -71,3 +73,21 @@ class RunLogger:
 
     def finish(self, status: str = "success") -> None:
         self.logger.finalize(status)
+
+
+@contextmanager
+def run_resources(reward_fn):
+    """Scope of one command: yields a holder for its ``RunLogger`` (``.run_logger``); on the way out
+    the MLflow run ends (``failed`` on an exception, so one failed multirun job does not poison the
+    next) and the grader's worker process stops."""
+    held = SimpleNamespace(run_logger=None)
+    status = "success"
+    try:
+        yield held
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        if held.run_logger:
+            held.run_logger.finish(status)
+        reward_fn.close()

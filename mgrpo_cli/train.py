@@ -128,12 +128,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     from mgrpo_cli.modeling import apply_lora, reference_policy
     from mgrpo_cli.module import MGRPOModule
     from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.tracking import RunLogger
+    from mgrpo_cli.tracking import RunLogger, run_resources
 
     out = run_dir(cfg)
     reward_fn = build_reward(cfg.reward)
     run_logger = None
-    try:
+    with run_resources(reward_fn) as scope:
         if cfg.warmup.only:
             from mgrpo_cli.warmup import warm_start
 
@@ -147,7 +147,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         module = MGRPOModule(policy, tok, cfg, reward_fn, reference)
         train_dl, val_dl, n_val = _dataloaders(cfg, module)
         if cfg.logger.enabled:
-            run_logger = RunLogger(cfg, run_name=f"{cfg.task_name}-{out.name}", overrides=overrides())
+            run_logger = scope.run_logger = RunLogger(cfg, run_name=f"{cfg.task_name}-{out.name}", overrides=overrides())
             module.run_logger = run_logger
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                every_n_train_steps=cfg.trainer.checkpoint_every)
@@ -173,15 +173,6 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 run_logger.log_metrics(result, step=trainer.global_step)
             _print_summary(start, end, out)
         return result
-    except BaseException:
-        if run_logger:
-            run_logger.finish("failed")
-            run_logger = None
-        raise
-    finally:
-        if run_logger:
-            run_logger.finish()
-        reward_fn.close()
 
 
 def export_policy(cfg: Any, policy, tok, folder: Path, is_global_zero: bool, grader_correct) -> None:
