@@ -56,7 +56,7 @@ class ModelConfig:
     # hub name or local folder; null = build the embedded tiny model (tiny only)
     path: Optional[str] = None
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "eager"
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     max_prompt_length: int = 512
     max_completion_length: int = 48

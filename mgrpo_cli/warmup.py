@@ -114,7 +114,7 @@ def sft_step(model, opt, tokenizer, pairs: list[tuple[str, str]]) -> float:
 def cache_key(cfg: Any) -> str:
     shaping = {
         "model": {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "num_key_value_heads", "attn_implementation")},
+                                            "num_attention_heads", "num_key_value_heads")},
         "arith": OmegaConf.to_container(cfg.dataset.arith, enum_to_str=True),
         "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
                                               "correction_share")},
