@@ -17,6 +17,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from mgrpo_cli.decode import LeanDecoder, lean_supported
+
 
 @dataclass
 class Rollout:
@@ -58,27 +60,53 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
 DROP_FINISHED_AT = 0.25
 
 
+class _ModelDecoder:
+    """Decode steps through the model's own forward and a transformers ``DynamicCache`` (any model)."""
+
+    def __init__(self, model, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int):
+        self.model, self.cache = model, cache
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        self.width = prompt_mask.shape[1]
+        self.mask = None  # every step's attention mask at once: step t reads the first width + t + 1 columns
+        if not bool(prompt_mask.all()):  # without padding no step needs an attention mask
+            rows = prompt_mask.shape[0] * n
+            self.mask = torch.cat([prompt_mask.repeat_interleave(n, 0), prompt_mask.new_ones(rows, max_new_tokens)], 1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
+        mask = None if self.mask is None else self.mask[:, :self.width + t + 1]
+        out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=positions.unsqueeze(-1),
+                         cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
 @torch.inference_mode()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-           top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask."""
+           top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+           lean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
+
+    ``lean``: decode with :class:`~mgrpo_cli.decode.LeanDecoder` where the model supports it."""
     from transformers import DynamicCache
 
     device = prompt_ids.device
     cache = DynamicCache(config=model.config)
-    padded = not bool(prompt_mask.all())  # without padding no step needs an attention mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]  # (U, V)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, 0)
-    rows, prompt_width = prompt_ids.shape[0] * n, prompt_ids.shape[1]
-    # every step's attention mask at once: step t reads the first prompt_width + t + 1 columns
-    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), prompt_mask.new_ones(rows, max_new_tokens)], 1)
+    out = model(input_ids=prompt_ids, attention_mask=None if bool(prompt_mask.all()) else prompt_mask,
+                position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].repeat_interleave(n, 0)  # (U*n, V)
     next_pos = position_ids[:, -1].repeat_interleave(n, 0) + 1  # (B,)
+    if lean and lean_supported(model):
+        decoder = LeanDecoder(model, cache, prompt_mask, n, max_new_tokens, int(next_pos.max()) + max_new_tokens)
+    else:
+        decoder = _ModelDecoder(model, cache, prompt_mask, n, max_new_tokens)
+    rows = prompt_ids.shape[0] * n
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
@@ -96,13 +124,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
                 break
             if still <= (1 - DROP_FINISHED_AT) * running.numel():
                 keep = running.nonzero().squeeze(-1)
-                live, nxt, mask, next_pos, running = live[keep], nxt[keep], mask[keep], next_pos[keep], running[keep]
-                cache.batch_select_indices(keep)
+                live, nxt, next_pos, running = live[keep], nxt[keep], next_pos[keep], running[keep]
+                decoder.select(keep)
         if t == max_new_tokens - 1:
             break
-        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask[:, :prompt_width + t + 1] if padded else None,
-                    position_ids=next_pos.unsqueeze(-1), cache=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        logits = decoder.step(nxt, next_pos, t)
         next_pos = next_pos + 1
     width = int(lengths.max().item()) if rows else 0
     tokens = tokens[:, :width]

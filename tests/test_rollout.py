@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mgrpo_cli.config import ModelConfig
+from mgrpo_cli.decode import lean_supported
 from mgrpo_cli.layers import completion_logps
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
 from mgrpo_cli.rollout import HFEngine, sample
@@ -26,12 +27,15 @@ def _bias_eos(model, tok, scale=3.0):
 
 @pytest.mark.parametrize("prompts", [["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"],  # left padding
                                      ["12+7\n", "3+41\n", "18-9\n", "70-2\n"]])  # none: no attention mask
-def test_greedy_tokens_equal_model_generate(prompts):
-    model, tok = _tiny()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("lean", [True, False])  # LeanDecoder, or the model's forward with its own cache
+def test_greedy_tokens_equal_model_generate(prompts, attn, lean):
+    model, tok = _tiny(attn=attn)
+    assert lean_supported(model)
     _bias_eos(model, tok)
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=1, max_new_tokens=20,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0)
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean)
     ref = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
     ref_mask = torch.ones_like(ref)
@@ -119,3 +123,30 @@ def test_tokenizer_survives_autotokenizer_round_trip():
         x = torch.tensor([ids])
         with torch.no_grad():
             assert torch.allclose(reloaded(x).logits, model(x).logits, atol=1e-6)
+
+
+def test_lean_decoder_drives_lora_adapters_and_leaves_other_models_to_their_forward():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, tok = _tiny(seed=2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # a non-zero adapter, so that skipping it would change the tokens
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.eval()
+    assert lean_supported(peft_model)
+    enc = tok(["12+7-5\n", "3+4\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(n=2, max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0)
+    lean = sample(peft_model, enc.input_ids, enc.attention_mask, lean=True, **kw)
+    plain = sample(peft_model, enc.input_ids, enc.attention_mask, lean=False, **kw)
+    with peft_model.disable_adapter():
+        base = sample(peft_model, enc.input_ids, enc.attention_mask, lean=True, **kw)
+    assert torch.equal(lean[0], plain[0]) and torch.equal(lean[1], plain[1])
+    assert not torch.equal(lean[0], base[0])
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size + 8, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert not lean_supported(gpt2)
+    ids, mask = sample(gpt2, enc.input_ids, enc.attention_mask, **kw)  # the model's own forward
+    assert ids.shape[0] == 4 and mask.shape == ids.shape
