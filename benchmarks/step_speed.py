@@ -5,8 +5,8 @@ tokens (stopping at EOS), beta = 0.04 with a reference model, lr 1e-4, fp32; a r
 median of steps 3..S. TRL runs ``../shared/bench/trl_grpo_baseline.py`` (its defaults: gradient
 checkpointing on, sdpa attention); ours runs ``MGRPOModule.training_step`` (rollout -> grade ->
 advantages -> loss/backward -> optimizer step) under a plain Lightning Trainer, from the real conf/
-composed with the same settings and ``model.attn_implementation=sdpa`` (the kernel TRL's loader picks;
-the tiny config's default is eager). Our prompts are TRL's ``"{a}+{b}="`` through the plain template
+composed with the same settings and ``model.attn_implementation=sdpa`` (the kernel TRL's loader picks,
+and the tiny config's default). Our prompts are TRL's ``"{a}+{b}="`` through the plain template
 (which adds a newline: one more prompt token). Every run is a fresh subprocess; the sides alternate
 (TRL, ours, TRL, ours, ...) so that load from other work falls on both, and the result is the median
 of the per-pair ratios.
@@ -14,8 +14,9 @@ of the per-pair ratios.
 Sizes: ``tiny`` is the 304k-parameter Qwen2 the baseline builds (N = 32, S = 20); ``mid`` the same
 tokenizer with hidden 384, intermediate 1536, 6 layers, 6 heads, 2 kv heads (13.0M parameters,
 N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes on 2 cores; pass
-``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step
-(``layer=mgrpo`` defaults) over our GRPO step on the tiny model, in the same alternation; the peak RSS
+``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step over the
+GRPO step at ``mgrpo train``'s own defaults (warm-started tiny model, arith task, G = 8, k = 2, H = 4,
+beta = 0), alternating GRPO and MGRPO runs of S steps; the peak RSS
 of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT.parent / "shared" / "bench" / "trl_grpo_baseline.py"
 PROMPTS_PER_STEP = 8
 FIRST_TIMED_STEP = 3
-# the attention kernel TRL's from_pretrained picks for this folder (our tiny config says eager)
+# the attention kernel TRL's from_pretrained picks for this folder (also our tiny config's)
 OURS_OVERRIDES = ["model.attn_implementation=sdpa"]
 SIZES = {  # name -> (max new tokens, architecture overrides of the baseline's tiny Qwen2)
     "tiny": (32, {}),
@@ -98,21 +99,23 @@ def ours(args) -> None:
 
     from mgrpo_cli.config import conf_dir, register_configs
     from mgrpo_cli.data import Problem
-    from mgrpo_cli.modeling import frozen_reference
+    from mgrpo_cli.modeling import reference_policy
     from mgrpo_cli.module import MGRPOModule
     from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.train import build_policy, setup_runtime
+    from mgrpo_cli.train import ProblemStream, build_policy, setup_runtime
 
-    overrides = [
-        f"model.path={args.model_dir}", "model.dtype=float32", "model.prompt_template=plain",
-        f"model.max_completion_length={args.max_new_tokens}", "warmup.enabled=false", "logger=none",
-        f"layer={args.layer}", f"grpo.num_generations={args.num_generations}",
-        f"grpo.prompts_per_step={PROMPTS_PER_STEP}", "grpo.beta=0.04", "grpo.lr=1e-4", "grpo.temperature=1.0",
-        f"trainer.max_steps={args.steps}", f"paths.outputs={tempfile.mkdtemp(prefix='step_speed_')}",
-    ]
+    common = ["logger=none", f"layer={args.layer}", f"trainer.max_steps={args.steps}",
+              f"paths.outputs={tempfile.mkdtemp(prefix='step_speed_')}"]
     if args.threads:
-        overrides.append(f"trainer.threads={args.threads}")
-    overrides += OURS_OVERRIDES + args.set
+        common.append(f"trainer.threads={args.threads}")
+    if args.defaults:  # `mgrpo train`'s own setting: the warm-started tiny model on the arith task
+        overrides = common + args.set
+    else:  # TRL's protocol on its model folder
+        overrides = common + [
+            f"model.path={args.model_dir}", "model.dtype=float32", "model.prompt_template=plain",
+            f"model.max_completion_length={args.max_new_tokens}", "warmup.enabled=false",
+            f"grpo.num_generations={args.num_generations}", f"grpo.prompts_per_step={PROMPTS_PER_STEP}",
+            "grpo.beta=0.04", "grpo.lr=1e-4", "grpo.temperature=1.0"] + OURS_OVERRIDES + args.set
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -121,12 +124,16 @@ def ours(args) -> None:
     policy, tok, _ = build_policy(cfg, reward_fn.grader.correct)
     if args.no_eos:  # the scan: a new EOS token the 64-logit model can never emit -> every row runs N tokens
         tok.add_special_tokens({"eos_token": "<|never|>"})
-    module = MGRPOModule(policy, tok, cfg, reward_fn, frozen_reference(policy))
+    module = MGRPOModule(policy, tok, cfg, reward_fn, reference_policy(policy, cfg.grpo.beta))
 
-    data = _baseline().make_dataset(256)  # TRL's prompts "{a}+{b}=" and answers
-    problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"]))]
-    batches = [[problems[(s * PROMPTS_PER_STEP + j) % len(problems)] for j in range(PROMPTS_PER_STEP)]
-               for s in range(args.steps)]
+    if args.defaults:
+        stream = iter(ProblemStream(cfg, cfg.grpo.prompts_per_step))
+        batches = [next(stream) for _ in range(args.steps)]
+    else:
+        data = _baseline().make_dataset(256)  # TRL's prompts "{a}+{b}=" and answers
+        problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"]))]
+        batches = [[problems[(s * PROMPTS_PER_STEP + j) % len(problems)] for j in range(PROMPTS_PER_STEP)]
+                   for s in range(args.steps)]
 
     class StepTimer(L.Callback):
         def __init__(self):
@@ -188,26 +195,34 @@ def run_ours(model_dir: Path, max_new: int, steps: int, threads: int, layer: str
     return _child(cmd, "OURS")
 
 
-def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int, with_mgrpo: bool) -> dict:
-    """Alternate TRL and ours (and MGRPO) ``pairs`` times; per-pair ratios and their medians."""
+def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int) -> dict:
+    """Alternate TRL and ours ``pairs`` times; per-pair ratios and their medians."""
     max_new = SIZES[size][0]
     rows = []
     for i in range(pairs):
         row = {"trl": run_trl(model_dir, max_new, steps, threads)}
         o = run_ours(model_dir, max_new, steps, threads)
         row["ours"], row["ours_len"] = o["seconds_per_step"], o["mean_completion_length"]
-        if with_mgrpo:
-            row["mgrpo"] = run_ours(model_dir, max_new, steps, threads, layer="mgrpo")["seconds_per_step"]
         print(f"[{size}] pair {i + 1}/{pairs}: TRL {row['trl']:.3f} s  ours GRPO {row['ours']:.3f} s"
-              + (f"  ours MGRPO {row['mgrpo']:.3f} s" if with_mgrpo else "")
               + f"  ours/TRL {row['ours'] / row['trl']:.3f}", flush=True)
         rows.append(row)
     out = {"rows": rows, "ratio": statistics.median(r["ours"] / r["trl"] for r in rows),
            "trl": statistics.median(r["trl"] for r in rows), "ours": statistics.median(r["ours"] for r in rows)}
-    if with_mgrpo:
-        out["mgrpo_ratio"] = statistics.median(r["mgrpo"] / r["ours"] for r in rows)
-        out["mgrpo"] = statistics.median(r["mgrpo"] for r in rows)
     return out
+
+
+def mgrpo_vs_grpo(pairs: int, steps: int, threads: int) -> dict:
+    """``mgrpo train``'s own step (warm-started tiny model, arith task, all defaults) with layer=grpo
+    and layer=mgrpo, alternating ``pairs`` times: the median of the per-pair ratios MGRPO / GRPO."""
+    rows = []
+    for i in range(pairs):
+        cmd = [sys.executable, __file__, "--ours", "--defaults", "--steps", str(steps), "--threads", str(threads)]
+        row = {layer: _child(cmd + ["--layer", layer], "OURS")["seconds_per_step"] for layer in ("grpo", "mgrpo")}
+        print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s  MGRPO {row['mgrpo']:.3f} s  "
+              f"MGRPO/GRPO {row['mgrpo'] / row['grpo']:.3f}", flush=True)
+        rows.append(row)
+    return {"rows": rows, "steps": steps, "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows),
+            "grpo": statistics.median(r["grpo"] for r in rows), "mgrpo": statistics.median(r["mgrpo"] for r in rows)}
 
 
 def _warm_start_note(outputs: str) -> tuple[list[str], str]:
@@ -295,7 +310,7 @@ def main() -> int:
     ap.add_argument("--mid-steps", type=int, default=6, help="steps per run at the mid size (20 = the full protocol)")
     ap.add_argument("--scan-steps", type=int, default=8)
     ap.add_argument("--rss-steps", type=int, default=20)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,rss,scan")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,mgrpo,rss,scan")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides; 0 = torch's default")
     ap.add_argument("--json-out", default=None)
     # the child mode (one timed run of ours)
@@ -305,6 +320,7 @@ def main() -> int:
     ap.add_argument("--layer", default="grpo", help=argparse.SUPPRESS)
     ap.add_argument("--num-generations", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--no-eos", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--defaults", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("command", nargs="*", help=argparse.SUPPRESS)
@@ -325,8 +341,10 @@ def main() -> int:
     if "compare" not in skip:
         for size in sizes:
             steps = args.mid_steps if size == "mid" and args.mid_steps else args.steps
-            result[size] = compare(size, models[size], args.pairs, steps, args.threads, with_mgrpo=size == "tiny")
+            result[size] = compare(size, models[size], args.pairs, steps, args.threads)
             result[size]["steps"] = steps
+    if "mgrpo" not in skip:
+        result["mgrpo"] = mgrpo_vs_grpo(args.pairs, args.steps, args.threads)
     if "rss" not in skip:
         gib, secs, note = peak_rss_default_train(args.rss_steps, args.threads)
         result["rss_gib"], result["rss_s"], result["rss_note"] = gib, secs, note
@@ -358,9 +376,11 @@ def report(r: dict) -> str:
             per = ", ".join(f"{row['ours'] / row['trl']:.2f}" for row in x["rows"])
             lines.append(f"| {size} | {SIZES[size][0]} | {x['trl']:.3f} | {x['ours']:.3f} | **{x['ratio']:.2f}** ({per}) "
                          f"| {len(x['rows'])} x {x['steps']} steps |")
-    if "tiny" in r and "mgrpo_ratio" in r["tiny"]:
-        lines.append(f"\nMGRPO step (layer=mgrpo defaults) / our GRPO step, tiny: **{r['tiny']['mgrpo_ratio']:.2f}** "
-                     f"({r['tiny']['mgrpo']:.3f} s vs {r['tiny']['ours']:.3f} s)")
+    if "mgrpo" in r:
+        x = r["mgrpo"]
+        per = ", ".join(f"{row['mgrpo'] / row['grpo']:.2f}" for row in x["rows"])
+        lines.append(f"\nMGRPO step / GRPO step at the `mgrpo train` defaults (G=8, k=2, H=4): **{x['ratio']:.2f}** "
+                     f"({x['mgrpo']:.3f} s vs {x['grpo']:.3f} s; pairs: {per})")
     if "rss_gib" in r:
         lines.append(f"\nPeak RSS of the default `mgrpo train trainer.max_steps=20`: **{r['rss_gib']:.2f} GiB** "
                      f"({r['rss_note']}; {r['rss_s']:.0f} s)")

@@ -177,10 +177,11 @@ def _shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
 MICRO_BATCH_OVERHEAD_TOKENS = 256
 
 
-def micro_batches(rollout: Rollout, max_tokens: int, max_rows: int = 256) -> list[torch.Tensor]:
+def micro_batches(rollout: Rollout, max_tokens: int, max_rows: int = 256,
+                  rows: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
     """Row index sets for the loss passes: the cheapest split into batches of at most ``max_tokens``.
 
-    Rows are taken in order of completion length and cut into consecutive runs, choosing the cuts
+    Rows (all, or ``rows``) are taken in order of completion length and cut into consecutive runs, choosing the cuts
     (dynamic programming) that minimise the padded work: a batch costs (its groups x its longest
     prompt) + (its rows x its longest completion) + ``MICRO_BATCH_OVERHEAD_TOKENS``, as each prompt runs
     once for its rows in the batch (see :func:`completion_logps`). Within a batch a group's rows are
@@ -189,7 +190,7 @@ def micro_batches(rollout: Rollout, max_tokens: int, max_rows: int = 256) -> lis
     n = rollout.n
     p_len = rollout.prompt_mask.sum(-1).tolist()
     c_len = rollout.completion_mask.sum(-1).tolist()
-    order = sorted(range(len(c_len)), key=lambda r: (c_len[r], r))
+    order = sorted(range(len(c_len)) if rows is None else rows, key=lambda r: (c_len[r], r))
     best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)  # best[j]: order[:j] split
     for j in range(1, len(order) + 1):
         groups, p_max, c_max = set(), 0, c_len[order[j - 1]]
@@ -232,20 +233,26 @@ def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, sett
 
     advantages: (B,) per completion; keep: (B,) bool, completions that count (default all).
     ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0. Returns loss/KL/clip stats.
+
+    Completions that cannot move the loss are not run: those outside ``keep``, and, without a KL
+    term (beta = 0), those with zero advantage (every completion of a zero-variance group), whose
+    loss and gradient are exactly zero. The normaliser still counts them, so the result is the same.
     """
     mask_all = rollout.completion_mask.float()
     if keep is not None:
         mask_all = mask_all * keep.float().unsqueeze(-1)
     norm = grpo.loss_normalizer(mask_all, settings.loss_type, settings.max_completion_length)
     eps_high = settings.epsilon if settings.epsilon_high is None else settings.epsilon_high
-    total_loss, kl_sum, clip_sum, tokens = 0.0, 0.0, 0.0, 0.0
-    batches = micro_batches(rollout, settings.micro_batch_tokens)
+    active = mask_all.sum(-1) > 0
+    if settings.beta == 0:
+        active &= advantages != 0
+    total_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
+    tokens = mask_all.sum().item()  # skipped completions count as unclipped, zero-KL tokens
+    batches = micro_batches(rollout, settings.micro_batch_tokens, rows=active.nonzero().squeeze(-1).tolist())
     passes = settings.lockstep(len(batches)) if settings.lockstep else len(batches)
     for i in range(passes):
-        rows = batches[i] if i < len(batches) else batches[0][:1]  # a zero-weight pass to stay in step
+        rows = batches[i] if i < len(batches) else torch.tensor([0])  # a zero-weight pass to stay in step
         mask = mask_all[rows] if i < len(batches) else torch.zeros_like(mask_all[rows])
-        if mask.sum() == 0 and settings.lockstep is None:
-            continue
         logp = completion_logps(model, rollout, rows, settings.temperature, share_prompts=settings.lockstep is None)
         ref = ref_logps(rollout, rows) if (settings.beta > 0 and ref_logps is not None) else None
         per_token, kl, clipped = grpo.grpo_token_loss(
@@ -256,7 +263,6 @@ def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, sett
         total_loss += loss.item()
         kl_sum += (kl * mask).sum().item()
         clip_sum += (clipped.float() * mask).sum().item()
-        tokens += mask.sum().item()
     tokens = max(tokens, 1.0)
     return {"loss": total_loss, "kl": kl_sum / tokens, "clip_fraction": clip_sum / tokens}
 

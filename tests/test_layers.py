@@ -86,3 +86,39 @@ def test_micro_batches_cover_every_row_once_under_the_budget():
     rows = sorted(int(r) for b in batches for r in b)
     assert rows == [0, 1, 2, 3]
     assert all(len(b) * 6 <= 12 or len(b) == 1 for b in batches)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(loss_type, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from mgrpo_cli import grpo, layers
+    from mgrpo_cli.config import ModelConfig
+    from mgrpo_cli.layers import LossSettings, completion_logps, policy_loss_backward
+    from mgrpo_cli.modeling import build_tiny_model
+    from mgrpo_cli.rollout import HFEngine
+
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(OmegaConf.structured(ModelConfig()), tok, seed=3)
+    torch.manual_seed(0)
+    ro = HFEngine(model, tok, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
+    adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 0.7, 0.0, -0.7])
+    settings = LossSettings(beta=0.0, loss_type=loss_type, max_completion_length=8)
+    seen = []
+    monkeypatch.setattr(layers, "completion_logps", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
+                        or completion_logps(m, r, rows, *a, **k))
+    model.train()
+    stats = policy_loss_backward(model, ro, adv, settings, lambda loss: loss.backward())
+    skipped = {p: p.grad.clone() for p in model.parameters()}
+    assert sorted(r for rows in seen for r in rows) == [4, 5, 6, 7, 9, 11]
+
+    model.zero_grad()
+    mask = ro.completion_mask.float()
+    logp = completion_logps(model, ro, torch.arange(12), 1.0)
+    per_token, _, _ = grpo.grpo_token_loss(logp, adv, beta=0.0, eps_low=0.2, eps_high=0.2)
+    loss = grpo.sequence_terms(per_token, mask, loss_type).sum() / grpo.loss_normalizer(mask, loss_type, 8)
+    loss.backward()
+    assert abs(stats["loss"] - loss.item()) < 1e-6
+    for p in model.parameters():
+        assert torch.allclose(skipped[p], p.grad, atol=1e-6)
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
