@@ -122,3 +122,18 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     for p in model.parameters():
         assert torch.allclose(skipped[p], p.grad, atol=1e-6)
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_improvement_bonus_is_a_per_group_constant_that_group_scaling_removes():
+    """A layer-2 group holds the H corrections of ONE input, so every row shares ``prev``: the bonus
+    is affine within the group. Group scaling removes it; no scaling doubles the advantages."""
+    from mgrpo_cli.grpo import group_advantages
+
+    correct = [T, F, T, T, F, F, T, F]  # two groups of H = 4
+    prev = [T] * 4 + [F] * 4
+    base = torch.tensor([1.0 if c else 0.0 for c in correct])
+    plain = layer_rewards(base, correct, prev, "correct", 1.0).view(2, 4)
+    shaped = layer_rewards(base, correct, prev, "improvement", 1.0).view(2, 4)
+    assert shaped.tolist() == [[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 2.0, 0.0]]
+    assert torch.allclose(group_advantages(shaped, "group"), group_advantages(plain, "group"), atol=1e-3)
+    assert torch.allclose(group_advantages(shaped, "none"), 2 * group_advantages(plain, "none"))
