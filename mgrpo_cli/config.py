@@ -60,6 +60,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     max_prompt_length: int = 512
     max_completion_length: int = 48
+    # budget of the corrections (layers 2+, eval's t2); null = max_completion_length; layer.max_new_tokens overrides
+    max_correction_length: Optional[int] = None
     prompt_template: PromptTemplate = PromptTemplate.plain
     # tiny model architecture (used only when path is null and name == tiny)
     hidden_size: int = 128
@@ -151,7 +153,7 @@ class LayerConfig:
     keep: Keep = Keep.all
     combine: Combine = Combine.sum
     weight: float = 1.0  # lambda
-    max_new_tokens: Optional[int] = None  # null = model.max_completion_length
+    max_new_tokens: Optional[int] = None  # null = model.max_correction_length
     phrases: list[str] = field(default_factory=lambda: list(GUIDING_PHRASES))
     eval_phrase: str = "Wait, let me double-check that."
     phrase_template: str = "\n{phrase}\n"
@@ -283,6 +285,13 @@ class EvalAppConfig(TrainAppConfig):
     checkpoint: Optional[str] = None
     # save_pretrained the loaded policy (e.g. from `checkpoint`) into this folder and stop (no scoring)
     export_to: Optional[str] = None
+
+
+def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
+    """New-token budget of a correction (layers 2+, eval's t2): ``layer.max_new_tokens``, else
+    ``model.max_correction_length``, else the first answer's budget (``model.max_completion_length``)."""
+    return (cfg.layer.max_new_tokens or cfg.model.get("max_correction_length")
+            or first_budget or cfg.model.max_completion_length)
 
 
 def register_configs() -> None:

@@ -163,6 +163,7 @@ def load_model(cfg: Any, grader_correct):
 def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from mgrpo_cli.config import correction_budget
     from mgrpo_cli.layers import solve
     from mgrpo_cli.modeling import device_for
     from mgrpo_cli.prompts import PromptRenderer
@@ -178,6 +179,7 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
                               lay.new_turn_prompt)
     engine = build_engine(cfg.rollout.engine, policy, tok, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
     total = len(problems) * (2 if ev.two_pass else 1)
+    t1_budget = ev.max_new_tokens or m.max_completion_length
     start = time.perf_counter()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[rate]}")) as bar:
@@ -189,9 +191,9 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
             bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f} problems/s")
 
         solved = solve(engine, renderer, grader.correct, [p.question for p in problems], [p.answer for p in problems],
-                       max_new_tokens=ev.max_new_tokens or m.max_completion_length, batch_size=ev.batch_size,
-                       n=ev.n, temperature=ev.temperature, phrase=lay.eval_phrase if ev.two_pass else None,
-                       progress=advance, max_new_tokens_t2=lay.max_new_tokens)
+                       max_new_tokens=t1_budget, batch_size=ev.batch_size, n=ev.n, temperature=ev.temperature,
+                       phrase=lay.eval_phrase if ev.two_pass else None, progress=advance,
+                       max_new_tokens_t2=correction_budget(cfg, t1_budget))
     seconds = time.perf_counter() - start
     records = []
     for i, p in enumerate(problems):

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from mgrpo_cli import distributed
 from mgrpo_cli import layers as layers_mod
+from mgrpo_cli.config import correction_budget
 from mgrpo_cli.data import Problem
 from mgrpo_cli.layers import LayerInput, LossSettings, completion_logps
 from mgrpo_cli.metrics import self_correction
@@ -138,7 +139,7 @@ class MGRPOModule(L.LightningModule):
                 break
             first = depth == 1
             n = g.num_generations if first else lay.group_size
-            max_new = self.cfg.model.max_completion_length if first or lay.max_new_tokens is None else lay.max_new_tokens
+            max_new = self.cfg.model.max_completion_length if first else correction_budget(self.cfg)
             result = layers_mod.run_layer(
                 self.engine, self.renderer, self.reward_fn, questions, golds, inputs, n=n,
                 max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, settings=self.settings,
@@ -200,7 +201,7 @@ class MGRPOModule(L.LightningModule):
                 self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
                 [p.answer for p in mine], max_new_tokens=self.cfg.model.max_completion_length,
                 batch_size=ev.batch_size, phrase=lay.eval_phrase if ev.two_pass else None,
-                max_new_tokens_t2=lay.max_new_tokens)
+                max_new_tokens_t2=correction_budget(self.cfg))
         for i, _ in enumerate(mine):
             self._val_rows.append({"t1": bool(solved.t1_correct[i][0]),
                                    "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None})

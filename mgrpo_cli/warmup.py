@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mgrpo_cli.config import correction_budget
 from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, shortcut_merges
 from mgrpo_cli.layers import solve
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_tokenizer
@@ -119,9 +120,16 @@ def cache_key(cfg: Any) -> str:
         "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
                                               "correction_share")},
         "phrases": list(cfg.layer.phrases), "phrase_template": cfg.layer.phrase_template,
-        "max_completion_length": cfg.model.max_completion_length, "seed": cfg.seed, "version": 1,
+        # the budget of the warm-up's checks (named so since the shipped key was made)
+        "max_completion_length": check_budget(cfg), "seed": cfg.seed, "version": 1,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_budget(cfg: Any) -> int:
+    """New tokens a warm-up check allows: the room of a correction, a careful step-by-step solution
+    (the first answer's budget, ``model.max_completion_length``, may be shorter: see ``conf/model/tiny.yaml``)."""
+    return correction_budget(cfg)
 
 
 SHIPPED = Path(__file__).resolve().parent / "warmstart"
@@ -158,7 +166,7 @@ def warm_start(cfg: Any, grader_correct) -> Path:
             bar.update(task_id, advance=1, loss=loss)
             if step % w.eval_every == 0 or step == w.steps:
                 solved = solve(engine, renderer, grader_correct, questions, golds,
-                               max_new_tokens=cfg.model.max_completion_length, batch_size=256)
+                               max_new_tokens=check_budget(cfg), batch_size=256)
                 acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
                 log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss, acc,
                          time.perf_counter() - start)

@@ -26,7 +26,9 @@ def compose(config_name: str = "train", overrides: list[str] | None = None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
-SMALL = ["debug=fast", "logger=none", "trainer.threads=2"]
+# corrections get the first answer's budget (a test's model.max_completion_length), not the tiny
+# config's 48 tokens: an untrained model never stops early
+SMALL = ["debug=fast", "logger=none", "trainer.threads=2", "model.max_correction_length=null"]
 
 
 @pytest.fixture

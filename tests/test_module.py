@@ -73,3 +73,29 @@ def test_sequential_combine_and_kl_reference(small_cfg):
     assert all(not p.requires_grad for p in ref.parameters())
     assert not torch.equal(next(ref.parameters()), next(policy.parameters()))
     assert trainer.callback_metrics["train/layer1/kl"] >= 0.0
+
+
+def test_corrections_get_their_own_token_budget(small_cfg):
+    """model.max_completion_length bounds layer 1; model.max_correction_length (or layer.max_new_tokens) layers 2+."""
+    from mgrpo_cli.config import correction_budget
+
+    cfg = small_cfg("layer.depth=3", "layer.select=all", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+                    "layer.group_size=2", "model.max_completion_length=4", "model.max_correction_length=9")
+    assert correction_budget(cfg) == 9
+    tok = build_byte_tokenizer()
+    module = MGRPOModule(build_tiny_model(cfg.model, tok, seed=0), tok, cfg, ParityReward())
+    budgets, generate = [], module.engine.generate
+
+    def spy(prompts, **kw):
+        budgets.append(kw["max_new_tokens"])
+        return generate(prompts, **kw)
+
+    module.engine.generate = spy
+    train_dl, _, _ = _dataloaders(cfg, module)
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              limit_val_batches=0, enable_model_summary=False).fit(module, train_dataloaders=train_dl)
+    assert budgets == [4, 9, 9]
+    cfg.layer.max_new_tokens = 6
+    assert correction_budget(cfg) == 6
+    cfg.layer.max_new_tokens, cfg.model.max_correction_length = None, None
+    assert correction_budget(cfg) == 4 and correction_budget(cfg, first_budget=7) == 7
