@@ -16,7 +16,8 @@ tokenizer with hidden 384, intermediate 1536, 6 layers, 6 heads, 2 kv heads (13.
 N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes on 2 cores; pass
 ``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step over the
 GRPO step at ``mgrpo train``'s own defaults (warm-started tiny model, arith task, G = 8, k = 2, H = 4,
-beta = 0), alternating GRPO and MGRPO runs of S steps; the peak RSS
+beta = 0; ``--mgrpo-set KEY=VALUE`` changes them on both sides), alternating GRPO and MGRPO runs
+of S steps; the peak RSS
 of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
@@ -211,17 +212,20 @@ def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int) ->
     return out
 
 
-def mgrpo_vs_grpo(pairs: int, steps: int, threads: int) -> dict:
-    """``mgrpo train``'s own step (warm-started tiny model, arith task, all defaults) with layer=grpo
-    and layer=mgrpo, alternating ``pairs`` times: the median of the per-pair ratios MGRPO / GRPO."""
+def mgrpo_vs_grpo(pairs: int, steps: int, threads: int, overrides: list[str]) -> dict:
+    """``mgrpo train``'s own step (warm-started tiny model, arith task, all defaults but ``overrides``)
+    with layer=grpo and layer=mgrpo, alternating ``pairs`` times: the median of the per-pair ratios
+    MGRPO / GRPO."""
     rows = []
     for i in range(pairs):
         cmd = [sys.executable, __file__, "--ours", "--defaults", "--steps", str(steps), "--threads", str(threads)]
+        cmd += [f"--set={o}" for o in overrides]
         row = {layer: _child(cmd + ["--layer", layer], "OURS")["seconds_per_step"] for layer in ("grpo", "mgrpo")}
         print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s  MGRPO {row['mgrpo']:.3f} s  "
               f"MGRPO/GRPO {row['mgrpo'] / row['grpo']:.3f}", flush=True)
         rows.append(row)
-    return {"rows": rows, "steps": steps, "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows),
+    return {"rows": rows, "steps": steps, "overrides": overrides,
+            "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows),
             "grpo": statistics.median(r["grpo"] for r in rows), "mgrpo": statistics.median(r["mgrpo"] for r in rows)}
 
 
@@ -313,6 +317,9 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,mgrpo,rss,scan")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides; 0 = torch's default")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--mgrpo-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both sides of the MGRPO/GRPO part (repeatable), "
+                         "e.g. model.max_completion_length=48 for equal layer budgets")
     # the child mode (one timed run of ours)
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -344,7 +351,7 @@ def main() -> int:
             result[size] = compare(size, models[size], args.pairs, steps, args.threads)
             result[size]["steps"] = steps
     if "mgrpo" not in skip:
-        result["mgrpo"] = mgrpo_vs_grpo(args.pairs, args.steps, args.threads)
+        result["mgrpo"] = mgrpo_vs_grpo(args.pairs, args.steps, args.threads, args.mgrpo_set)
     if "rss" not in skip:
         gib, secs, note = peak_rss_default_train(args.rss_steps, args.threads)
         result["rss_gib"], result["rss_s"], result["rss_note"] = gib, secs, note
@@ -379,7 +386,8 @@ def report(r: dict) -> str:
     if "mgrpo" in r:
         x = r["mgrpo"]
         per = ", ".join(f"{row['mgrpo'] / row['grpo']:.2f}" for row in x["rows"])
-        lines.append(f"\nMGRPO step / GRPO step at the `mgrpo train` defaults (G=8, k=2, H=4): **{x['ratio']:.2f}** "
+        at = " ".join(x["overrides"]) or "no overrides"
+        lines.append(f"\nMGRPO step / GRPO step at the `mgrpo train` defaults (G=8, k=2, H=4; {at}): **{x['ratio']:.2f}** "
                      f"({x['mgrpo']:.3f} s vs {x['grpo']:.3f} s; pairs: {per})")
     if "rss_gib" in r:
         lines.append(f"\nPeak RSS of the default `mgrpo train trainer.max_steps=20`: **{r['rss_gib']:.2f} GiB** "
