@@ -2,7 +2,7 @@
 
 A random model earns no reward, so GRPO needs a policy that is already partly right. The warm-up
 trains on worked solutions (loss on the solution tokens only) and stops at the first check whose
-held-out (``valid`` split) accuracy reaches ``warmup.target_accuracy``: the band where GRPO has
+held-out (``valid`` split) accuracy, with a correction's token budget, reaches ``warmup.target_accuracy``: the band where GRPO has
 the most to learn. A share of examples (``warmup.correction_share``) are correction examples: a
 first attempt (right, or with one step off), a guiding phrase, then a careful one-step-at-a-time
 solution (loss on the part after the phrase), so the model starts with a little self-correction.
@@ -120,16 +120,11 @@ def cache_key(cfg: Any) -> str:
         "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
                                               "correction_share")},
         "phrases": list(cfg.layer.phrases), "phrase_template": cfg.layer.phrase_template,
-        # the budget of the warm-up's checks (named so since the shipped key was made)
-        "max_completion_length": check_budget(cfg), "seed": cfg.seed, "version": 1,
+        # the warm-up's checks allow a correction's budget, room for a careful step-by-step solution
+        # (the first answer's may be shorter: conf/model/tiny.yaml); the key name predates that
+        "max_completion_length": correction_budget(cfg), "seed": cfg.seed, "version": 1,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_budget(cfg: Any) -> int:
-    """New tokens a warm-up check allows: the room of a correction, a careful step-by-step solution
-    (the first answer's budget, ``model.max_completion_length``, may be shorter: see ``conf/model/tiny.yaml``)."""
-    return correction_budget(cfg)
 
 
 SHIPPED = Path(__file__).resolve().parent / "warmstart"
@@ -166,7 +161,7 @@ def warm_start(cfg: Any, grader_correct) -> Path:
             bar.update(task_id, advance=1, loss=loss)
             if step % w.eval_every == 0 or step == w.steps:
                 solved = solve(engine, renderer, grader_correct, questions, golds,
-                               max_new_tokens=check_budget(cfg), batch_size=256)
+                               max_new_tokens=correction_budget(cfg), batch_size=256)
                 acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
                 log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss, acc,
                          time.perf_counter() - start)
