@@ -17,8 +17,7 @@ N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes 
 ``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step over the
 GRPO step at ``mgrpo train``'s own defaults (warm-started tiny model, arith task, G = 8, k = 2, H = 4,
 beta = 0; ``--mgrpo-set KEY=VALUE`` changes them on both sides), alternating GRPO and MGRPO runs
-of S steps; the peak RSS
-of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
+of S steps; the peak RSS of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
 
