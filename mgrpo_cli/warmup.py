@@ -2,8 +2,8 @@
 
 A random model earns no reward, so GRPO needs a policy that is already partly right. The warm-up
 trains on worked solutions (loss on the solution tokens only) and stops at the first check whose
-held-out (``valid`` split) accuracy, with a correction's token budget, reaches ``warmup.target_accuracy``: the band where GRPO has
-the most to learn. A share of examples (``warmup.correction_share``) are correction examples: a
+held-out (``valid`` split) accuracy, with a correction's token budget, reaches
+``warmup.target_accuracy``: the band where GRPO has the most to learn. A share of examples (``warmup.correction_share``) are correction examples: a
 first attempt (right, or with one step off), a guiding phrase, then a careful one-step-at-a-time
 solution (loss on the part after the phrase), so the model starts with a little self-correction.
 
