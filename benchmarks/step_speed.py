@@ -21,12 +21,19 @@ of S steps; the peak RSS of the default ``mgrpo train trainer.max_steps=20``; ou
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
 
+Accelerator: ``--accelerator cpu`` (the default) or ``gpu``: both sides on one GPU, still fp32 (TRL's
+``bf16=False``, our ``trainer.precision=32-true``). The baseline script asks for ``use_cpu=True``;
+on a GPU it runs unchanged except for that flag (``--trl-child`` wraps its ``GRPOConfig``).
+The baseline is ``../shared/bench/trl_grpo_baseline.py`` unless ``--baseline PATH`` (or the variable
+``MGRPO_TRL_BASELINE``) names another copy.
+
 Threads: ``--threads 1`` (the default) runs both sides single-threaded. With torch's default (2
 threads on 2 cores) any other busy process makes both sides 20-30x slower at random (OpenMP
 barriers wait on a descheduled thread), which swamps the comparison; ``--threads 0`` keeps torch's
 default on both sides for an idle machine.
 
     python benchmarks/step_speed.py [--pairs 3] [--sizes tiny,mid] [--mid-steps 6] [--threads 1]
+    python benchmarks/step_speed.py --accelerator gpu --sizes mid --pairs 2 --skip mgrpo,rss,scan
 
 The last line is ``STEP_SPEED ours/trl tiny=<ratio> mid=<ratio>``. Needs ``pip install -e .[bench]``
 (trl 1.16). The models are built offline under ``--workdir`` (kept between runs).
@@ -46,7 +53,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = ROOT.parent / "shared" / "bench" / "trl_grpo_baseline.py"
+BASELINE_ENV = "MGRPO_TRL_BASELINE"  # another copy of the baseline script (also --baseline)
+BASELINE = Path(os.environ.get(BASELINE_ENV) or ROOT.parent / "shared" / "bench" / "trl_grpo_baseline.py")
 PROMPTS_PER_STEP = 8
 FIRST_TIMED_STEP = 3
 # the attention kernel TRL's from_pretrained picks for this folder (also our tiny config's)
@@ -94,6 +102,7 @@ def ours(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import lightning as L
+    import torch
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
@@ -105,6 +114,7 @@ def ours(args) -> None:
     from mgrpo_cli.train import ProblemStream, build_policy, setup_runtime
 
     common = ["logger=none", f"layer={args.layer}", f"trainer.max_steps={args.steps}",
+              f"trainer.accelerator={args.accelerator}", "trainer.precision=32-true",
               f"paths.outputs={tempfile.mkdtemp(prefix='step_speed_')}"]
     if args.threads:
         common.append(f"trainer.threads={args.threads}")
@@ -135,20 +145,26 @@ def ours(args) -> None:
         batches = [[problems[(s * PROMPTS_PER_STEP + j) % len(problems)] for j in range(PROMPTS_PER_STEP)]
                    for s in range(args.steps)]
 
+    sync = torch.cuda.synchronize if args.accelerator != "cpu" and torch.cuda.is_available() else (lambda: None)
+
     class StepTimer(L.Callback):
         def __init__(self):
             self.times, self.cpu, self.lengths = [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sync()
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync()
             self.times.append(time.perf_counter() - self.t0)
             self.cpu.append(time.process_time() - self.c0)
             self.lengths.append(float(trainer.callback_metrics["train/layer1/completion_length"]))
+            self.device = f"{pl_module.device}, {pl_module.policy.dtype}"  # fit's end moves the module back
 
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        max_steps=args.steps, logger=False,
                         callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
@@ -157,9 +173,29 @@ def ours(args) -> None:
     cpu = statistics.median(timer.cpu[FIRST_TIMED_STEP - 1:])
     print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
     print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
+    print(f"[ours] device {timer.device}")
     sys.stdout.flush()
     print(f"OURS seconds_per_step={median:.4f} cpu_seconds_per_step={cpu:.4f} "
           f"mean_completion_length={statistics.mean(timer.lengths):.2f}")
+
+
+def trl_child(accelerator: str, argv: list[str]) -> None:
+    """Run the baseline script as it is, with ``argv``; on an accelerator its ``GRPOConfig(use_cpu=True)``
+    becomes ``use_cpu=False`` (transformers then places the policy and the reference on the GPU)."""
+    import runpy
+
+    import trl
+
+    if accelerator != "cpu":
+        class OnAccelerator(trl.GRPOConfig):
+            def __post_init__(self):
+                self.use_cpu = False
+                super().__post_init__()
+                print(f"[trl] GRPOConfig use_cpu=False: device {self.device}", flush=True)
+
+        trl.GRPOConfig = OnAccelerator
+    sys.argv = [str(BASELINE), *argv]
+    runpy.run_path(str(BASELINE), run_name="__main__")
 
 
 # ------------------------------------------------------------------------ the driver
@@ -176,32 +212,39 @@ def _child(cmd: list[str], prefix: str) -> dict[str, float]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.splitlines():  # where a run on an accelerator really ran
+        if line.startswith(("[trl] GRPOConfig", "[ours] device")) and "device cpu" not in line:
+            print(f"  {line}", flush=True)
     return _last_value(proc.stdout, prefix)
 
 
-def run_trl(model_dir: Path, max_new: int, steps: int, threads: int) -> float:
-    cmd = [sys.executable, str(BASELINE), "--model-dir", str(model_dir), "--skip-gen-bench",
-           "--max-completion-length", str(max_new), "--max-steps", str(steps)]
+def run_trl(model_dir: Path, max_new: int, steps: int, threads: int, accelerator: str = "cpu") -> float:
+    args = ["--model-dir", str(model_dir), "--skip-gen-bench", "--max-completion-length", str(max_new),
+            "--max-steps", str(steps)]
     if threads:
-        cmd += ["--threads", str(threads)]
+        args += ["--threads", str(threads)]
+    if accelerator == "cpu":
+        cmd = [sys.executable, str(BASELINE), *args]
+    else:
+        cmd = [sys.executable, __file__, "--trl-child", "--accelerator", accelerator, "--", *args]
     return _child(cmd, "TRL_GRPO")["seconds_per_step"]
 
 
 def run_ours(model_dir: Path, max_new: int, steps: int, threads: int, layer: str = "grpo",
-             num_generations: int = 8, no_eos: bool = False) -> dict[str, float]:
+             num_generations: int = 8, no_eos: bool = False, accelerator: str = "cpu") -> dict[str, float]:
     cmd = [sys.executable, __file__, "--ours", "--model-dir", str(model_dir), "--max-new-tokens", str(max_new),
            "--steps", str(steps), "--threads", str(threads), "--layer", layer,
-           "--num-generations", str(num_generations)] + (["--no-eos"] if no_eos else [])
+           "--num-generations", str(num_generations), "--accelerator", accelerator] + (["--no-eos"] if no_eos else [])
     return _child(cmd, "OURS")
 
 
-def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int) -> dict:
+def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int, accelerator: str = "cpu") -> dict:
     """Alternate TRL and ours ``pairs`` times; per-pair ratios and their medians."""
     max_new = SIZES[size][0]
     rows = []
     for i in range(pairs):
-        row = {"trl": run_trl(model_dir, max_new, steps, threads)}
-        o = run_ours(model_dir, max_new, steps, threads)
+        row = {"trl": run_trl(model_dir, max_new, steps, threads, accelerator)}
+        o = run_ours(model_dir, max_new, steps, threads, accelerator=accelerator)
         row["ours"], row["ours_len"] = o["seconds_per_step"], o["mean_completion_length"]
         print(f"[{size}] pair {i + 1}/{pairs}: TRL {row['trl']:.3f} s  ours GRPO {row['ours']:.3f} s"
               + f"  ours/TRL {row['ours'] / row['trl']:.3f}", flush=True)
@@ -211,13 +254,14 @@ def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int) ->
     return out
 
 
-def mgrpo_vs_grpo(pairs: int, steps: int, threads: int, overrides: list[str]) -> dict:
+def mgrpo_vs_grpo(pairs: int, steps: int, threads: int, overrides: list[str], accelerator: str = "cpu") -> dict:
     """``mgrpo train``'s own step (warm-started tiny model, arith task, all defaults but ``overrides``)
     with layer=grpo and layer=mgrpo, alternating ``pairs`` times: the median of the per-pair ratios
     MGRPO / GRPO."""
     rows = []
     for i in range(pairs):
-        cmd = [sys.executable, __file__, "--ours", "--defaults", "--steps", str(steps), "--threads", str(threads)]
+        cmd = [sys.executable, __file__, "--ours", "--defaults", "--steps", str(steps), "--threads", str(threads),
+               "--accelerator", accelerator]
         cmd += [f"--set={o}" for o in overrides]
         row = {layer: _child(cmd + ["--layer", layer], "OURS")["seconds_per_step"] for layer in ("grpo", "mgrpo")}
         print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s  MGRPO {row['mgrpo']:.3f} s  "
@@ -254,7 +298,7 @@ def _warm_start_note(outputs: str) -> tuple[list[str], str]:
     return ["warmup.steps=20"], "no cached warm start: warm-up run, shortened to 20 steps"
 
 
-def peak_rss_default_train(steps: int, threads: int) -> tuple[float, float, str]:
+def peak_rss_default_train(steps: int, threads: int, accelerator: str = "cpu") -> tuple[float, float, str]:
     """(GiB, seconds, note) of ``mgrpo train trainer.max_steps=<steps>`` in a fresh outputs folder.
 
     Run under a fresh ``--rss-child`` process so that ``RUSAGE_CHILDREN`` sees only this run (the peak
@@ -264,6 +308,8 @@ def peak_rss_default_train(steps: int, threads: int) -> tuple[float, float, str]
     exe = Path(sys.executable).parent / "mgrpo"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mgrpo_cli"]
     cmd += ["train", f"trainer.max_steps={steps}", f"paths.outputs={outputs}", *extra]
+    if accelerator != "cpu":
+        cmd.append(f"trainer.accelerator={accelerator}")
     if threads:
         cmd.append(f"trainer.threads={threads}")
     start = time.perf_counter()
@@ -289,14 +335,14 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return a, b, 1.0 - ss_res / ss_tot if ss_tot else 1.0
 
 
-def scan(model_dir: Path, steps: int, threads: int) -> dict:
+def scan(model_dir: Path, steps: int, threads: int, accelerator: str = "cpu") -> dict:
     """Our GRPO step for G in {4, 8, 16} (N = 32) and N in {32, 64, 128} (G = 8), EOS off.
 
     The lines are fitted to the step's CPU seconds (= its work, single-threaded), which other load on
     the machine disturbs far less than wall time; both are printed."""
     times, cpu = {}, {}
     for g, n in [(4, 32), (8, 32), (16, 32), (8, 64), (8, 128)]:
-        o = run_ours(model_dir, n, steps, threads, num_generations=g, no_eos=True)
+        o = run_ours(model_dir, n, steps, threads, num_generations=g, no_eos=True, accelerator=accelerator)
         times[(g, n)], cpu[(g, n)] = o["seconds_per_step"], o["cpu_seconds_per_step"]
         print(f"[scan] G={g:<3d} N={n:<4d} {times[(g, n)]:.3f} s/step (cpu {cpu[(g, n)]:.3f} s)", flush=True)
     gs, ns = [4, 8, 16], [32, 64, 128]
@@ -305,6 +351,7 @@ def scan(model_dir: Path, steps: int, threads: int) -> dict:
 
 
 def main() -> int:
+    global BASELINE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mgrpo_step_speed"))
     ap.add_argument("--sizes", default="tiny,mid")
@@ -315,6 +362,10 @@ def main() -> int:
     ap.add_argument("--rss-steps", type=int, default=20)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: compare,mgrpo,rss,scan")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides; 0 = torch's default")
+    ap.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                    help="where both sides run (gpu: one GPU, fp32 on both sides)")
+    ap.add_argument("--baseline", default=None, metavar="PATH",
+                    help=f"the TRL baseline script (default {BASELINE}; also the variable {BASELINE_ENV})")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--mgrpo-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for both sides of the MGRPO/GRPO part (repeatable), "
@@ -329,8 +380,15 @@ def main() -> int:
     ap.add_argument("--defaults", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline:  # children (ours reads the baseline's prompts) find it through the variable
+        BASELINE = Path(args.baseline).resolve()
+        os.environ[BASELINE_ENV] = str(BASELINE)
+    if args.trl_child:
+        trl_child(args.accelerator, args.command)
+        return 0
     if args.ours:
         ours(args)
         return 0
@@ -338,26 +396,28 @@ def main() -> int:
         rss_child(args.command)
         return 0
 
+    if not BASELINE.is_file():
+        raise SystemExit(f"step_speed: no TRL baseline script at {BASELINE} (--baseline PATH or {BASELINE_ENV})")
     work = Path(args.workdir)
     skip = set(filter(None, args.skip.split(",")))
     sizes = [s for s in args.sizes.split(",") if s]
     models = {s: build_model(work / s, s) for s in {*sizes, "tiny"}}
-    result: dict = {"threads": args.threads, "pairs": args.pairs}
+    result: dict = {"threads": args.threads, "pairs": args.pairs, "accelerator": args.accelerator}
     t_start = time.perf_counter()
     if "compare" not in skip:
         for size in sizes:
             steps = args.mid_steps if size == "mid" and args.mid_steps else args.steps
-            result[size] = compare(size, models[size], args.pairs, steps, args.threads)
+            result[size] = compare(size, models[size], args.pairs, steps, args.threads, args.accelerator)
             result[size]["steps"] = steps
     if "mgrpo" not in skip:
-        result["mgrpo"] = mgrpo_vs_grpo(args.pairs, args.steps, args.threads, args.mgrpo_set)
+        result["mgrpo"] = mgrpo_vs_grpo(args.pairs, args.steps, args.threads, args.mgrpo_set, args.accelerator)
     if "rss" not in skip:
-        gib, secs, note = peak_rss_default_train(args.rss_steps, args.threads)
+        gib, secs, note = peak_rss_default_train(args.rss_steps, args.threads, args.accelerator)
         result["rss_gib"], result["rss_s"], result["rss_note"] = gib, secs, note
         print(f"[rss] mgrpo train trainer.max_steps={args.rss_steps}: peak RSS {gib:.2f} GiB ({secs:.0f} s; {note})",
               flush=True)
     if "scan" not in skip:
-        result["scan"] = scan(models["tiny"], args.scan_steps, args.threads)
+        result["scan"] = scan(models["tiny"], args.scan_steps, args.threads, args.accelerator)
     result["seconds"] = time.perf_counter() - t_start
     print(report(result))
     if args.json_out:
@@ -398,7 +458,7 @@ def report(r: dict) -> str:
         for name, (a, b, r2) in (("G", s["fit_g"]), ("N", s["fit_n"])):
             lines.append(f"\nlinear fit over {name}: CPU s/step = {a:.3f} + {b:.4f} x {name}, R^2 = {r2:.3f}")
     lines.append(f"\n(benchmark wall time {r['seconds'] / 60:.1f} min, torch threads: "
-                 f"{r['threads'] or 'default'})")
+                 f"{r['threads'] or 'default'}, accelerator: {r.get('accelerator', 'cpu')})")
     return "\n".join(lines)
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-@dataclass(frozen=True)
+# not frozen: with trainer.precision=bf16-true (trainer=gpu's default) or 16-true, Lightning rebuilds every
+# batch with apply_to_collection, which rejects frozen dataclasses
+@dataclass
 class Problem:
     """One question with its gold answer (an answer string such as ``18`` or ``\\frac{1}{2}``)."""
 

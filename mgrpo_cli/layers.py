@@ -239,8 +239,10 @@ def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, sett
     loss and gradient are exactly zero. The normaliser still counts them, so the result is the same.
     """
     mask_all = rollout.completion_mask.float()
+    # rewards, advantages and keep are made on the CPU; the rollout lives on the policy's device
+    advantages = advantages.to(mask_all.device)
     if keep is not None:
-        mask_all = mask_all * keep.float().unsqueeze(-1)
+        mask_all = mask_all * keep.to(mask_all.device).float().unsqueeze(-1)
     norm = grpo.loss_normalizer(mask_all, settings.loss_type, settings.max_completion_length)
     eps_high = settings.epsilon if settings.epsilon_high is None else settings.epsilon_high
     active = mask_all.sum(-1) > 0

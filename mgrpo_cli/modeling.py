@@ -255,6 +255,29 @@ def export(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Pa
     return out
 
 
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def rotary_frequencies(model) -> dict[str, torch.Tensor]:
+    """float32 copies of the model's rotary inverse frequencies, by module path (see :func:`restore_rotary`)."""
+    return {f"{name}.{b}": buf.detach().float().clone() for name, module in model.named_modules()
+            for b, buf in module.named_buffers(recurse=False) if b in ROTARY_BUFFERS}
+
+
+def restore_rotary(model, saved: dict[str, torch.Tensor]) -> None:
+    """Put the float32 rotary frequencies back after a whole-module dtype cast.
+
+    Lightning's ``bf16-true``/``16-true`` precisions (``trainer=gpu``'s default) call ``module.to(bf16)``,
+    which also casts these non-persistent buffers. transformers keeps them in float32 when it loads a
+    model in bf16, because bf16 keeps 8 bits of mantissa: an inverse frequency of 0.87 moves by up to
+    0.002, so the rotation angle at position 1000 moves by up to ~2 radians.
+    """
+    for key, value in saved.items():
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        setattr(module, name, value.to(getattr(module, name).device))
+
+
 def param_checksums(model, trainable_only: bool = False) -> dict[str, str]:
     """sha256 of every parameter's bytes (name -> hex) plus ``"__all__"`` over all of them, in name order.
 

@@ -28,7 +28,7 @@ from mgrpo_cli.config import correction_budget
 from mgrpo_cli.data import Problem
 from mgrpo_cli.layers import LayerInput, LossSettings, completion_logps
 from mgrpo_cli.metrics import self_correction
-from mgrpo_cli.modeling import is_peft
+from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
 from mgrpo_cli.rollout import Rollout, build_engine
 
@@ -57,6 +57,7 @@ class MGRPOModule(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
+        self._rotary = rotary_frequencies(policy)  # restored after Lightning's precision cast (on_fit_start)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
 
     # ------------------------------------------------------------------ set-up
@@ -93,6 +94,9 @@ class MGRPOModule(L.LightningModule):
             distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"],
                                      param_dtype=torch.bfloat16 if bf16_mixed else None)
             self.engine = distributed.FullParamsEngine(self.engine, self.policy)
+
+    def on_fit_start(self) -> None:
+        restore_rotary(self.policy, self._rotary)
 
     def on_train_start(self) -> None:
         self.policy.train()  # from_pretrained leaves models in eval mode

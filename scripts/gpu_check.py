@@ -112,7 +112,7 @@ def run(argv: list[str] | None = None) -> dict:
     from mgrpo_cli.modeling import build_byte_tokenizer, load_policy, reference_policy
     from mgrpo_cli.module import MGRPOModule
     from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.train import _dataloaders
+    from mgrpo_cli.train import _dataloaders, setup_runtime
 
     gpu = torch.cuda.is_available() and not a.tiny
     if not gpu and not a.tiny:
@@ -125,7 +125,7 @@ def run(argv: list[str] | None = None) -> dict:
     build_byte_tokenizer().save_pretrained(workdir)
     cfg = _compose(a, workdir, gpu)
 
-    L.seed_everything(0, verbose=False)
+    setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, attention backends
     start = time.perf_counter()
     with device:  # initialise the random weights on the device itself (fast on a GPU)
         policy, tok = load_policy(cfg.model, cfg.trainer.accelerator, seed=0)

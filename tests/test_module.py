@@ -3,10 +3,12 @@ import lightning as L
 import pytest
 import torch
 
-from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, reference_policy
 from mgrpo_cli.module import MGRPOModule
 from mgrpo_cli.rewards import Grader, Scored
 from mgrpo_cli.train import _dataloaders
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 class ParityReward:
@@ -22,17 +24,29 @@ class ParityReward:
         return Scored(rewards=[float(x) for x in ok], correct=ok)
 
 
-def _fit_one_step(cfg):
+def _fit_one_step(cfg, on_rollout=None, **trainer_kw):
+    """One training step under a Lightning Trainer (``trainer_kw``: accelerator, precision, ...); a
+    frozen KL reference when ``grpo.beta`` > 0; ``on_rollout(rollout)`` sees every layer's rollout."""
     tok = build_byte_tokenizer()
     policy = build_tiny_model(cfg.model, tok, seed=0)
     reward = ParityReward()
-    module = MGRPOModule(policy, tok, cfg, reward)
+    module = MGRPOModule(policy, tok, cfg, reward, reference=reference_policy(policy, cfg.grpo.beta))
+    if on_rollout is not None:
+        generate = module.engine.generate
+
+        def spy(prompts, **kw):
+            ro = generate(prompts, **kw)
+            on_rollout(ro)
+            return ro
+
+        module.engine.generate = spy
     train_dl, _, _ = _dataloaders(cfg, module)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, enable_model_summary=False)
+                        limit_val_batches=0, enable_model_summary=False, **trainer_kw)
     trainer.fit(module, train_dataloaders=train_dl)
-    changed = sum(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    # compared in the trained weights' dtype and on the CPU (bf16-true converts them; fit ends on the CPU)
+    changed = sum(not torch.equal(before[k].to(v.dtype), v.cpu()) for k, v in policy.state_dict().items())
     reward.grader.close()
     return trainer.callback_metrics, reward.calls, changed
 
@@ -48,6 +62,49 @@ def test_mgrpo_step_runs_every_layer_and_changes_weights(small_cfg, depth):
     for d in range(1, depth + 1):
         assert f"train/layer{d}/reward_mean" in metrics and f"train/layer{d}/zero_variance_groups" in metrics
     assert "train/layer2/wrong_to_right" in metrics and "train/layer2/right_to_wrong" in metrics
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_mgrpo_step_on_each_device_and_precision_changes_weights(small_cfg, device, precision):
+    """The whole step on ``device``: rollouts there, a frozen KL reference moved there, the CPU-made
+    advantages and layer-2 keep mask applied to its rollouts; bf16-true is trainer=gpu's default."""
+    cfg = small_cfg("layer.select=all", "grpo.prompts_per_step=2", "grpo.num_generations=4", "layer.group_size=2",
+                    "model.max_completion_length=8", "grpo.beta=0.1", "layer.keep=successful")
+    devices = []
+    metrics, calls, changed = _fit_one_step(cfg, on_rollout=lambda ro: devices.append(ro.completion_ids.device.type),
+                                            accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                                            precision=precision)
+    assert devices == [device, device] and calls == [8, 16]
+    assert changed > 0
+    assert metrics["train/layer1/kl"] > -1e-6 and "train/layer2/loss" in metrics  # k3 >= 0 up to rounding
+    assert all(torch.isfinite(torch.as_tensor(v, dtype=torch.float32)) for v in metrics.values())
+
+
+def test_bf16_true_keeps_the_rotary_frequencies_in_float32(small_cfg):
+    """Lightning's bf16-true casts the whole module; the rotary inverse frequencies go back to float32
+    (bf16 would move a rotation angle by up to ~2 radians at position 1000)."""
+    cfg = small_cfg("layer=grpo", "model.max_completion_length=4")
+    tok = build_byte_tokenizer()
+    policy = build_tiny_model(cfg.model, tok, seed=0)
+    want = policy.model.rotary_emb.inv_freq.clone()
+    seen = []
+    module = MGRPOModule(policy, tok, cfg, ParityReward())
+    generate = module.engine.generate
+
+    def spy(prompts, **kw):  # what the rollout runs with
+        seen.append((policy.model.rotary_emb.inv_freq.dtype, policy.model.embed_tokens.weight.dtype))
+        return generate(prompts, **kw)
+
+    module.engine.generate = spy
+    train_dl, _, _ = _dataloaders(cfg, module)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False, precision="bf16-true")
+    trainer.fit(module, train_dataloaders=train_dl)
+    assert seen == [(torch.float32, torch.bfloat16)]
+    assert torch.equal(policy.model.rotary_emb.inv_freq, want)
+    assert torch.equal(policy.model.rotary_emb.original_inv_freq, want)
+    module.reward_fn.grader.close()
 
 
 def test_grpo_step_is_one_layer(small_cfg):
@@ -71,7 +128,7 @@ def test_sequential_combine_and_kl_reference(small_cfg):
     # global_step counts optimizer steps: two per training step here, so 4 steps = 2 training steps
     assert trainer.global_step == 4 and reward.calls == [8, 8, 8, 8]
     assert all(not p.requires_grad for p in ref.parameters())
-    assert not torch.equal(next(ref.parameters()), next(policy.parameters()))
+    assert not torch.equal(next(ref.parameters()).cpu(), next(policy.parameters()).cpu())  # fit ends on the CPU
     assert trainer.callback_metrics["train/layer1/kl"] >= 0.0
 
 

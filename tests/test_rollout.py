@@ -10,7 +10,11 @@ from mgrpo_cli.config import ModelConfig
 from mgrpo_cli.decode import lean_supported
 from mgrpo_cli.layers import completion_logps
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
-from mgrpo_cli.rollout import HFEngine, sample
+from mgrpo_cli.rollout import HFEngine, Rollout, sample
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+PADDED = ["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"]  # left padding
 
 
 def _tiny(seed=0, attn="eager"):
@@ -25,19 +29,21 @@ def _bias_eos(model, tok, scale=3.0):
         model.model.embed_tokens.weight[tok.eos_token_id] *= scale
 
 
-@pytest.mark.parametrize("prompts", [["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"],  # left padding
-                                     ["12+7\n", "3+41\n", "18-9\n", "70-2\n"]])  # none: no attention mask
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("lean", [True, False])  # LeanDecoder, or the model's forward with its own cache
-def test_greedy_tokens_equal_model_generate(prompts, attn, lean):
-    model, tok = _tiny(attn=attn)
-    assert lean_supported(model)
-    _bias_eos(model, tok)
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=1, max_new_tokens=20,
+def _on(ro: Rollout, device: str) -> Rollout:
+    return dataclasses.replace(ro, prompt_ids=ro.prompt_ids.to(device), prompt_mask=ro.prompt_mask.to(device),
+                               completion_ids=ro.completion_ids.to(device),
+                               completion_mask=ro.completion_mask.to(device))
+
+
+def _assert_greedy_equals_generate(model, tok, prompts, lean, n=1, max_new_tokens=20):
+    """``sample`` at temperature 0 (n rows per prompt) gives ``model.generate``'s greedy tokens, cut at EOS."""
+    device = next(model.parameters()).device
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean)
-    ref = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+    assert ids.device == device
+    ref = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:].repeat_interleave(n, 0)
     ref_mask = torch.ones_like(ref)
     for r in range(ref.shape[0]):  # generate pads after EOS; our mask covers tokens up to EOS
         eos = (ref[r] == tok.eos_token_id).nonzero()
@@ -49,8 +55,63 @@ def test_greedy_tokens_equal_model_generate(prompts, attn, lean):
     assert (ref[:, w:] == tok.pad_token_id).all()
 
 
-def test_logps_equal_plain_forward_and_groups_repeat():
+@pytest.mark.parametrize("prompts", [PADDED, ["12+7\n", "3+41\n", "18-9\n", "70-2\n"]])  # none: no attention mask
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("lean", [True, False])  # LeanDecoder, or the model's forward with its own cache
+def test_greedy_tokens_equal_model_generate(prompts, attn, lean):
+    model, tok = _tiny(attn=attn)
+    assert lean_supported(model)
+    _bias_eos(model, tok)
+    _assert_greedy_equals_generate(model, tok, prompts, lean)
+
+
+@CUDA
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("lean", [True, False])
+def test_greedy_tokens_equal_model_generate_on_cuda(lean, attn, n):
+    """fp32 on the GPU: the same tokens as ``model.generate`` there (padded prompts, rows stopping early)."""
+    model, tok = _tiny(attn=attn)
+    _bias_eos(model, tok)
+    _assert_greedy_equals_generate(model.cuda(), tok, PADDED, lean, n=n)
+
+
+@CUDA
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("lean", [True, False])
+def test_bf16_greedy_tokens_on_cuda_are_the_plain_forwards_argmax(lean, n):
+    """bf16 on the GPU, on the shipped warm start (a trained model, so a broken decode step shows as
+    tokens far from the argmax): every greedy token is, within bf16 rounding, the argmax of a plain
+    forward over prompt + completion (exact equality with ``model.generate`` is not asked: bf16 ties
+    may break either way on different kernels)."""
+    from mgrpo_cli.warmup import SHIPPED
+
+    path = next(p for p in sorted(SHIPPED.iterdir()) if (p / "warmup.json").is_file())
+    model, tok = load_policy(OmegaConf.structured(ModelConfig(path=str(path), dtype="bfloat16")), "gpu")
+    model = model.cuda().eval()
+    assert model.dtype == torch.bfloat16
+    prompts = PADDED + ["2+20-11+5\n", "15-3\n"]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=48,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean)
+    full_mask = torch.cat([enc.attention_mask.repeat_interleave(n, 0), mask], 1)
+    full = torch.cat([enc.input_ids.repeat_interleave(n, 0), ids], 1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logits = logits[:, enc.input_ids.shape[1] - 1:-1].float()  # position t predicts completion token t
+    gap = (logits.max(-1).values - logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1))[mask.bool()]
+    # logits reach ~15 here, where one bf16 step is 0.0625; the model's top-2 margin is ~10 (median)
+    assert gap.max().item() < 0.5
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    assert all(texts[i * n:(i + 1) * n] == [texts[i * n]] * n for i in range(len(prompts)))  # greedy groups agree
+    assert sum("\\boxed{" in t for t in texts) >= len(texts) // 2  # the warm start answers in its format
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logps_equal_plain_forward_and_groups_repeat(device):
     model, tok = _tiny(seed=1)
+    model.to(device)
     engine = HFEngine(model, tok)
     ro = engine.generate(["5+5\n", "1-19+3\n"], n=3, max_new_tokens=12, temperature=0.0)
     assert ro.completion_ids.shape[0] == 6 and ro.num_groups == 2
@@ -67,14 +128,17 @@ def test_logps_equal_plain_forward_and_groups_repeat():
         assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn):
+def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn, device):
     """Running each prompt once for its group's rows changes neither log-probs nor gradients."""
     model, tok = _tiny(seed=2, attn=attn)
     _bias_eos(model, tok, scale=2.0)
     ro = HFEngine(model, tok, seed=1).generate(["5+5\n", "12-3+4\n", "7\n"], n=3, max_new_tokens=12,
-                                               temperature=1.0)
+                                               temperature=1.0)  # sampled on the CPU: seeded
     assert ro.prompt_mask.sum(-1).unique().numel() > 1 and ro.lengths.unique().numel() > 1
+    model, ro = model.to(device), _on(ro, device)
+    tol = dict(atol=1e-5) if device == "cpu" else dict(atol=1e-4, rtol=1e-4)  # GPU kernels sum in other orders
     params = list(model.parameters())
     results = []
     for rollout in (ro, dataclasses.replace(ro, n=1)):  # n=1: every row its own group, one sequence per row
@@ -82,8 +146,9 @@ def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn):
         grads = torch.autograd.grad((logps * rollout.completion_mask[[3, 4, 5, 0, 1, 8]]).sum(), params)
         results.append((logps, grads))
     (shared, g_shared), (plain, g_plain) = results
-    assert torch.allclose(shared, plain, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_shared, g_plain))
+    assert shared.device.type == device
+    assert torch.allclose(shared, plain, **tol)
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(g_shared, g_plain))
 
 
 def test_gradient_checkpointing_runs_one_sequence_per_row():
