@@ -26,7 +26,7 @@ class ParityReward:
 
 def _fit_one_step(cfg, on_rollout=None, **trainer_kw):
     """One training step under a Lightning Trainer (``trainer_kw``: accelerator, precision, ...); a
-    frozen KL reference when ``grpo.beta`` > 0; ``on_rollout(rollout)`` sees every layer's rollout."""
+    frozen KL reference when ``grpo.beta`` > 0; ``on_rollout(rollout, policy)`` sees every layer's rollout."""
     tok = build_byte_tokenizer()
     policy = build_tiny_model(cfg.model, tok, seed=0)
     reward = ParityReward()
@@ -36,7 +36,7 @@ def _fit_one_step(cfg, on_rollout=None, **trainer_kw):
 
         def spy(prompts, **kw):
             ro = generate(prompts, **kw)
-            on_rollout(ro)
+            on_rollout(ro, policy)
             return ro
 
         module.engine.generate = spy
@@ -72,7 +72,7 @@ def test_mgrpo_step_on_each_device_and_precision_changes_weights(small_cfg, devi
     cfg = small_cfg("layer.select=all", "grpo.prompts_per_step=2", "grpo.num_generations=4", "layer.group_size=2",
                     "model.max_completion_length=8", "grpo.beta=0.1", "layer.keep=successful")
     devices = []
-    metrics, calls, changed = _fit_one_step(cfg, on_rollout=lambda ro: devices.append(ro.completion_ids.device.type),
+    metrics, calls, changed = _fit_one_step(cfg, on_rollout=lambda ro, _: devices.append(ro.completion_ids.device.type),
                                             accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                                             precision=precision)
     assert devices == [device, device] and calls == [8, 16]
@@ -85,26 +85,16 @@ def test_bf16_true_keeps_the_rotary_frequencies_in_float32(small_cfg):
     """Lightning's bf16-true casts the whole module; the rotary inverse frequencies go back to float32
     (bf16 would move a rotation angle by up to ~2 radians at position 1000)."""
     cfg = small_cfg("layer=grpo", "model.max_completion_length=4")
-    tok = build_byte_tokenizer()
-    policy = build_tiny_model(cfg.model, tok, seed=0)
-    want = policy.model.rotary_emb.inv_freq.clone()
+    want = build_tiny_model(cfg.model, build_byte_tokenizer(), seed=0).model.rotary_emb.inv_freq
     seen = []
-    module = MGRPOModule(policy, tok, cfg, ParityReward())
-    generate = module.engine.generate
 
-    def spy(prompts, **kw):  # what the rollout runs with
-        seen.append((policy.model.rotary_emb.inv_freq.dtype, policy.model.embed_tokens.weight.dtype))
-        return generate(prompts, **kw)
+    def at_rollout(ro, policy):  # what the rollout runs with
+        rotary = policy.model.rotary_emb
+        seen.append((policy.model.embed_tokens.weight.dtype, rotary.inv_freq.dtype,
+                     torch.equal(rotary.inv_freq, want), torch.equal(rotary.original_inv_freq, want)))
 
-    module.engine.generate = spy
-    train_dl, _, _ = _dataloaders(cfg, module)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, enable_model_summary=False, precision="bf16-true")
-    trainer.fit(module, train_dataloaders=train_dl)
-    assert seen == [(torch.float32, torch.bfloat16)]
-    assert torch.equal(policy.model.rotary_emb.inv_freq, want)
-    assert torch.equal(policy.model.rotary_emb.original_inv_freq, want)
-    module.reward_fn.grader.close()
+    _fit_one_step(cfg, on_rollout=at_rollout, precision="bf16-true")
+    assert seen == [(torch.bfloat16, torch.float32, True, True)]
 
 
 def test_grpo_step_is_one_layer(small_cfg):
