@@ -1,11 +1,15 @@
-"""Test sessions: `nox` runs `tests` (the default, fast) ; `nox -s lint`, `nox -s slow`, `nox -s bench`.
+"""Test sessions: `nox` runs `tests` (the default, fast); `nox -s lint`, `nox -s slow`, `nox -s bench`.
 
 Sessions reuse the current environment (`python=False`): install once as the README says, then run.
 """
 import nox
+import nox.virtualenv
 
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "none"
+# Every session runs in the current environment, so no virtualenv backend is needed: telling nox
+# that the optional ones (uv among them) are absent keeps it from probing for them at each session.
+nox.virtualenv.OPTIONAL_VENVS = dict.fromkeys(("conda", "mamba", "micromamba", "rattler", "uv"), False)
 
 
 @nox.session(python=False)
@@ -16,13 +20,13 @@ def tests(session):
 
 @nox.session(python=False)
 def slow(session):
-    """Minutes-long checks: the default training run's held-out gains."""
+    """Minutes-long checks: the default training run's held-out gains, resume, sweeps."""
     session.run("python", "-m", "pytest", "-q", "-m", "slow", *session.posargs)
 
 
 @nox.session(python=False)
 def lint(session):
-    session.run("ruff", "check", "mgrpo_cli", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "mgrpo_cli", "tests", "benchmarks", "scripts", "noxfile.py")
 
 
 @nox.session(python=False)

@@ -46,27 +46,26 @@ def main() -> None:
     from conftest import compose
     from transformers.utils import logging as hf_logging
 
-    from mgrpo_cli.layers import solve
+    from mgrpo_cli import build
     from mgrpo_cli.loaders import load_problems
-    from mgrpo_cli.prompts import PromptRenderer
-    from mgrpo_cli.rewards import Grader
     from mgrpo_cli.rollout import HFEngine
-    from mgrpo_cli.train import build_policy
+    from mgrpo_cli.solve import SolveSpec, solve
 
     hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never stops it
     cfg = compose("eval", ["dataset=gsm8k", "logger=none"] + ([f"model.path={args.model_dir}"] if args.model_dir else []))
     problems = load_problems(cfg.dataset, "test", limit=args.n, seed=0).problems
     single = sorted(random.Random(0).sample(range(len(problems)), min(args.n_single, len(problems))))
-    with Grader() as grader:
-        model, tok, source = build_policy(cfg, grader.correct)
+    with build.reward(cfg) as reward_fn:
+        grader = reward_fn.grader
+        model, tok, source = build.policy(cfg, build.warm_start(cfg, reward_fn))
         model.eval()
-        renderer = PromptRenderer(tok, cfg.model.prompt_template, cfg.system_prompt)
+        renderer = build.renderer(cfg, tok)
         questions, golds = [p.question for p in problems], [p.answer for p in problems]
         engine = HFEngine(model, tok, max_prompt_length=args.max_prompt_length, stop_at_eos=args.stop_at_eos)
 
         t = time.perf_counter()
-        solved = solve(engine, renderer, grader.correct, questions, golds, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size)
+        spec = SolveSpec(args.max_new_tokens, args.max_new_tokens, batch_size=args.batch_size)
+        solved = solve(engine, renderer, grader.correct, questions, golds, spec)
         batched = time.perf_counter() - t
 
         tok.truncation_side = "left"

@@ -106,12 +106,9 @@ def ours(args) -> None:
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
+    from mgrpo_cli import build
     from mgrpo_cli.config import conf_dir, register_configs
     from mgrpo_cli.data import Problem
-    from mgrpo_cli.modeling import reference_policy
-    from mgrpo_cli.module import MGRPOModule
-    from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.train import ProblemStream, build_policy, setup_runtime
 
     common = ["logger=none", f"layer={args.layer}", f"trainer.max_steps={args.steps}",
               f"trainer.accelerator={args.accelerator}", "trainer.precision=32-true",
@@ -129,16 +126,16 @@ def ours(args) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    setup_runtime(cfg)
-    reward_fn = build_reward(cfg.reward)
-    policy, tok, _ = build_policy(cfg, reward_fn.grader.correct)
+    build.setup_runtime(cfg)
+    reward_fn = build.reward(cfg)
+    policy, tok, _ = build.policy(cfg, build.warm_start(cfg, reward_fn))
     if args.no_eos:  # the scan: a new EOS token the 64-logit model can never emit -> every row runs N tokens
         tok.add_special_tokens({"eos_token": "<|never|>"})
-    module = MGRPOModule(policy, tok, cfg, reward_fn, reference_policy(policy, cfg.grpo.beta))
+    module = build.module(cfg, policy, tok, reward_fn)
 
     if args.defaults:
-        stream = iter(ProblemStream(cfg, cfg.grpo.prompts_per_step))
-        batches = [next(stream) for _ in range(args.steps)]
+        stream = build.problem_stream(cfg)
+        batches = [stream.batch(step) for step in range(args.steps)]
     else:
         data = _baseline().make_dataset(256)  # TRL's prompts "{a}+{b}=" and answers
         problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"]))]
@@ -283,12 +280,13 @@ def _warm_start_note(outputs: str) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
+    from mgrpo_cli.build import warmup_spec
     from mgrpo_cli.config import conf_dir, register_configs
     from mgrpo_cli.warmup import SHIPPED, cache_key
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        key = cache_key(compose(config_name="train", overrides=[f"paths.outputs={outputs}"]))
+        key = cache_key(warmup_spec(compose(config_name="train", overrides=[f"paths.outputs={outputs}"])))
     if (SHIPPED / key / "warmup.json").is_file():
         return [], f"shipped warm start {key}"
     cached = ROOT / "outputs" / "warmstart" / key

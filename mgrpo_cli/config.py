@@ -46,7 +46,7 @@ Keep = _choice("Keep", "all", "successful")
 Combine = _choice("Combine", "sum", "sequential")
 LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
 ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
-Engine = _choice("Engine", "hf", "vllm")
+Engine = _choice("Engine", "hf")
 LoraExport = _choice("LoraExport", "merged", "adapter")
 
 
@@ -153,7 +153,8 @@ class LayerConfig:
     keep: Keep = Keep.all
     combine: Combine = Combine.sum
     weight: float = 1.0  # lambda
-    max_new_tokens: Optional[int] = None  # null = model.max_correction_length
+    # corrections' new-token budget; null = model.max_correction_length, else model.max_completion_length
+    max_new_tokens: Optional[int] = None
     phrases: list[str] = field(default_factory=lambda: list(GUIDING_PHRASES))
     eval_phrase: str = "Wait, let me double-check that."
     phrase_template: str = "\n{phrase}\n"
@@ -172,7 +173,7 @@ class GRPOConfig:
     loss_type: LossType = LossType.grpo
     scale_rewards: ScaleRewards = ScaleRewards.group
     std_eps: float = 1e-4
-    lr: float = 1e-4  # the embedded task: at 3e-4 the seed-1 warm start lost ~10 points early (README)
+    lr: float = 1e-4  # the embedded task: 3e-4 lost ~10 points early from one warm start (docs/benchmarks.md)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 65536
@@ -202,8 +203,7 @@ class TrainerConfig:
     precision: str = "32-true"
     max_steps: int = 300
     max_time: Optional[str] = None  # "DD:HH:MM:SS"
-    val_every: int = 100
-    accumulate: int = 1
+    val_every: int = 50
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
     checkpoint_every: int = 100
     deepspeed_stage: Optional[int] = None  # 2 | 3 (trainer=deepspeed)
@@ -285,13 +285,6 @@ class EvalAppConfig(TrainAppConfig):
     checkpoint: Optional[str] = None
     # save_pretrained the loaded policy (e.g. from `checkpoint`) into this folder and stop (no scoring)
     export_to: Optional[str] = None
-
-
-def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
-    """New-token budget of a correction (layers 2+, eval's t2): ``layer.max_new_tokens``, else
-    ``model.max_correction_length``, else the first answer's budget (``model.max_completion_length``)."""
-    return (cfg.layer.max_new_tokens or cfg.model.get("max_correction_length")
-            or first_budget or cfg.model.max_completion_length)
 
 
 def register_configs() -> None:

@@ -96,7 +96,7 @@ class ArithTask:
         self.valid = self._fixed("valid", n_valid, exclude={p.question for p in self.test})
         self._held_out = {p.question for p in self.test} | {p.question for p in self.valid}
 
-    def _rng(self, split: str, seed: int) -> random.Random:
+    def _rng(self, split: str, seed: int | str) -> random.Random:
         digest = hashlib.sha256(f"arith/{split}/{seed}".encode()).hexdigest()
         return random.Random(int(digest[:16], 16))
 
@@ -106,7 +106,7 @@ class ArithTask:
         ops = [rng.choice(self.ops) for _ in range(n - 1)]
         return operands, ops
 
-    def _problem(self, split: str, index: int, operands: list[int], ops: list[str]) -> Problem:
+    def _problem(self, split: str, index: int | str, operands: list[int], ops: list[str]) -> Problem:
         return Problem(
             id=f"arith-{split}-{index}",
             question=arith_question(operands, ops),
@@ -136,7 +136,48 @@ class ArithTask:
             yield self._problem("train", i, operands, ops)
             i += 1
 
+    def train_batch(self, key: str, n: int) -> list[Problem]:
+        """``n`` training problems drawn from a generator seeded by ``key`` alone (none held out)."""
+        rng, out = self._rng("train", key), []
+        while len(out) < n:
+            operands, ops = self._draw(rng)
+            if arith_question(operands, ops) not in self._held_out:
+                out.append(self._problem("train", f"{key}-{len(out)}", operands, ops))
+        return out
+
     def first_attempt(self, problem: Problem, rng: random.Random) -> str:
         """A warm-up first-attempt solution: all at once with ``shortcut_prob``, else step by step."""
         operands, ops = parse_arith(problem.question)
         return merged_solution(operands, ops, shortcut_merges(len(ops), rng, self.shortcut_prob))
+
+
+class ProblemStream:
+    """Training problems by step: the problems of step ``s`` on rank ``r`` are a pure function of
+    (seed, s, r), so a resumed run draws exactly the problems the uninterrupted run would have drawn.
+
+    ``arith``: fresh problems per (seed, step, rank). A pool (file or hub data): each rank walks its
+    own seeded permutation of the pool, a new one every pass (epoch), ``batch_size`` problems a step.
+    """
+
+    def __init__(self, batch_size: int, seed: int, *, arith: Optional[ArithTask] = None,
+                 pool: Optional[list[Problem]] = None):
+        if (arith is None) == (pool is None):
+            raise TypeError("ProblemStream takes an arith task or a pool of problems")
+        self.batch_size, self.seed, self.arith, self.pool = batch_size, seed, arith, pool
+        self._orders: dict[tuple[int, int], list[int]] = {}
+
+    def _order(self, rank: int, epoch: int) -> list[int]:
+        if (rank, epoch) not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            order = list(range(len(self.pool)))
+            random.Random(f"{self.seed}/{rank}/{epoch}").shuffle(order)
+            self._orders[(rank, epoch)] = order
+        return self._orders[(rank, epoch)]
+
+    def batch(self, step: int, rank: int = 0) -> list[Problem]:
+        if self.arith is not None:
+            return self.arith.train_batch(f"{self.seed}/{step}/{rank}", self.batch_size)
+        size = len(self.pool)
+        first = step * self.batch_size
+        return [self.pool[self._order(rank, i // size)[i % size]] for i in range(first, first + self.batch_size)]

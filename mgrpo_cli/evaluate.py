@@ -17,13 +17,15 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
+from mgrpo_cli import build
 from mgrpo_cli.config import conf_dir, register_configs
+from mgrpo_cli.errors import UserError, run_command
 
 log = logging.getLogger(__name__)
 
 
-class RescoreError(ValueError):
-    pass
+class RescoreError(UserError):
+    """A per-problem file that cannot be re-graded (named with file:line)."""
 
 
 # ---------------------------------------------------------------------------- records and scores
@@ -127,59 +129,15 @@ def scalars(summary: dict, prefix: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- the model side
 
-def load_model(cfg: Any, grader_correct):
-    """The policy to score: ``checkpoint`` (Lightning .ckpt), ``model.path`` (export/HF folder), or
-    the tiny model's warm start.
-
-    A checkpoint is rebuilt with the model and LoRA settings it was trained with (a ``model.<key>`` or
-    ``lora.<key>`` given on the command line still wins), then its weights are loaded.
-    """
-    import torch
-    from omegaconf import OmegaConf
-
-    from mgrpo_cli.modeling import apply_lora
-    from mgrpo_cli.train import build_policy, overrides
-
-    if cfg.checkpoint:
-        ckpt_path = Path(cfg.checkpoint)
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = ckpt.get("hyper_parameters", {}).get("config", {})
-        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides()}
-        keep = {group: {k: v for k, v in (saved.get(group) or {}).items() if f"{group}.{k}" not in given}
-                for group in ("model", "lora")}
-        cfg = OmegaConf.merge(cfg, keep, {"warmup": {"enabled": False}})  # the weights come from the checkpoint
-        policy, tok, _ = build_policy(cfg, grader_correct)
-        if cfg.lora.enabled:
-            policy = apply_lora(policy, cfg.lora)
-        state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
-        policy.load_state_dict(state)
-        return policy, tok, str(ckpt_path)
-    policy, tok, source = build_policy(cfg, grader_correct)
-    return policy, tok, source
-
-
-def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
+def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict], float]:
+    """Answer ``problems`` (t1, and t2 when ``eval.two_pass``) with a progress bar; one record each."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mgrpo_cli.config import correction_budget
-    from mgrpo_cli.layers import solve
-    from mgrpo_cli.modeling import device_for
-    from mgrpo_cli.prompts import PromptRenderer
-    from mgrpo_cli.rollout import build_engine
+    from mgrpo_cli.solve import solve
 
-    ev, lay, m = cfg.eval, cfg.layer, cfg.model
-    if ev.n > 1 and ev.temperature <= 0:
-        raise ValueError(f"eval.n={ev.n} samples per problem need eval.temperature > 0 (got {ev.temperature})")
-    policy, tok, source = load_model(cfg, grader.correct)
-    policy.eval().to(device_for(cfg.trainer.accelerator))  # trainer=gpu scores on the GPU
-    log.info("scoring %s on %d problems", source, len(problems))
-    renderer = PromptRenderer(tok, m.prompt_template, cfg.system_prompt, lay.input_mode, lay.phrase_template,
-                              lay.new_turn_prompt)
-    engine = build_engine(cfg.rollout.engine, policy, tok, max_prompt_length=m.max_prompt_length, seed=cfg.seed)
-    total = len(problems) * (2 if ev.two_pass else 1)
-    t1_budget = ev.max_new_tokens or m.max_completion_length
+    spec = build.solve_spec(cfg, command="eval")
+    renderer, engine = build.renderer(cfg, tok), build.engine(cfg, policy, tok)
+    total = len(problems) * (2 if spec.phrase is not None else 1)
     start = time.perf_counter()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[rate]}")) as bar:
@@ -191,9 +149,7 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
             bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f} problems/s")
 
         solved = solve(engine, renderer, grader.correct, [p.question for p in problems], [p.answer for p in problems],
-                       max_new_tokens=t1_budget, batch_size=ev.batch_size, n=ev.n, temperature=ev.temperature,
-                       phrase=lay.eval_phrase if ev.two_pass else None, progress=advance,
-                       max_new_tokens_t2=correction_budget(cfg, t1_budget))
+                       spec, progress=advance)
     seconds = time.perf_counter() - start
     records = []
     for i, p in enumerate(problems):
@@ -206,21 +162,17 @@ def generate_records(cfg: Any, problems, grader) -> tuple[list[dict], float]:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    from mgrpo_cli.loaders import load_problems
-    from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.tracking import RunLogger, run_resources
-    from mgrpo_cli.train import overrides, run_dir, setup_runtime
+    build.check(cfg, "eval")
+    build.setup_runtime(cfg)
+    from mgrpo_cli.modeling import device_for, export
+    from mgrpo_cli.tracking import run_resources
 
-    setup_runtime(cfg)
-    out = run_dir(cfg)
-    reward_fn = build_reward(cfg.reward)
+    out = build.run_dir(cfg)
+    reward_fn = build.reward(cfg)
     grader = reward_fn.grader
-    run_logger = None
     with run_resources(reward_fn) as scope:
         if cfg.export_to:
-            from mgrpo_cli.modeling import export
-
-            policy, tok, source = load_model(cfg, grader.correct)
+            policy, tok, source = build.scored_policy(cfg, build.warm_start(cfg, reward_fn))
             folder = export(policy, tok, cfg.export_to, merge_lora=cfg.lora.export == "merged")
             log.info("exported %s to %s", source, folder)
             return {"export": str(folder)}
@@ -228,11 +180,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if cfg.rescore:
             records = read_records(cfg.rescore)
         else:
-            loaded = load_problems(cfg.dataset, cfg.eval.split, limit=cfg.eval.limit, seed=cfg.seed if cfg.eval.limit else None)
-            skipped = loaded.skipped
-            if skipped:
-                log.warning("skipped %d malformed rows of %s", skipped, loaded.source)
-            records, rate = generate_records(cfg, loaded.problems, grader)
+            loaded = build.held_out(cfg, seed=cfg.seed)
+            problems, skipped = loaded.problems, loaded.skipped
+            policy, tok, source = build.scored_policy(cfg, build.warm_start(cfg, reward_fn))
+            policy.eval().to(device_for(cfg.trainer.accelerator))  # trainer=gpu scores on the GPU
+            log.info("scoring %s on %d problems", source, len(problems))
+            records, rate = generate_records(cfg, policy, tok, problems, grader)
         name = cfg.dataset.name
         grade_records(records, grader)
         summary = summarize(records)
@@ -241,8 +194,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             summary["problems_per_s"] = rate
         summary["grader"] = grader.stats()
         files = write_outputs(out, name, records, summary)
-        if cfg.logger.enabled:
-            run_logger = scope.run_logger = RunLogger(cfg, run_name=f"eval-{name}-{out.name}", overrides=overrides())
+        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"eval-{name}-{out.name}")
+        if run_logger:
             run_logger.log_metrics(scalars(summary, f"eval/{name}"))
             for f in files:
                 run_logger.log_file(f)
@@ -269,4 +222,5 @@ register_configs()
 
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> Optional[float]:
-    return run_eval(cfg).get("acc_t1")
+    result = run_command(run_eval, cfg)
+    return result.get("acc_t1") if result else None

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mgrpo_cli.data import ArithTask, Problem
+from mgrpo_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _DOLLAR_COMMA = re.compile(r"(?<!\\)\$\s*,\s*\$")
 _LEVEL_NUMBER = re.compile(r"(?:level\s*)?(-?\d+)", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set cannot be read: the message names the file (and line) or config key at fault."""
 
 
@@ -249,9 +250,11 @@ def _text(row: dict, key: str, *, required: bool = False) -> Optional[str]:
         if required:
             raise _BadRow(f"missing field {key!r}")
         return None
-    if isinstance(value, (list, tuple)):
-        value = "\n\n".join(str(v) for v in value)
-    text = str(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = "\n\n".join(value)
+    if not isinstance(value, str):
+        raise _BadRow(f"field {key!r} is not text (got {type(value).__name__})")
+    text = value
     if required and not text.strip():
         raise _BadRow(f"blank field {key!r}")
     return text

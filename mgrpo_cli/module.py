@@ -1,69 +1,86 @@
 """The Lightning module: one ``training_step`` runs every GRPO layer of MGRPO on the same policy.
 
-Layer 1 is GRPO on the questions (G samples each). Layer d >= 2 takes responses of layer d-1
-(selected by ``layer.select``), appends a guiding phrase, samples H corrections each and applies
-the same rollout -> grade -> advantage -> loss path (``layers.run_layer`` and
-``layers.policy_loss_backward``). Layer losses are summed (L1 + lambda * L2, one optimizer step) or
-applied as sequential optimizer steps. Validation is the two-pass (t1, t2) greedy evaluation.
-Manual optimization: the step owns its backward passes (micro-batched) and the optimizer step.
-On several processes (``mgrpo_cli.distributed``): each rank draws its own prompts, DDP gradients
-are averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
+``training_step`` loops over the layers' :class:`~mgrpo_cli.layers.LayerSpec`: each layer runs the
+same rollout -> grade -> advantage path (``layers.run_layer``) and the same loss
+(``loss.policy_loss_backward``), then hands the responses its spec selects, each with a guiding
+phrase, to the next layer. Layer losses are summed (L1 + lambda * L2, one optimizer step) or applied
+as an optimizer step per layer (``OptimSpec.step_per_layer``). Validation is the two-pass (t1, t2)
+greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
+and the optimizer step. The module takes plain objects made by ``mgrpo_cli.build``, never the config.
+On several processes (``mgrpo_cli.distributed``): each rank draws its own prompts, DDP gradients are
+averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
 between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 
 from mgrpo_cli import distributed
-from mgrpo_cli import layers as layers_mod
-from mgrpo_cli.config import correction_budget
 from mgrpo_cli.data import Problem
-from mgrpo_cli.layers import LayerInput, LossSettings, completion_logps
+from mgrpo_cli.layers import LayerResult, LayerSpec, first_inputs, inputs_after, run_layer
+from mgrpo_cli.loss import LossSpec, completion_logps, policy_loss_backward
 from mgrpo_cli.metrics import self_correction
 from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
-from mgrpo_cli.rollout import Rollout, build_engine
+from mgrpo_cli.rollout import Rollout, RolloutEngine
+from mgrpo_cli.solve import SolveSpec, solve
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    step_per_layer: bool  # layer.combine=sequential: an optimizer step after each layer
+
+
+@dataclass(frozen=True)
+class SamplesSpec:
+    """Which sampled completions are logged as artifacts: every ``every`` steps (0 = never), ``n`` per layer."""
+
+    every: int = 0
+    n: int = 16
+
+
 class MGRPOModule(L.LightningModule):
-    def __init__(self, policy, tokenizer, cfg: Any, reward_fn, reference=None):
+    def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
+                 layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
+                 samples: SamplesSpec = SamplesSpec(), seed: int = 0, reference=None,
+                 shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.reward_fn = reward_fn
+        self.engine, self.renderer, self.reward_fn = engine, renderer, reward_fn
+        self.layers, self.loss, self.optim = list(layers), loss, optim
+        self.validation, self.samples = validation, samples
+        self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
-        g, lay, m = cfg.grpo, cfg.layer, cfg.model
-        self.renderer = PromptRenderer(tokenizer, m.prompt_template, cfg.system_prompt, lay.input_mode,
-                                       lay.phrase_template, lay.new_turn_prompt)
-        self.engine = build_engine(cfg.rollout.engine, policy, tokenizer, max_prompt_length=m.max_prompt_length,
-                                   seed=cfg.seed)
-        self.settings = LossSettings(
-            beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-            scale_rewards=g.scale_rewards, std_eps=g.std_eps, temperature=g.temperature,
-            micro_batch_tokens=g.micro_batch_tokens, max_completion_length=m.max_completion_length)
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(seed)
+        self.batches_done = 0  # training batches consumed: where the problem stream continues on resume
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
         self._rotary = rotary_frequencies(policy)  # restored after Lightning's precision cast (on_fit_start)
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
+        if hparams is not None:
+            self.save_hyperparameters({"config": hparams})
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.cfg.grpo.lr, weight_decay=self.cfg.grpo.weight_decay)
+        return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
 
     def setup(self, stage: str) -> None:
         ref = self._reference[0]
@@ -76,30 +93,25 @@ class MGRPOModule(L.LightningModule):
         runs on its gathered full parameters (:class:`distributed.FullParamsEngine`)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-        strategy, lay = self.trainer.strategy, self.cfg.layer
-        sharded = isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy))
-        if (self.trainer.world_size > 1 and lay.select == "wrong" and lay.depth > 1
-                and (sharded or lay.combine == "sequential")):
-            raise ValueError(f"layer.select=wrong with trainer={self.cfg.trainer.name}"
-                             f"{'' if sharded else ' and layer.combine=sequential'}: a rank whose answers are all "
-                             "right would skip layer 2 while the others run it, and their collectives would not match")
-        if not sharded:
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
             return
-        self.settings.lockstep = distributed.max_over_ranks
-        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-            raise ValueError("trainer=deepspeed with deepspeed_stage=3 is not supported: ZeRO-3 would fetch "
-                             "parameters per module per decoded token; use trainer=fsdp (FSDP2) instead")
+        self.loss = dataclasses.replace(self.loss, lockstep=distributed.max_over_ranks)
         if isinstance(strategy, ModelParallelStrategy) and not distributed.is_sharded(self.policy):
-            bf16_mixed = str(self.cfg.trainer.precision).startswith("bf16-mixed")
-            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"],
-                                     param_dtype=torch.bfloat16 if bf16_mixed else None)
+            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"], param_dtype=self.shard_param_dtype)
             self.engine = distributed.FullParamsEngine(self.engine, self.policy)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mgrpo"] = {"batches_done": self.batches_done}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_done = checkpoint.get("mgrpo", {}).get("batches_done", 0)
 
     def on_fit_start(self) -> None:
         restore_rotary(self.policy, self._rotary)
 
     def on_train_start(self) -> None:
-        self.policy.train()  # from_pretrained leaves models in eval mode
+        self.policy.train()  # rollouts switch to eval mode and back; validation leaves it in eval mode
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # problems are text; tensors are made on the device by the rollout
@@ -109,9 +121,9 @@ class MGRPOModule(L.LightningModule):
         with torch.no_grad():
             if is_peft(self.policy):
                 with self.policy.disable_adapter():  # sharded: one forward call, as every rank makes
-                    return completion_logps(self.policy, rollout, rows, self.settings.temperature,
-                                            share_prompts=self.settings.lockstep is None)
-            return completion_logps(self._reference[0], rollout, rows, self.settings.temperature)
+                    return completion_logps(self.policy, rollout, rows, self.loss.temperature,
+                                            share_prompts=self.loss.lockstep is None)
+            return completion_logps(self._reference[0], rollout, rows, self.loss.temperature)
 
     # ------------------------------------------------------------------ training
     def manual_backward(self, loss, *args, **kwargs) -> None:
@@ -125,70 +137,55 @@ class MGRPOModule(L.LightningModule):
 
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             distributed.all_reduce_grads([p for p in self.policy.parameters() if p.requires_grad])
-        self.clip_gradients(opt, gradient_clip_val=self.cfg.grpo.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(opt, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def training_step(self, batch: list[Problem], batch_idx: int):
         start = time.perf_counter()
         opt = self.optimizers()
-        g, lay = self.cfg.grpo, self.cfg.layer
         questions, golds = [p.question for p in batch], [p.answer for p in batch]
-        inputs = [LayerInput(i) for i in range(len(batch))]
+        inputs = first_inputs(len(batch))
         metrics: dict[str, float] = {}
-        results = []
+        results: list[LayerResult] = []
         opt.zero_grad(set_to_none=True)
-        for depth in range(1, lay.depth + 1):
+        for spec in self.layers:
             if not inputs:
                 break
-            first = depth == 1
-            n = g.num_generations if first else lay.group_size
-            max_new = self.cfg.model.max_completion_length if first else correction_budget(self.cfg)
-            result = layers_mod.run_layer(
-                self.engine, self.renderer, self.reward_fn, questions, golds, inputs, n=n,
-                max_new_tokens=max_new, temperature=g.temperature, top_p=g.top_p, settings=self.settings,
-                reward_mode="correct" if first else lay.reward, improvement_bonus=lay.improvement_bonus)
-            keep = None
-            if not first and lay.keep == "successful":
-                keep = torch.tensor([bool(c) for c in result.correct])
-            elif not first and lay.keep != "all":
-                raise ValueError(f"layer.keep: expected all|successful, got {lay.keep!r}")
-            loss_stats = layers_mod.policy_loss_backward(
-                self.policy, result.rollout, result.advantages.reshape(-1), self.settings, self.manual_backward,
-                weight=1.0 if first else lay.weight, keep=keep, ref_logps=self._ref_logps)
-            if lay.combine == "sequential":
+            result = run_layer(self.engine, self.renderer, self.reward_fn, questions, golds, inputs, spec, self.loss)
+            stats = policy_loss_backward(self.policy, result.rollout, result.advantages.reshape(-1), self.loss,
+                                         self.manual_backward, weight=spec.weight, keep=result.keep,
+                                         ref_logps=self._ref_logps)
+            if self.optim.step_per_layer:
                 self._step_optimizer(opt)
-            elif lay.combine != "sum":
-                raise ValueError(f"layer.combine: expected sum|sequential, got {lay.combine!r}")
-            metrics.update({f"train/layer{depth}/{k}": v for k, v in {**result.metrics, **loss_stats}.items()})
+            metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**result.metrics, **stats}.items()})
             results.append(result)
-            if depth < lay.depth:
-                table = [result.correct[i * n:(i + 1) * n] for i in range(len(inputs))]
-                chosen = layers_mod.select_responses(table, lay.select, lay.k, self.rng)
-                inputs = layers_mod.next_inputs(inputs, result.rollout.texts, result.correct, n, chosen,
-                                                list(lay.phrases), self.rng)
-        if lay.combine == "sum":
+            inputs = inputs_after(result, spec, self.rng)
+        if not self.optim.step_per_layer:
             self._step_optimizer(opt)
         metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
         metrics["train/step_time"] = time.perf_counter() - start
-        metrics = distributed.mean_over_ranks(metrics)
-        self.log_dict(metrics, on_step=True, batch_size=len(batch))
-        self.log("reward", metrics["train/layer1/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
-        if "train/layer2/accuracy" in metrics:
-            self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=len(batch))
+        self.batches_done += 1
+        self._log_step(distributed.mean_over_ranks(metrics), len(batch))
         self._maybe_log_samples(results, batch)
 
-    def _maybe_log_samples(self, results, batch: list[Problem]) -> None:
-        every = self.cfg.logger.samples_every
+    def _log_step(self, metrics: dict[str, float], batch_size: int) -> None:
+        self.log_dict(metrics, on_step=True, batch_size=batch_size)
+        self.log("reward", metrics["train/layer1/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)
+        if "train/layer2/accuracy" in metrics:
+            self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def _maybe_log_samples(self, results: list[LayerResult], batch: list[Problem]) -> None:
+        every = self.samples.every
         if not every or self.global_step % every != 0 or self.run_logger is None:
             return
         rows = []
-        for depth, res in enumerate(results, start=1):
+        for spec, res in zip(self.layers, results):
             n = res.rollout.n
-            for j, text in enumerate(res.rollout.texts[: self.cfg.logger.samples_n]):
+            for j, text in enumerate(res.rollout.texts[: self.samples.n]):
                 x = res.inputs[j // n]
                 reward = res.rewards.reshape(-1)[j].item()
-                rows.append({"step": self.global_step, "layer": depth, "question": batch[x.problem].question,
+                rows.append({"step": self.global_step, "layer": spec.depth, "question": batch[x.problem].question,
                              "gold": batch[x.problem].answer, "turns": [list(t) for t in x.turns],
                              "completion": text, "reward": None if reward != reward else reward})
         self.run_logger.log_text(json.dumps(rows, indent=1), f"samples/step_{self.global_step:06d}.json")
@@ -196,16 +193,12 @@ class MGRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ validation: two-pass t1/t2
     def validation_step(self, batch: list[Problem], batch_idx: int):
         """Each rank answers every world_size-th problem of the batch; rows are gathered at epoch end."""
-        ev, lay = self.cfg.eval, self.cfg.layer
         mine = batch[self.global_rank::self.trainer.world_size]
         with distributed.full_params(self.policy):  # collective: entered by every rank, even with no problems
             if not mine:
                 return
-            solved = layers_mod.solve(
-                self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
-                [p.answer for p in mine], max_new_tokens=self.cfg.model.max_completion_length,
-                batch_size=ev.batch_size, phrase=lay.eval_phrase if ev.two_pass else None,
-                max_new_tokens_t2=correction_budget(self.cfg))
+            solved = solve(self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
+                           [p.answer for p in mine], self.validation)
         for i, _ in enumerate(mine):
             self._val_rows.append({"t1": bool(solved.t1_correct[i][0]),
                                    "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None})

@@ -21,19 +21,11 @@ Turn = tuple[str, str]  # (response, guiding phrase)
 @dataclass(frozen=True)
 class PromptRenderer:
     tokenizer: object
-    template: str = "plain"  # plain | chat
-    system_prompt: str = ""
-    input_mode: str = "continue"  # continue | new_turn
-    phrase_template: str = "\n{phrase}\n"
-    new_turn_prompt: str = "Review your previous answer. {phrase}"
-
-    def __post_init__(self):
-        if self.template not in ("plain", "chat"):
-            raise ValueError(f"model.prompt_template: expected plain|chat, got {self.template!r}")
-        if self.input_mode not in ("continue", "new_turn"):
-            raise ValueError(f"layer.input_mode: expected continue|new_turn, got {self.input_mode!r}")
-        if self.template == "chat" and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("model.prompt_template=chat, but the tokenizer has no chat template")
+    template: str  # plain | chat
+    system_prompt: str
+    input_mode: str  # continue | new_turn
+    phrase_template: str  # how a guiding phrase follows a response (continue)
+    new_turn_prompt: str  # the user turn asking for a review (new_turn)
 
     def _chat(self, messages: list[dict]) -> str:
         if self.system_prompt:

@@ -6,8 +6,8 @@ of it (so a step costs about what the still-running rows cost, and the cache is 
 EOS), and stops when every row has emitted EOS. Greedy when temperature is 0. It never calls ``model.generate``:
 the test suite checks that its greedy tokens equal ``model.generate``'s.
 
-Engines: ``hf`` (this loop on a transformers model, the default). A vLLM engine would implement the
-same ``RolloutEngine.generate`` signature; it is not built here (no GPU on our machines).
+Engines: ``HFEngine`` (this loop on the training policy itself). Another engine (e.g. vLLM) would
+implement the same ``RolloutEngine.generate`` signature.
 """
 from __future__ import annotations
 
@@ -177,11 +177,3 @@ class HFEngine:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
                        ids, mask, texts, n)
-
-
-def build_engine(name: str, model, tokenizer, **kw) -> RolloutEngine:
-    if name == "hf":
-        return HFEngine(model, tokenizer, **kw)
-    if name == "vllm":
-        raise ValueError("rollout.engine=vllm is not built yet (it needs a GPU); use rollout.engine=hf")
-    raise ValueError(f"rollout.engine: expected hf|vllm, got {name!r}")

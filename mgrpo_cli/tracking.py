@@ -15,15 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
-
 log = logging.getLogger(__name__)
 
 
-def tracking_uri(cfg: Any) -> str:
-    if cfg.logger.tracking_uri:
-        return cfg.logger.tracking_uri
-    db = Path(cfg.paths.outputs).resolve() / "mlflow.db"
+def default_tracking_uri(outputs: str | Path) -> str:
+    """``sqlite:///<outputs>/mlflow.db`` (the folder is made)."""
+    db = Path(outputs).resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
@@ -41,22 +38,21 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class RunLogger:
-    """A thin wrapper over ``MLFlowLogger`` adding text and file artifacts."""
+    """A thin wrapper over ``MLFlowLogger`` adding text and file artifacts. ``params`` (a nested dict,
+    the resolved config) are logged flattened (``grpo.lr``); long lists as JSON, cut to MLflow's limit."""
 
-    def __init__(self, cfg: Any, run_name: str, overrides: Optional[list[str]] = None):
+    def __init__(self, uri: str, experiment: str, run_name: str, *, params: dict[str, Any],
+                 artifacts: Path, tags: Optional[dict[str, str]] = None):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from lightning.pytorch.loggers import MLFlowLogger
 
-        self.uri = tracking_uri(cfg)
-        artifacts = Path(cfg.paths.outputs).resolve() / "mlartifacts"
-        self.logger = MLFlowLogger(experiment_name=cfg.logger.experiment, run_name=run_name,
-                                   tracking_uri=self.uri, artifact_location=artifacts.as_uri(),
-                                   tags={"overrides": " ".join(overrides or []) or "(none)",
-                                         "task": cfg.task_name})
-        container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        params = {k: v for k, v in flatten(container).items() if k != "layer.phrases"}
-        params["layer.phrases"] = " | ".join(cfg.layer.phrases)[:6000]
-        self.logger.log_hyperparams(params)
+        self.uri = uri
+        self.logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
+                                   artifact_location=artifacts.as_uri(), tags=tags or {})
+        flat = flatten(params)
+        if isinstance(flat.get("layer.phrases"), list):
+            flat["layer.phrases"] = " | ".join(flat["layer.phrases"])
+        self.logger.log_hyperparams({k: str(v)[:6000] if isinstance(v, str) else v for k, v in flat.items()})
 
     @property
     def run_id(self) -> str:

@@ -20,21 +20,39 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mgrpo_cli.config import correction_budget
 from mgrpo_cli.data import ArithTask, Problem, careful_solution, merged_solution, parse_arith, shortcut_merges
-from mgrpo_cli.layers import solve
-from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_tokenizer
+from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.prompts import PromptRenderer
 from mgrpo_cli.rollout import HFEngine
+from mgrpo_cli.solve import SolveSpec, solve
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    """Everything that shapes the warm start (and so its cache key)."""
+
+    model: Any  # the model section: the tiny architecture (hidden_size, ...)
+    arith: dict  # the arith task's parameters
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    target_accuracy: float  # stop at the first check that reaches this held-out accuracy
+    correction_share: float  # share of correction examples
+    cache_dir: str
+    phrases: tuple[str, ...]
+    phrase_template: str
+    max_new_tokens: int  # the checks' budget: a correction's, room for a careful step-by-step solution
+    seed: int
 
 
 def flawed_attempt(problem: Problem, rng: random.Random, shortcut_prob: float, error_prob: float) -> str:
@@ -112,17 +130,15 @@ def sft_step(model, opt, tokenizer, pairs: list[tuple[str, str]]) -> float:
     return total
 
 
-def cache_key(cfg: Any) -> str:
+def cache_key(spec: WarmupSpec) -> str:
     shaping = {
-        "model": {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "num_key_value_heads")},
-        "arith": OmegaConf.to_container(cfg.dataset.arith, enum_to_str=True),
-        "warmup": {k: cfg.warmup[k] for k in ("steps", "batch_size", "lr", "eval_every", "target_accuracy",
-                                              "correction_share")},
-        "phrases": list(cfg.layer.phrases), "phrase_template": cfg.layer.phrase_template,
-        # the warm-up's checks allow a correction's budget, room for a careful step-by-step solution
-        # (the first answer's may be shorter: conf/model/tiny.yaml); the key name predates that
-        "max_completion_length": correction_budget(cfg), "seed": cfg.seed, "version": 1,
+        "model": {k: spec.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                             "num_attention_heads", "num_key_value_heads")},
+        "arith": dict(spec.arith),
+        "warmup": {"steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, "eval_every": spec.eval_every,
+                   "target_accuracy": spec.target_accuracy, "correction_share": spec.correction_share},
+        "phrases": list(spec.phrases), "phrase_template": spec.phrase_template,
+        "max_completion_length": spec.max_new_tokens, "seed": spec.seed, "version": 1,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -130,43 +146,44 @@ def cache_key(cfg: Any) -> str:
 SHIPPED = Path(__file__).resolve().parent / "warmstart"
 
 
-def warm_start(cfg: Any, grader_correct) -> Path:
+def warm_start(spec: WarmupSpec, grader_correct) -> Path:
     """Return the folder of the warmed-up tiny model, training it first if it is not cached."""
-    key = cache_key(cfg)
-    for folder in (Path(cfg.warmup.cache_dir) / key, SHIPPED / key):
+    key = cache_key(spec)
+    for folder in (Path(spec.cache_dir) / key, SHIPPED / key):
         if (folder / "warmup.json").is_file():
             log.info("warm start: reusing %s (%s)", folder, (folder / "warmup.json").read_text().strip())
             return folder
-    out = Path(cfg.warmup.cache_dir) / key
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    log.info("warm start: training the tiny model on arith (cached under %s)", Path(spec.cache_dir) / key)
+    out = Path(spec.cache_dir) / key
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
     tokenizer = build_byte_tokenizer()
-    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.seed)
-    task = ArithTask(**cfg.dataset.arith)
-    renderer = PromptRenderer(tokenizer, "plain", phrase_template=cfg.layer.phrase_template)
+    model = build_tiny_model(spec.model, tokenizer, seed=spec.seed)
+    task = ArithTask(**spec.arith)
+    renderer = PromptRenderer(tokenizer, "plain", "", "continue", spec.phrase_template, "")
     engine = HFEngine(model, tokenizer)
-    stream = task.train_stream(seed=cfg.seed + 1000)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.lr, weight_decay=0.0)
-    w, start, acc, step = cfg.warmup, time.perf_counter(), 0.0, 0
+    stream = task.train_stream(seed=spec.seed + 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    check = SolveSpec(spec.max_new_tokens, spec.max_new_tokens, batch_size=256)
+    start, acc, step = time.perf_counter(), 0.0, 0
     questions, golds = [p.question for p in task.valid], [p.answer for p in task.valid]
     model.train()
     columns = (TextColumn("[bold]warm-up"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("loss {task.fields[loss]:.3f}  valid acc {task.fields[acc]:.1%}"))
     with Progress(*columns) as bar:
-        task_id = bar.add_task("warm-up", total=w.steps, loss=float("nan"), acc=0.0)
-        for step in range(1, w.steps + 1):
-            pairs = warmup_examples(task, [next(stream) for _ in range(w.batch_size)], renderer,
-                                    list(cfg.layer.phrases), w.correction_share, rng)
+        task_id = bar.add_task("warm-up", total=spec.steps, loss=float("nan"), acc=0.0)
+        for step in range(1, spec.steps + 1):
+            pairs = warmup_examples(task, [next(stream) for _ in range(spec.batch_size)], renderer,
+                                    list(spec.phrases), spec.correction_share, rng)
             loss = sft_step(model, opt, tokenizer, pairs)
             bar.update(task_id, advance=1, loss=loss)
-            if step % w.eval_every == 0 or step == w.steps:
-                solved = solve(engine, renderer, grader_correct, questions, golds,
-                               max_new_tokens=correction_budget(cfg), batch_size=256)
+            if step % spec.eval_every == 0 or step == spec.steps:
+                solved = solve(engine, renderer, grader_correct, questions, golds, check)
                 acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
                 log.info("warm-up step %d: loss %.3f, valid accuracy %.3f (%.0f s)", step, loss, acc,
                          time.perf_counter() - start)
                 bar.update(task_id, acc=acc)
-                if acc >= w.target_accuracy:
+                if acc >= spec.target_accuracy:
                     break
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -175,9 +192,3 @@ def warm_start(cfg: Any, grader_correct) -> Path:
     (out / "warmup.json").write_text(json.dumps(info))
     log.info("warm start saved to %s: %s", out, info)
     return out
-
-
-def load_warm(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))

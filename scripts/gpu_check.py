@@ -109,10 +109,8 @@ def run(argv: list[str] | None = None) -> dict:
     import lightning as L
     import torch
 
-    from mgrpo_cli.modeling import build_byte_tokenizer, load_policy, reference_policy
-    from mgrpo_cli.module import MGRPOModule
-    from mgrpo_cli.rewards import build_reward
-    from mgrpo_cli.train import _dataloaders, setup_runtime
+    from mgrpo_cli import build
+    from mgrpo_cli.modeling import build_byte_tokenizer
 
     gpu = torch.cuda.is_available() and not a.tiny
     if not gpu and not a.tiny:
@@ -125,20 +123,19 @@ def run(argv: list[str] | None = None) -> dict:
     build_byte_tokenizer().save_pretrained(workdir)
     cfg = _compose(a, workdir, gpu)
 
-    setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, attention backends
+    build.setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, attention backends
     start = time.perf_counter()
     with device:  # initialise the random weights on the device itself (fast on a GPU)
-        policy, tok = load_policy(cfg.model, cfg.trainer.accelerator, seed=0)
-    reference = reference_policy(policy, cfg.grpo.beta)
+        policy, tok, _ = build.policy(cfg)
     params = sum(p.numel() for p in policy.parameters())
     logging.info("built %.3fB parameters (%s, %s) in %.1f s", params / 1e9, policy.dtype, device,
                  time.perf_counter() - start)
 
-    reward_fn = build_reward(cfg.reward)
-    module = MGRPOModule(policy, tok, cfg, reward_fn, reference)
+    reward_fn = build.reward(cfg)
+    module = build.module(cfg, policy, tok, reward_fn)  # a frozen KL reference when beta > 0
     timed = TimedEngine(module.engine, sync)
     module.engine = timed
-    train_dl, _, _ = _dataloaders(cfg, module)
+    train_dl = build.train_loader(build.problem_stream(cfg), module)
     steps: list[dict] = []
 
     class StepTimer(L.Callback):

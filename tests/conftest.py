@@ -39,11 +39,12 @@ def small_cfg(tmp_path):
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the installed console script (falls back to python -m mgrpo_cli)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script (falls back to python -m mgrpo_cli); ``env`` adds variables."""
     exe = Path(sys.executable).parent / "mgrpo"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mgrpo_cli"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", COLUMNS="120")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", COLUMNS="120", **(env or {}))
     return subprocess.run(cmd + list(args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from mgrpo_cli.layers import LayerInput, layer_rewards, micro_batches, next_inputs, select_responses, transitions
+from mgrpo_cli.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
+from mgrpo_cli.loss import micro_batches
 from mgrpo_cli.modeling import build_byte_tokenizer
 from mgrpo_cli.prompts import PromptRenderer
 
@@ -29,8 +30,6 @@ def test_select_sample_prefers_a_mix():
         assert {TABLE[3][i] for i in by_group[3]} == {True, False}
     k3 = select_responses(TABLE, "sample", 3, random.Random(0))
     assert len(k3) == 12
-    with pytest.raises(ValueError, match="layer.select"):
-        select_responses(TABLE, "best", 2, random.Random(0))
 
 
 def test_next_inputs_chain_turns():
@@ -43,7 +42,7 @@ def test_next_inputs_chain_turns():
 
 
 def test_layer2_input_continue_mode_plain():
-    r = PromptRenderer(build_byte_tokenizer(), "plain", input_mode="continue", phrase_template="\n{phrase}\n")
+    r = PromptRenderer(build_byte_tokenizer(), "plain", "", "continue", "\n{phrase}\n", "")
     assert r.render("3+4") == "3+4\n"
     text = r.render("3+4", (("3+4=8 \\boxed{8}", "Wait, let me double-check that."),))
     assert text == "3+4\n3+4=8 \\boxed{8}\nWait, let me double-check that.\n"
@@ -53,16 +52,16 @@ def test_layer2_input_continue_mode_plain():
 
 def test_layer2_input_new_turn_mode_plain_and_chat():
     tok = build_byte_tokenizer()
-    plain = PromptRenderer(tok, "plain", input_mode="new_turn", new_turn_prompt="Review. {phrase}")
+    plain = PromptRenderer(tok, "plain", "", "new_turn", "", "Review. {phrase}")
     assert plain.render("3+4", (("7", "Check."),)) == "3+4\n7\nReview. Check.\n"
     tok.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    chat = PromptRenderer(tok, "chat", system_prompt="S", input_mode="new_turn", new_turn_prompt="Review. {phrase}")
+    chat = PromptRenderer(tok, "chat", "S", "new_turn", "", "Review. {phrase}")
     assert chat.render("Q") == "<system>S</system><user>Q</user><assistant>"
     assert chat.render("Q", (("A", "Hmm."),)) == (
         "<system>S</system><user>Q</user><assistant>A</assistant><user>Review. Hmm.</user><assistant>")
-    cont = PromptRenderer(tok, "chat", system_prompt="S", input_mode="continue", phrase_template=" {phrase} ")
+    cont = PromptRenderer(tok, "chat", "S", "continue", " {phrase} ", "")
     assert cont.render("Q", (("A", "Hmm."),)) == "<system>S</system><user>Q</user><assistant>A Hmm. "
 
 
@@ -72,8 +71,6 @@ def test_improvement_reward_and_transitions():
     assert layer_rewards(base, correct, prev, "correct", 1.0).tolist() == [1.0, 0.0, 1.0, 0.0]
     assert layer_rewards(base, correct, prev, "improvement", 0.5).tolist() == [1.5, -0.5, 1.0, 0.0]
     assert transitions(prev, correct) == {"wrong_to_right": 0.25, "right_to_wrong": 0.25}
-    with pytest.raises(ValueError, match="layer.reward"):
-        layer_rewards(base, correct, prev, "bonus", 1.0)
 
 
 def test_micro_batches_cover_every_row_once_under_the_budget():
@@ -92,9 +89,9 @@ def test_micro_batches_cover_every_row_once_under_the_budget():
 def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(loss_type, monkeypatch):
     from omegaconf import OmegaConf
 
-    from mgrpo_cli import grpo, layers
+    from mgrpo_cli import grpo, loss
     from mgrpo_cli.config import ModelConfig
-    from mgrpo_cli.layers import LossSettings, completion_logps, policy_loss_backward
+    from mgrpo_cli.loss import LossSpec, completion_logps, policy_loss_backward
     from mgrpo_cli.modeling import build_tiny_model
     from mgrpo_cli.rollout import HFEngine
 
@@ -103,9 +100,10 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     torch.manual_seed(0)
     ro = HFEngine(model, tok, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
     adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 0.7, 0.0, -0.7])
-    settings = LossSettings(beta=0.0, loss_type=loss_type, max_completion_length=8)
+    settings = LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, scale_rewards="group",
+                        std_eps=1e-4, temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
     seen = []
-    monkeypatch.setattr(layers, "completion_logps", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
+    monkeypatch.setattr(loss, "completion_logps", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
                         or completion_logps(m, r, rows, *a, **k))
     model.train()
     stats = policy_loss_backward(model, ro, adv, settings, lambda loss: loss.backward())

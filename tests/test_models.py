@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, compose
 from safetensors.torch import load_file
 
-from mgrpo_cli.layers import completion_logps
+from mgrpo_cli.loss import completion_logps
 from mgrpo_cli.modeling import (
     apply_lora,
     build_byte_tokenizer,
@@ -98,7 +98,8 @@ def test_model_config_loads_a_random_init_model_of_the_real_architecture(name, t
     if real:
         from mgrpo_cli.prompts import PromptRenderer
 
-        prompt = PromptRenderer(tok, cfg.model.prompt_template, cfg.system_prompt).render("What is 2+3?")
+        prompt = PromptRenderer(tok, cfg.model.prompt_template, cfg.system_prompt, "continue", "", "").render(
+            "What is 2+3?")
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model.eval()(input_ids=ids).logits
@@ -129,8 +130,7 @@ def test_reference_policy_by_beta_and_lora(small_cfg):
 
 
 def test_lora_steps_train_only_the_adapter_and_the_reference_is_the_base(small_cfg):
-    from mgrpo_cli.module import MGRPOModule
-    from mgrpo_cli.train import _dataloaders
+    from mgrpo_cli import build
 
     cfg = small_cfg("lora=default", "grpo.beta=0.1", "model.max_completion_length=8", "trainer.max_steps=2")
     tok = build_byte_tokenizer()
@@ -139,9 +139,9 @@ def test_lora_steps_train_only_the_adapter_and_the_reference_is_the_base(small_c
     policy = apply_lora(base, cfg.lora)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     reward = ParityReward()
-    module = MGRPOModule(policy, tok, cfg, reward, reference_policy(policy, cfg.grpo.beta))
+    module = build.module(cfg, policy, tok, reward)
     assert module._reference[0] is None  # no second copy: the adapter is disabled instead
-    train_dl, _, _ = _dataloaders(cfg, module)
+    train_dl = build.train_loader(build.problem_stream(cfg), module)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=train_dl)

@@ -3,10 +3,9 @@ import lightning as L
 import pytest
 import torch
 
-from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, reference_policy
-from mgrpo_cli.module import MGRPOModule
+from mgrpo_cli import build
+from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rewards import Grader, Scored
-from mgrpo_cli.train import _dataloaders
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,13 +23,19 @@ class ParityReward:
         return Scored(rewards=[float(x) for x in ok], correct=ok)
 
 
+def _module(cfg, reward):
+    """The module of ``cfg`` on a random tiny model, built as mgrpo train builds it, and its train loader."""
+    tok = build_byte_tokenizer()
+    module = build.module(cfg, build_tiny_model(cfg.model, tok, seed=0), tok, reward)
+    return module, build.train_loader(build.problem_stream(cfg), module)
+
+
 def _fit_one_step(cfg, on_rollout=None, **trainer_kw):
     """One training step under a Lightning Trainer (``trainer_kw``: accelerator, precision, ...); a
     frozen KL reference when ``grpo.beta`` > 0; ``on_rollout(rollout, policy)`` sees every layer's rollout."""
-    tok = build_byte_tokenizer()
-    policy = build_tiny_model(cfg.model, tok, seed=0)
     reward = ParityReward()
-    module = MGRPOModule(policy, tok, cfg, reward, reference=reference_policy(policy, cfg.grpo.beta))
+    module, train_dl = _module(cfg, reward)
+    policy = module.policy
     if on_rollout is not None:
         generate = module.engine.generate
 
@@ -40,7 +45,6 @@ def _fit_one_step(cfg, on_rollout=None, **trainer_kw):
             return ro
 
         module.engine.generate = spy
-    train_dl, _, _ = _dataloaders(cfg, module)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False, **trainer_kw)
@@ -104,14 +108,9 @@ def test_grpo_step_is_one_layer(small_cfg):
 
 def test_sequential_combine_and_kl_reference(small_cfg):
     cfg = small_cfg("layer.combine=sequential", "grpo.beta=0.1", "model.max_completion_length=8")
-    tok = build_byte_tokenizer()
-    policy = build_tiny_model(cfg.model, tok, seed=0)
-    from mgrpo_cli.modeling import frozen_reference
-
-    ref = frozen_reference(policy)
     reward = ParityReward()
-    module = MGRPOModule(policy, tok, cfg, reward, reference=ref)
-    train_dl, _, _ = _dataloaders(cfg, module)
+    module, train_dl = _module(cfg, reward)
+    policy, ref = module.policy, module._reference[0]
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=train_dl)
@@ -124,13 +123,12 @@ def test_sequential_combine_and_kl_reference(small_cfg):
 
 def test_corrections_get_their_own_token_budget(small_cfg):
     """model.max_completion_length bounds layer 1; model.max_correction_length (or layer.max_new_tokens) layers 2+."""
-    from mgrpo_cli.config import correction_budget
+    from mgrpo_cli.build import correction_budget
 
     cfg = small_cfg("layer.depth=3", "layer.select=all", "grpo.prompts_per_step=2", "grpo.num_generations=2",
                     "layer.group_size=2", "model.max_completion_length=4", "model.max_correction_length=9")
     assert correction_budget(cfg) == 9
-    tok = build_byte_tokenizer()
-    module = MGRPOModule(build_tiny_model(cfg.model, tok, seed=0), tok, cfg, ParityReward())
+    module, train_dl = _module(cfg, ParityReward())
     budgets, generate = [], module.engine.generate
 
     def spy(prompts, **kw):
@@ -138,7 +136,6 @@ def test_corrections_get_their_own_token_budget(small_cfg):
         return generate(prompts, **kw)
 
     module.engine.generate = spy
-    train_dl, _, _ = _dataloaders(cfg, module)
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               limit_val_batches=0, enable_model_summary=False).fit(module, train_dataloaders=train_dl)
     assert budgets == [4, 9, 9]

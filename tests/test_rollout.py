@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mgrpo_cli.config import ModelConfig
 from mgrpo_cli.decode import lean_supported
-from mgrpo_cli.layers import completion_logps
+from mgrpo_cli.loss import completion_logps
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
 from mgrpo_cli.rollout import HFEngine, Rollout, sample
 
