@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,12 @@ def setup_runtime(cfg: Any) -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
                  "lightning.fabric.utilities.seed", "httpx", "alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file bars of save/load; our own bars show long work
+    # Lightning 2.6's CombinedLoader builds torch pytree LeafSpecs, which torch 2.13 deprecates: a
+    # library pairing we cannot change from here, raised once per fit/validate
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run_dir(cfg: Any) -> Path:
@@ -529,16 +536,17 @@ def strategy(cfg: Any):
 def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
     """The Lightning Trainer: step-based checkpoints under ``<out>/checkpoints``, the rich progress bar."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from mgrpo_cli.checkpointing import StepCheckpoint
 
     t = cfg.trainer
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_train_steps=t.checkpoint_every)
+    ckpt = StepCheckpoint(out / "checkpoints", every=t.checkpoint_every)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1, logger=logger or False,
-        callbacks=[ckpt, RichProgressBar(), *(callbacks or [])], enable_checkpointing=True,
+        callbacks=[ckpt, RichProgressBar(), *(callbacks or [])], enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False)
 
 

@@ -44,9 +44,14 @@ class RunLogger:
     def __init__(self, uri: str, experiment: str, run_name: str, *, params: dict[str, Any],
                  artifacts: Path, tags: Optional[dict[str, str]] = None):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the store's "creating tables" lines
         from lightning.pytorch.loggers import MLFlowLogger
+        from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:  # made here, with its artifact folder
+            client.create_experiment(experiment, artifact_location=artifacts.as_uri())
         self.logger = MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
                                    artifact_location=artifacts.as_uri(), tags=tags or {})
         flat = flatten(params)
