@@ -140,17 +140,6 @@ def test_relative_path_from_cwd_then_project_root(tmp_path, monkeypatch):
         load_problems(file_cfg(Path("other/t.jsonl")), "test")
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("answer_format", "latex", r"dataset\.answer_format must be one of .*got 'latex'"),
-    ("on_bad_row", "ignore", r"dataset\.on_bad_row must be 'error' or 'skip', got 'ignore'"),
-    ("kind", "sql", r"dataset\.kind must be .*got 'sql'"),
-])
-def test_bad_config_values_are_named(tmp_path, key, value, match):
-    path = write_jsonl(tmp_path / "test.jsonl", [GOOD])
-    with pytest.raises(DataError, match=match):
-        load_problems(file_cfg(path, **{key: value}), "test")
-
-
 def test_bad_split_and_limit(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [GOOD])
     with pytest.raises(DataError, match="got 'valid'"):
