@@ -1,10 +1,15 @@
 """Batched sampling with a KV cache, and the rollout engine interface.
 
 ``sample`` prefills each distinct prompt once, repeats its cache n times, then decodes one token per
-step for every unfinished row, dropping finished rows from the batch whenever they make up a quarter
-of it (so a step costs about what the still-running rows cost, and the cache is not copied at every
-EOS), and stops when every row has emitted EOS. Greedy when temperature is 0. It never calls ``model.generate``:
-the test suite checks that its greedy tokens equal ``model.generate``'s.
+step for every row of the batch; rows that have emitted EOS write padding. Every ``check_every``
+steps the loop looks at how many rows still run (the only host synchronisation of the loop: on a
+GPU the steps in between are queued without waiting) and stops when none does, or shrinks the batch
+to the smallest of a few fixed sizes that holds the running rows (:func:`batch_buckets`: the first
+batch size and the powers of two and three halves of powers of two below it), filled up with
+finished rows. So a step costs about what the still-running rows cost, the cache is copied only at
+those few sizes, and the decode step sees few distinct shapes (what compiled or captured steps need).
+Greedy when temperature is 0. It never calls ``model.generate``: the test suite checks that its greedy
+tokens equal ``model.generate``'s.
 
 Engines: ``HFEngine`` (this loop on the training policy itself). Another engine (e.g. vLLM) would
 implement the same ``RolloutEngine.generate`` signature.
@@ -56,8 +61,27 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
     return (probs / noise).argmax(-1)
 
 
-# finished rows leave the batch once they are this share of it (dropping copies the whole cache)
-DROP_FINISHED_AT = 0.25
+# steps between looks at the finished rows on an asynchronous device (each look waits for the GPU);
+# on the CPU every step looks, as waiting costs nothing there
+CHECK_EVERY = 8
+
+
+def batch_buckets(rows: int) -> list[int]:
+    """The batch sizes decoding may shrink to, largest first: ``rows`` and every 2^k and 3 * 2^(k-1)
+    below it (so a drop leaves at least three quarters of the batch, as each drop copies the cache)."""
+    sizes = {rows}
+    k = 1
+    while k < rows:
+        sizes.add(k)
+        if k * 3 // 2 < rows and k > 1:
+            sizes.add(k * 3 // 2)
+        k *= 2
+    return sorted(sizes, reverse=True)
+
+
+def bucket_for(running: int, buckets: list[int]) -> int:
+    """The smallest of ``buckets`` that holds ``running`` rows."""
+    return min(b for b in buckets if b >= running)
 
 
 class _ModelDecoder:
@@ -89,13 +113,18 @@ class _ModelDecoder:
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-           lean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+           lean: bool = True, check_every: Optional[int] = None,
+           static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
 
-    ``lean``: decode with :class:`~mgrpo_cli.decode.LeanDecoder` where the model supports it."""
+    ``lean``: decode with :class:`~mgrpo_cli.decode.LeanDecoder` where the model supports it (``static``:
+    its fixed-shape step, see there). ``check_every``: steps between looks at the finished rows
+    (default: 1 on the CPU, :data:`CHECK_EVERY` elsewhere)."""
     from transformers import DynamicCache
 
     device = prompt_ids.device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
     cache = DynamicCache(config=model.config)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=None if bool(prompt_mask.all()) else prompt_mask,
@@ -103,33 +132,40 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     logits = out.logits[:, -1].repeat_interleave(n, 0)  # (U*n, V)
     next_pos = position_ids[:, -1].repeat_interleave(n, 0) + 1  # (B,)
     if lean and lean_supported(model):
-        decoder = LeanDecoder(model, cache, prompt_mask, n, max_new_tokens, int(next_pos.max()) + max_new_tokens)
+        decoder = LeanDecoder(model, cache, prompt_mask, n, max_new_tokens, int(next_pos.max()) + max_new_tokens,
+                              static=static)
     else:
         decoder = _ModelDecoder(model, cache, prompt_mask, n, max_new_tokens)
     rows = prompt_ids.shape[0] * n
+    buckets = batch_buckets(rows)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
     running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted EOS
+    length = lengths.clone()  # (b,) completion length of each batch row (max_new_tokens while running)
     for t in range(max_new_tokens):
         nxt = _pick(logits, temperature, top_p, generator)  # (b,)
         finished = running & (nxt == eos_token_id)
-        nxt = torch.where(running, nxt, pad_token_id)  # finished rows still in the batch write padding
+        nxt = torch.where(running, nxt, pad_token_id)  # finished rows write padding
         tokens[live, t] = nxt
-        if finished.any():
-            lengths[live[finished]] = t + 1
-            running &= ~finished
+        length.masked_fill_(finished, t + 1)
+        running.logical_xor_(finished)  # finished rows were running: this clears them
+        if t == max_new_tokens - 1:
+            break
+        # looking every step (the CPU), only a step where a row finished can change the batch
+        if (t + 1) % check_every == 0 and (check_every > 1 or bool(finished.any())):
             still = int(running.sum())
             if still == 0:
                 break
-            if still <= (1 - DROP_FINISHED_AT) * running.numel():
-                keep = running.nonzero().squeeze(-1)
-                live, nxt, next_pos, running = live[keep], nxt[keep], next_pos[keep], running[keep]
+            size = bucket_for(still, buckets)
+            if size < running.numel():  # running rows first, then finished ones up to the bucket's size
+                keep = torch.argsort((~running).to(torch.uint8), stable=True)[:size].sort().values
+                lengths[live] = length
+                live, nxt, next_pos, running, length = live[keep], nxt[keep], next_pos[keep], running[keep], length[keep]
                 decoder.select(keep)
-        if t == max_new_tokens - 1:
-            break
         logits = decoder.step(nxt, next_pos, t)
         next_pos = next_pos + 1
+    lengths[live] = length
     width = int(lengths.max().item()) if rows else 0
     tokens = tokens[:, :width]
     completion_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()

@@ -10,7 +10,7 @@ from mgrpo_cli.config import ModelConfig
 from mgrpo_cli.decode import lean_supported
 from mgrpo_cli.loss import completion_logps
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
-from mgrpo_cli.rollout import HFEngine, Rollout, sample
+from mgrpo_cli.rollout import HFEngine, Rollout, batch_buckets, bucket_for, sample
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -35,12 +35,22 @@ def _on(ro: Rollout, device: str) -> Rollout:
                                completion_mask=ro.completion_mask.to(device))
 
 
-def _assert_greedy_equals_generate(model, tok, prompts, lean, n=1, max_new_tokens=20):
+def _warm_start():
+    """The shipped warm start (a trained tiny model: peaked distributions, rows stop at different steps), fp32."""
+    from mgrpo_cli.warmup import SHIPPED
+
+    path = next(p for p in sorted(SHIPPED.iterdir()) if (p / "warmup.json").is_file())
+    model, tok = load_policy(OmegaConf.structured(ModelConfig(path=str(path), dtype="float32")))
+    return model.eval(), tok
+
+
+def _assert_greedy_equals_generate(model, tok, prompts, lean, n=1, max_new_tokens=20, **kw):
     """``sample`` at temperature 0 (n rows per prompt) gives ``model.generate``'s greedy tokens, cut at EOS."""
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=max_new_tokens,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean)
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean,
+                       **kw)
     assert ids.device == device
     ref = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:].repeat_interleave(n, 0)
@@ -63,6 +73,91 @@ def test_greedy_tokens_equal_model_generate(prompts, attn, lean):
     assert lean_supported(model)
     _bias_eos(model, tok)
     _assert_greedy_equals_generate(model, tok, prompts, lean)
+
+
+def test_batch_buckets():
+    assert batch_buckets(64) == [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert batch_buckets(40) == [40, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert batch_buckets(5) == [5, 4, 3, 2, 1] and batch_buckets(1) == [1]
+    assert [bucket_for(c, batch_buckets(64)) for c in (64, 49, 48, 33, 25, 7, 1)] == [64, 64, 48, 48, 32, 8, 1]
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_greedy_tokens_equal_model_generate_with_buckets_and_deferred_checks(check_every, static):
+    """Rows looked at every few steps, shrunk to bucket sizes, finished rows writing padding meanwhile,
+    and the static step (whole-buffer attention, on-device column): still ``model.generate``'s tokens."""
+    model, tok = _warm_start()
+    prompts = PADDED + ["2+20-11+5\n", "15-3\n", "9+9+9\n"]
+    _assert_greedy_equals_generate(model, tok, prompts, True, n=3, max_new_tokens=40, check_every=check_every,
+                                   static=static)
+    model, tok = _tiny(attn="sdpa")  # rows that run to the end
+    _bias_eos(model, tok)
+    _assert_greedy_equals_generate(model, tok, PADDED, True, n=2, check_every=check_every, static=static)
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_decode_steps_see_only_bucket_sizes(monkeypatch, check_every):
+    from mgrpo_cli import decode
+
+    seen = []
+    step = decode.LeanDecoder.step
+    monkeypatch.setattr(decode.LeanDecoder, "step", lambda self, tokens, *a: seen.append(tokens.shape[0])
+                        or step(self, tokens, *a))
+    model, tok = _warm_start()
+    enc = tok(PADDED + ["2+20-11+5\n", "15-3\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=8, max_new_tokens=48,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0), check_every=check_every)
+    assert mask.sum(-1).unique().numel() > 3  # rows stopped at many different steps
+    assert set(seen) <= set(batch_buckets(48)) and len(set(seen)) > 2
+    assert seen == sorted(seen, reverse=True)  # the batch only shrinks
+    if check_every > 1:  # shrinking happens only at the looks, after tokens check_every - 1, 2 * check_every - 1, ...
+        changes = [t for t in range(1, len(seen)) if seen[t] != seen[t - 1]]  # seen[t]: the step feeding token t
+        assert changes and all((t + 1) % check_every == 0 for t in changes)
+
+
+def _plain_forward_probs(model, enc, ids, mask, n, temperature):
+    """Next-token distributions of a plain forward over prompt + completion, at each completion position."""
+    full_mask = torch.cat([enc.attention_mask.repeat_interleave(n, 0), mask], 1)
+    full = torch.cat([enc.input_ids.repeat_interleave(n, 0), ids], 1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    return torch.softmax(logits[:, enc.input_ids.shape[1] - 1:-1] / temperature, -1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_sampled_tokens_follow_the_models_distribution(check_every, static):
+    """The distributional contract of sampling, through buckets and deferred checks: (1) with top_p every
+    token lies in the nucleus of the plain forward's distribution at its position (so each row was fed
+    its own context); (2) at top_p = 1, how often the most likely token is drawn matches its summed
+    probability within 4 standard deviations; (3) rows end at EOS and are padded after it."""
+    model, tok = _warm_start()
+    enc = tok(PADDED + ["15-3\n"], return_tensors="pt", padding=True, add_special_tokens=False)
+    n, kw = 48, dict(max_new_tokens=40, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     check_every=check_every, static=static)
+
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=1.0, top_p=0.6,
+                       generator=torch.Generator().manual_seed(1), **kw)
+    probs = _plain_forward_probs(model, enc, ids, mask, n, 1.0)
+    p_tok = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    mass_above = (probs * (probs > p_tok.unsqueeze(-1))).sum(-1)  # probability of the tokens ranked above it
+    assert (mass_above[mask.bool()] < 0.6 + 1e-4).all()
+    assert len(set(map(tuple, ids.tolist()))) > len(enc.input_ids)  # groups are not all one sample
+
+    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=3.0, top_p=1.0,
+                       generator=torch.Generator().manual_seed(2), **kw)
+    probs = _plain_forward_probs(model, enc, ids, mask, n, 3.0)[mask.bool()]
+    top_p, top = probs.max(-1)
+    drawn = (top == ids[mask.bool()]).sum().item()
+    expected, sd = top_p.sum().item(), (top_p * (1 - top_p)).sum().sqrt().item()
+    assert abs(drawn - expected) < 4 * sd and 0.1 < expected / len(top_p) < 0.9
+    lengths = mask.sum(-1)
+    ended = lengths < ids.shape[1]
+    assert ended.any() and (ids[ended, lengths[ended] - 1] == tok.eos_token_id).all()
+    assert (ids[~mask.bool()] == tok.pad_token_id).all()
 
 
 @CUDA
