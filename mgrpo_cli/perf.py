@@ -16,7 +16,7 @@ A step can go no faster than ``max(bytes / bandwidth, FLOPs / peak)``: at batch 
 shapes the bytes decide.
 
 The **loss pass** is the policy's forward and backward (backward = 2 x forward FLOPs) plus, with a KL
-term, the reference's forward. MFU is the model FLOPs over (seconds x dense bf16 peak): recomputation
+term, the reference's forward, laid out as :func:`mgrpo_cli.layers.completion_logps` runs them. MFU is the model FLOPs over (seconds x dense bf16 peak): recomputation
 by gradient checkpointing is not counted, as in the PaLM paper's definition.
 
 ``GPUS`` holds the datasheet memory bandwidth and dense (no sparsity) bf16 tensor peak of common
@@ -159,20 +159,31 @@ def generation_bound(s: ModelShape, gpu: GPU, prompts: int, n: int, prompt_len: 
     }
 
 
-def loss_pass_flops(s: ModelShape, groups: int, n: int, prompt_len: int, completion_len: int,
-                    reference: bool = True) -> dict:
-    """Model FLOPs of one loss pass over ``groups`` x ``n`` rows as :func:`completion_logps` runs
-    them: each prompt once (its last position through lm_head), then each row's completion tokens
-    after its prompt (all but the last through the model, all through lm_head). Policy forward +
-    backward (3 x forward), plus the reference's forward when ``reference``."""
+def logps_forward_flops(s: ModelShape, groups: int, n: int, prompt_len: int, completion_len: int,
+                        shared_prompts: bool = True) -> int:
+    """FLOPs of one forward of :func:`completion_logps` over ``groups`` x ``n`` rows. ``shared_prompts``:
+    each prompt once (its last position through lm_head), then each row's completion after its prompt
+    (all but the last token through the model, all through lm_head); otherwise (gradient checkpointing
+    with gradients on) one sequence of prompt + completion per row, the last ``completion_len + 1``
+    positions through lm_head."""
     rows = groups * n
+    if not shared_prompts:
+        length = prompt_len + completion_len
+        return forward_flops(s, rows * length, rows * (completion_len + 1), rows * causal_pairs(length))
     prompt = forward_flops(s, groups * prompt_len, groups, groups * causal_pairs(prompt_len))
     c = completion_len - 1  # the last completion token is only a target
-    completion = forward_flops(s, rows * c, rows * c, rows * (c * prompt_len + causal_pairs(c)))
-    forward = prompt + completion
-    total = 3 * forward + (forward if reference else 0)
-    return {"forward_flops": forward, "flops": total,
-            "tokens": groups * prompt_len + rows * completion_len}
+    return prompt + forward_flops(s, rows * c, rows * c, rows * (c * prompt_len + causal_pairs(c)))
+
+
+def loss_pass_flops(s: ModelShape, groups: int, n: int, prompt_len: int, completion_len: int,
+                    reference: bool = True, policy_shared_prompts: bool = True) -> dict:
+    """Model FLOPs of one loss pass: the policy's forward + backward (3 x forward; recomputation by
+    gradient checkpointing not counted), plus the reference's forward (always with shared prompts:
+    it runs without gradients) when ``reference``. ``tokens``: the rollout's prompt and completion tokens."""
+    policy = logps_forward_flops(s, groups, n, prompt_len, completion_len, policy_shared_prompts)
+    ref = logps_forward_flops(s, groups, n, prompt_len, completion_len, True) if reference else 0
+    return {"policy_forward_flops": policy, "reference_forward_flops": ref, "flops": 3 * policy + ref,
+            "tokens": groups * prompt_len + groups * n * completion_len}
 
 
 def fraction(measured_per_s: float, bound_per_s: float) -> float:

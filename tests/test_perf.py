@@ -72,12 +72,17 @@ def test_generation_bound_by_hand():
 
 
 def test_loss_pass_flops_by_hand():
-    # prompt: 7456 as the prefill; 2 rows x 2 completion tokens through the model, attending 3 + causal
+    # shared prompts: the prompt as the prefill (7456); 2 rows x 2 completion tokens through the model and
+    # lm_head (9216 + 640), attending 3 + causal: 2 x (2 x 3 + 3) = 18 pairs x 64
+    shared = 7456 + 9216 + 640 + 64 * 18
+    assert perf.logps_forward_flops(SMALL, groups=1, n=2, prompt_len=3, completion_len=3) == shared
+    # one sequence per row: 2 x 6 tokens (27648), 2 x 4 positions through lm_head (1280), 2 x 21 pairs
+    per_row = 2 * 2 * 576 * 12 + 2 * 80 * 8 + 64 * 42
+    assert perf.logps_forward_flops(SMALL, 1, 2, 3, 3, shared_prompts=False) == per_row
     got = perf.loss_pass_flops(SMALL, groups=1, n=2, prompt_len=3, completion_len=3)
-    assert got["forward_flops"] == 7456 + 9216 + 640 + 64 * 18
-    assert got["flops"] == 4 * got["forward_flops"]
-    assert perf.loss_pass_flops(SMALL, 1, 2, 3, 3, reference=False)["flops"] == 3 * got["forward_flops"]
-    assert got["tokens"] == 9
+    assert got["flops"] == 4 * shared and got["tokens"] == 9
+    assert perf.loss_pass_flops(SMALL, 1, 2, 3, 3, reference=False)["flops"] == 3 * shared
+    assert perf.loss_pass_flops(SMALL, 1, 2, 3, 3, policy_shared_prompts=False)["flops"] == 3 * per_row + shared
 
 
 def test_the_issues_decode_step_at_qwen25_1p5b_on_an_h200():
@@ -105,3 +110,20 @@ def test_gpu_table_and_overrides():
     with pytest.raises(ValueError, match="--bandwidth"):
         perf.gpu_spec("Some Future GPU")
     assert perf.fraction(50.0, 200.0) == 0.25
+
+
+def test_forward_flops_equal_torchs_flop_counter():
+    """torch's FlopCounterMode over a real forward (eager attention multiplies every query with every
+    key, so the pairs are L x L here) counts what forward_flops says."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config in (SMALL_CONFIG, {**SMALL_CONFIG, "vocab_size": 300, "num_key_value_heads": 2}):
+        hf = AutoConfig.for_model(**config)
+        hf._attn_implementation = "eager"
+        model = AutoModelForCausalLM.from_config(hf).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.zeros(2, 6, dtype=torch.long))
+        assert counter.get_total_flops() == perf.forward_flops(ModelShape.from_config(config), 12, 12, 2 * 36)
