@@ -31,7 +31,7 @@ that would start after it.
 (the steps part still runs all precisions), and nominal hardware numbers: a smoke test of the code
 paths, not a measurement.
 
-    bash scripts/gpu_check.sh                          # a GPU machine, under 8 minutes, writes gpu_check.json
+    bash scripts/gpu_check.sh                          # a GPU machine, under 8 minutes: outputs/gpu_check.json
     python scripts/gpu_check.py --tiny --json /tmp/g.json    # CPU smoke test
 
 The last line is ``GPU_CHECK decode_tokens_per_s=... generate_tokens_per_s=... loss_mfu=... json=PATH``.
