@@ -88,8 +88,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="completions per prompt (decode and loss)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (decode and loss)")
     p.add_argument("--new-tokens", type=int, default=512, help="decode: tokens generated per row")
-    p.add_argument("--decoders", default="lean,lean-static",
-                   help="decode: ours to time, of lean (the default decoder), lean-static (LeanDecoder static=True)")
+    p.add_argument("--decoders", default="lean,lean-static,lean-static-compiled",
+                   help="decode: ours to time, of lean (the default decoder), lean-static (LeanDecoder static=True), "
+                        "lean-static-compiled (experiment: its step through torch.compile reduce-overhead)")
     p.add_argument("--generate", default="eager,compiled",
                    help="decode: generate variants, of eager (disable_compile), compiled (generate's own choice: "
                         "it compiles its decode step on CUDA), none")
@@ -188,19 +189,70 @@ def _prompts(a, vocab: int, device):
     return ids, torch.ones_like(ids)
 
 
-def time_ours(model, ids, mask, a, device, static: bool) -> dict:
-    """Our decoder on the whole job (warm-up: the same job with 8 new tokens)."""
+def time_ours(model, ids, mask, a, device, static: bool, compiled: bool = False) -> dict:
+    """Our decoder on the whole job (warm-up: the same job with 8 new tokens, or the whole job when
+    the step is compiled, as the buffers' shapes follow the number of new tokens)."""
     from mgrpo_cli.rollout import sample
 
     kw = dict(n=a.n, eos_token_id=-1, pad_token_id=0, temperature=1.0, top_p=1.0, static=static)
-    sample(model, ids, mask, max_new_tokens=8, **kw)
-    _sync(device)
-    start = time.perf_counter()
-    out, out_mask = sample(model, ids, mask, max_new_tokens=a.new_tokens, **kw)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    with compiled_step() if compiled else _nothing() as info:
+        start = time.perf_counter()
+        sample(model, ids, mask, max_new_tokens=a.new_tokens if compiled else 8, **kw)
+        _sync(device)
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out, out_mask = sample(model, ids, mask, max_new_tokens=a.new_tokens, **kw)
+        _sync(device)
+        seconds = time.perf_counter() - start
     tokens = int(out_mask.sum())
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s, **info}
+
+
+class _nothing:
+    def __enter__(self):
+        return {}
+
+    def __exit__(self, *exc):
+        return False
+
+
+class compiled_step:
+    """Experiment: ``LeanDecoder.step`` of a static decoder through ``torch.compile(mode="reduce-overhead")``,
+    which on CUDA replays the step as a CUDA graph (on the CPU it only compiles). The key/value buffers
+    and the step counter are marked as static addresses, so that the graph may write them in place;
+    ``t`` is passed as 0 (a static step does not read it), so one graph serves every step. The dict
+    it yields gets torch's compile counters (``cudagraph_skips`` > 0: the graph was not captured)."""
+
+    def __enter__(self):
+        import torch
+
+        from mgrpo_cli import decode
+
+        self.decode, self.original = decode, decode.LeanDecoder.step
+        step = torch.compile(self.original, mode="reduce-overhead", dynamic=False)
+
+        def wrapped(dec, tokens, positions, t):
+            if getattr(dec, "_marked", None) is not dec.keys[0]:  # new buffers (a new batch or generation)
+                for x in dec.keys + dec.values + [dec.allowed, dec.col]:
+                    torch._dynamo.mark_static_address(x)
+                dec._marked = dec.keys[0]
+            return step(dec, tokens, positions, 0)
+
+        decode.LeanDecoder.step = wrapped
+        self.before, self.info = self._counts(), {}
+        return self.info
+
+    @staticmethod
+    def _counts() -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"unique_graphs": counters["stats"]["unique_graphs"],
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+    def __exit__(self, *exc):
+        self.decode.LeanDecoder.step = self.original
+        self.info.update({k: v - self.before[k] for k, v in self._counts().items()})
+        return False
 
 
 def time_generate(model, ids, mask, a, device, compiled: bool) -> dict:
@@ -228,7 +280,7 @@ def time_generate(model, ids, mask, a, device, compiled: bool) -> dict:
             "compile_requested": compiled, "compiles_on_this_device": compiled and device.type == "cuda"}
 
 
-def part_decode(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> None:
+def part_decode(a, shape: dict, device, dtype, hw: dict, result: dict, save, clock: Clock) -> None:
     from mgrpo_cli import perf
 
     model = random_model(shape, device, dtype)
@@ -239,10 +291,16 @@ def part_decode(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> 
     part = result["decode"] = {"batch": a.prompts * a.n, "prompts": a.prompts, "n": a.n, "prompt_len": a.prompt_len,
                                "new_tokens": a.new_tokens, "dtype": str(dtype).replace("torch.", ""),
                                "bound": bound, "runs": {}}
-    runs = [(d, time_ours, {"static": d == "lean-static"}) for d in a.decoders.split(",") if d]
+    runs = [(d, time_ours, {"static": d.startswith("lean-static"), "compiled": d == "lean-static-compiled"})
+            for d in a.decoders.split(",") if d]
     runs += [(f"generate-static-{g}", time_generate, {"compiled": g == "compiled"})
              for g in a.generate.split(",") if g and g != "none"]
+    first = ["lean", "generate-static-eager", "generate-static-compiled"]  # the issue's targets before experiments
+    runs.sort(key=lambda r: first.index(r[0]) if r[0] in first else len(first))
     for name, fn, kw in runs:
+        if not clock.allows():
+            part["runs"][name] = {"skipped": f"--budget-s {a.budget_s:.0f} reached"}
+            continue
         log.info("decode: %s, %d rows x %d new tokens", name, a.prompts * a.n, a.new_tokens)
         try:
             r = fn(model, ids, mask, a, device, **kw)
@@ -541,7 +599,7 @@ def run(argv: list[str] | None = None) -> dict:
             continue
         start = time.perf_counter()
         if name == "decode":
-            part_decode(a, shape, device, dtype, hw, result, save)
+            part_decode(a, shape, device, dtype, hw, result, save, clock)
         elif name == "loss":
             part_loss(a, shape, device, dtype, hw, result, save)
         else:

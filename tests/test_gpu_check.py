@@ -18,7 +18,7 @@ def _script():
     return module
 
 
-def _check_decode_and_loss(out: dict, script):
+def _check_decode_and_loss(out: dict, script, compiled: bool):
     from mgrpo_cli import perf
 
     shape = perf.ModelShape.from_config(script.TINY)
@@ -28,7 +28,10 @@ def _check_decode_and_loss(out: dict, script):
     dec = out["decode"]
     assert dec["batch"] == 16 and dec["new_tokens"] == 24
     assert dec["bound"] == perf.generation_bound(shape, gpu, 4, 4, 16, 24, weight_bytes=4, kv_bytes=4)
-    for name in ("lean", "lean-static", "generate-static-eager", "generate-static-compiled"):
+    names = ["lean", "generate-static-eager", "generate-static-compiled", "lean-static"] + (["lean-static-compiled"]
+                                                                                            if compiled else [])
+    assert list(dec["runs"]) == names  # the targets first
+    for name in names:
         run = dec["runs"][name]
         assert run["tokens"] == 16 * 24  # every row ran to the end
         assert run["fraction_of_bound"] == pytest.approx(run["tokens_per_s"] / dec["bound"]["bound_tokens_per_s"])
@@ -45,9 +48,10 @@ def _check_decode_and_loss(out: dict, script):
 def test_gpu_check_tiny_decode_loss_and_one_step_run(tmp_path, capsys):
     script = _script()
     path = tmp_path / "g.json"
-    script.run(["--tiny", "--json", str(path), "--steps-models", "tiny", "--steps-precisions", "32-true"])
+    script.run(["--tiny", "--json", str(path), "--steps-models", "tiny", "--steps-precisions", "32-true",
+                "--decoders", "lean,lean-static"])  # compiling the step takes ~25 s on the CPU: the slow test
     out = json.loads(path.read_text())
-    _check_decode_and_loss(out, script)
+    _check_decode_and_loss(out, script, compiled=False)
     step = out["steps"]["tiny/32-true"]
     assert step["precision"] == "32-true" and len(step["per_step"]) == 2 and step["median_step_s"] > 0
     assert 0 < step["per_step"][1]["generated_tokens"] <= 2 * 64 * 32  # layer 1 and layer 2: 64 rows of <= 32
@@ -60,7 +64,9 @@ def test_gpu_check_tiny_runs_every_part_and_precision(tmp_path):
     path = tmp_path / "g.json"
     script.run(["--tiny", "--json", str(path)])
     out = json.loads(path.read_text())
-    _check_decode_and_loss(out, script)
+    _check_decode_and_loss(out, script, compiled=True)
+    compiled = out["decode"]["runs"]["lean-static-compiled"]
+    assert compiled["unique_graphs"] == 1 and compiled["cudagraph_skips"] >= 1  # one graph; no CUDA graph on a CPU
     for model in ("tiny", "1.5b"):
         for precision in ("32-true", "bf16-mixed", "bf16-true"):
             assert out["steps"][f"{model}/{precision}"]["median_step_s"] > 0
