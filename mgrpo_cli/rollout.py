@@ -148,12 +148,14 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
         finished = running & (nxt == eos_token_id)
         nxt = torch.where(running, nxt, pad_token_id)  # finished rows write padding
         tokens[live, t] = nxt
-        length.masked_fill_(finished, t + 1)
-        running.logical_xor_(finished)  # finished rows were running: this clears them
+        # looking at every step (the CPU), only a step where a row finished changes anything
+        changed = check_every > 1 or bool(finished.any())
+        if changed:
+            length.masked_fill_(finished, t + 1)
+            running.logical_xor_(finished)  # finished rows were running: this clears them
         if t == max_new_tokens - 1:
             break
-        # looking every step (the CPU), only a step where a row finished can change the batch
-        if (t + 1) % check_every == 0 and (check_every > 1 or bool(finished.any())):
+        if changed and (t + 1) % check_every == 0:
             still = int(running.sum())
             if still == 0:
                 break
