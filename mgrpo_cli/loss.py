@@ -37,16 +37,58 @@ class LossSpec:
     lockstep: Optional[Callable[[int], int]] = None
 
 
+# vocabularies at least this large take the chunked log-prob path (:func:`completion_logps`): at
+# Qwen2.5's 151,936 the whole logits of a 16k-token micro-batch are 4.6 GiB in bf16 plus 9.3 GiB in
+# float32; below it (the tiny model's 260) the logits are small and one matmul is cheaper than two
+CHUNKED_VOCAB = 32768
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_weight(model) -> Optional[torch.Tensor]:
+    """The (V, H) lm_head weight when the logits are ``decoder(x).last_hidden_state @ weight.T`` and
+    nothing else (a plain bias-free ``nn.Linear`` head, not wrapped by an adapter, not sharded), else None."""
+    base = _base(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(base, "model"):
+        return None
+    if any(type(p).__name__ == "DTensor" for p in base.parameters()):
+        return None  # sharded: the root module's hooks gather the head, calling the decoder alone skips them
+    return head.weight
+
+
+def _outputs(model, weight: Optional[torch.Tensor], keep: int = 0, **kw) -> torch.Tensor:
+    """The model's logits of the last ``keep`` positions (all for 0), or, given the head ``weight``,
+    its decoder's last hidden states there (the chunked path applies the head itself)."""
+    if weight is None:
+        return model(**kw, logits_to_keep=keep).logits
+    hidden = _base(model).model(**kw).last_hidden_state
+    return hidden[:, -keep:] if keep else hidden
+
+
 def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: float,
-                     share_prompts: bool = True) -> torch.Tensor:
+                     share_prompts: bool = True, chunked: Optional[bool] = None) -> torch.Tensor:
     """Per-token log-probs of the completions of ``rows`` under ``model``: (len(rows), C).
 
     Rows of a group share their prompt. Where ``rows`` hold runs of one group (as :func:`micro_batches`
     makes them), each prompt runs once and its key/value cache serves the run's completions
-    (:func:`_shared_prompt_logits`); otherwise prompt + completion run as one sequence per row. Both
+    (:func:`_shared_prompt_outputs`); otherwise prompt + completion run as one sequence per row. Both
     give the same log-probs and gradients, up to float rounding. ``share_prompts=False`` always makes
     one forward call (sharded training needs the same number of calls on every rank).
+
+    ``chunked`` (default: when the vocabulary has at least ``CHUNKED_VOCAB`` tokens and the head
+    allows it, :func:`output_weight`): the decoder's hidden states go through the lm_head chunk by
+    chunk (:func:`grpo.chunked_selective_log_softmax`), so the (tokens x vocabulary) logits are never
+    held whole; the same log-probs and gradients up to float rounding.
     """
+    weight = output_weight(model)
+    if chunked is None:
+        chunked = weight is not None and weight.shape[0] >= CHUNKED_VOCAB
+    elif chunked and weight is None:
+        raise ValueError("completion_logps: chunked=True needs a plain bias-free lm_head (no adapter, unsharded)")
+    weight = weight if chunked else None
     prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
     comp_ids, comp_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
     # trim padding shared by every row of this micro-batch
@@ -61,42 +103,47 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
     checkpointing = torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if share_prompts and int(first_of_run.sum()) < len(rows) and not checkpointing:
-        logits = _shared_prompt_logits(model, prompt_ids[first_of_run], prompt_mask[first_of_run], comp_ids,
-                                       comp_mask, run_of_row=first_of_run.cumsum(0) - 1)
+        out = _shared_prompt_outputs(model, weight, prompt_ids[first_of_run], prompt_mask[first_of_run], comp_ids,
+                                     comp_mask, run_of_row=first_of_run.cumsum(0) - 1)
     else:
         ids = torch.cat([prompt_ids, comp_ids], 1)
         mask = torch.cat([prompt_mask, comp_mask], 1)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                       logits_to_keep=width + 1).logits[:, :-1]  # (b, width, V) predicting comp tokens
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logps = grpo.selective_log_softmax(logits, comp_ids)
+        out = _outputs(model, weight, width + 1, input_ids=ids, attention_mask=mask,
+                       position_ids=position_ids)[:, :-1]  # (b, width, V or H) predicting comp tokens
+    if weight is not None:
+        logps = grpo.chunked_selective_log_softmax(out, weight, comp_ids, temperature)
+    else:
+        if temperature > 0 and temperature != 1.0:
+            out = out / temperature
+        logps = grpo.selective_log_softmax(out, comp_ids)
     full = logps.new_zeros(comp_ids.shape[0], rollout.completion_ids.shape[1])
     full[:, :width] = logps
     return full
 
 
-def _shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp_ids: torch.Tensor,
-                          comp_mask: torch.Tensor, run_of_row: torch.Tensor) -> torch.Tensor:
-    """Logits predicting each completion token, (B, W, V): the (U, P) distinct left-padded prompts run
-    once with a cache, then the (B, W) completions run on their prompt's cache (row b on prompt
-    ``run_of_row[b]``). Gradients flow through the shared prompt keys/values as in a plain forward."""
+def _shared_prompt_outputs(model, weight: Optional[torch.Tensor], prompt_ids: torch.Tensor,
+                           prompt_mask: torch.Tensor, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
+                           run_of_row: torch.Tensor) -> torch.Tensor:
+    """Logits (or, given the head ``weight``, hidden states) predicting each completion token, (B, W, V or H):
+    the (U, P) distinct left-padded prompts run once with a cache, then the (B, W) completions run on
+    their prompt's cache (row b on prompt ``run_of_row[b]``). Gradients flow through the shared prompt
+    keys/values as in a plain forward."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    first = out.logits[run_of_row]  # (B, 1, V): each prompt's last position predicts completion token 0
+    out = _outputs(model, weight, 1, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                   cache=cache, use_cache=True)
+    first = out[run_of_row]  # (B, 1, V or H): each prompt's last position predicts completion token 0
     if comp_ids.shape[1] == 1:
         return first
     cache.batch_select_indices(run_of_row)
     prompt_mask = prompt_mask[run_of_row]
     mask = torch.cat([prompt_mask, comp_mask[:, :-1]], 1)
     position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(comp_ids.shape[1] - 1, device=comp_ids.device)
-    rest = model(input_ids=comp_ids[:, :-1], attention_mask=mask, position_ids=position_ids, cache=cache,
-                 use_cache=True).logits  # (B, W - 1, V): completion token t predicts token t + 1
+    rest = _outputs(model, weight, input_ids=comp_ids[:, :-1], attention_mask=mask, position_ids=position_ids,
+                    cache=cache, use_cache=True)  # (B, W - 1, V or H): completion token t predicts token t + 1
     return torch.cat([first, rest], 1)
 
 
