@@ -18,8 +18,10 @@ that would start after it.
     One micro-batch of the loss pass as a training step runs it (:func:`completion_logps`: policy
     forward + backward, reference forward), ``--loss-groups`` x ``--n`` rows of ``--prompt-len`` +
     ``--loss-completion-len`` tokens, in bf16, with gradient checkpointing (the 1.5B configs' default)
-    and without; its model FLOPs (:func:`mgrpo_cli.perf.loss_pass_flops`, recomputation not counted)
-    over the time and the dense bf16 peak give the MFU.
+    and without, on the chunked log-prob path (the default at this vocabulary) and on the whole
+    logits (``+whole``); its model FLOPs (:func:`mgrpo_cli.perf.loss_pass_flops`: recomputation by
+    checkpointing and the chunked path's second lm_head matmul not counted) over the time and the
+    dense bf16 peak give the MFU, and the peak memory shows what chunking saves.
 ``steps``
     Whole MGRPO training steps (``MGRPOModule.training_step`` under a Lightning Trainer: layer 1 P
     prompts x G samples, layer 2 k responses x H corrections, a frozen KL reference) in
@@ -97,7 +99,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss-groups", type=int, default=6, help="loss: groups in the micro-batch")
     p.add_argument("--loss-completion-len", type=int, default=256)
     p.add_argument("--loss-iters", type=int, default=3, help="loss: timed passes (after one warm-up pass)")
-    p.add_argument("--loss-variants", default="ckpt,no-ckpt", help="loss: with and/or without gradient checkpointing")
+    p.add_argument("--loss-variants", default="ckpt,ckpt+whole,no-ckpt",
+                   help="loss: ckpt / no-ckpt (gradient checkpointing), +chunked / +whole forcing the log-prob path "
+                        "(else completion_logps's default: chunked at Qwen2.5's vocabulary)")
     p.add_argument("--steps", type=int, default=3, help="steps: MGRPO steps per run (the first is not timed)")
     p.add_argument("--steps-models", default="tiny,1.5b", help="steps: tiny and/or 1.5b")
     p.add_argument("--steps-precisions", default=",".join(PRECISIONS) + ",bf16-true+cudnn",
@@ -334,25 +338,27 @@ def synthetic_rollout(groups: int, n: int, prompt_len: int, completion_len: int,
     return Rollout(prompts, torch.ones_like(prompts), completions, torch.ones_like(completions), [""] * len(prompts), n)
 
 
-def loss_pass(policy, reference, rollout, rows) -> None:
-    """What one micro-batch of a training step computes: reference log-probs, policy log-probs, backward."""
+def loss_pass(policy, reference, rollout, rows, chunked=None) -> None:
+    """What one micro-batch of a training step computes: reference log-probs, policy log-probs, backward.
+    ``chunked``: the log-prob path (None: completion_logps's default for the vocabulary)."""
     import torch
 
     from mgrpo_cli.loss import completion_logps
 
     with torch.no_grad():
-        ref = completion_logps(reference, rollout, rows, temperature=1.0)
-    logps = completion_logps(policy, rollout, rows, temperature=1.0)
+        ref = completion_logps(reference, rollout, rows, temperature=1.0, chunked=chunked)
+    logps = completion_logps(policy, rollout, rows, temperature=1.0, chunked=chunked)
     mask = rollout.completion_mask[rows]
     ((logps - ref) * mask).sum().div(mask.sum()).backward()
 
 
 def part_loss(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> None:
     """The loss pass with gradient checkpointing (the 1.5B configs' default: the policy then runs one
-    sequence per row) and without (each prompt once for its group)."""
+    sequence per row) and without (each prompt once for its group), on the chunked or whole-logits path."""
     import torch
 
     from mgrpo_cli import perf
+    from mgrpo_cli.loss import CHUNKED_VOCAB
 
     policy = random_model(shape, device, dtype)
     policy.train()
@@ -365,24 +371,27 @@ def part_loss(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> No
                              "completion_len": a.loss_completion_len, "dtype": str(dtype).replace("torch.", ""),
                              "runs": {}}
     for variant in [v for v in a.loss_variants.split(",") if v]:
-        checkpointing = variant == "ckpt"
+        checkpointing = variant.split("+")[0] == "ckpt"
+        chunked = {"chunked": True, "whole": False}.get(variant.split("+")[1]) if "+" in variant else None
+        if chunked is None:
+            chunked = shape["vocab_size"] >= CHUNKED_VOCAB  # completion_logps's default for this plain head
         if checkpointing:
             policy.gradient_checkpointing_enable()
         else:
             policy.gradient_checkpointing_disable()
         flops = perf.loss_pass_flops(perf.ModelShape.from_config(shape), a.loss_groups, a.n, a.prompt_len,
                                      a.loss_completion_len, reference=True, policy_shared_prompts=not checkpointing)
-        r = {"gradient_checkpointing": checkpointing, **flops}
+        r = {"gradient_checkpointing": checkpointing, "chunked_logps": chunked, **flops}
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            loss_pass(policy, reference, ro, rows)  # warm-up
+            loss_pass(policy, reference, ro, rows, chunked)  # warm-up
             _sync(device)
             times = []
             for _ in range(a.loss_iters):
                 policy.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                loss_pass(policy, reference, ro, rows)
+                loss_pass(policy, reference, ro, rows, chunked)
                 _sync(device)
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times)

@@ -38,7 +38,9 @@ def _check_decode_and_loss(out: dict, script, compiled: bool):
     assert not dec["runs"]["generate-static-compiled"]["compiles_on_this_device"]
     assert dec["lean_over_generate"] == pytest.approx(
         dec["runs"]["lean"]["tokens_per_s"] / dec["runs"]["generate-static-compiled"]["tokens_per_s"])
-    for variant, shared in (("ckpt", False), ("no-ckpt", True)):
+    assert list(out["loss"]["runs"])[:3] == ["ckpt", "ckpt+whole", "no-ckpt"]
+    assert [r["chunked_logps"] for r in list(out["loss"]["runs"].values())[:3]] == [False] * 3  # vocabulary 260
+    for variant, shared in (("ckpt", False), ("ckpt+whole", False), ("no-ckpt", True)):
         run = out["loss"]["runs"][variant]
         want = perf.loss_pass_flops(shape, 2, 4, 16, 16, reference=True, policy_shared_prompts=shared)
         assert run["flops"] == want["flops"] and run["tokens"] == 2 * 16 + 8 * 16
@@ -49,7 +51,7 @@ def test_gpu_check_tiny_decode_loss_and_one_step_run(tmp_path, capsys):
     script = _script()
     path = tmp_path / "g.json"
     script.run(["--tiny", "--json", str(path), "--steps-models", "tiny", "--steps-precisions", "32-true",
-                "--decoders", "lean,lean-static"])  # compiling the step takes ~25 s on the CPU: the slow test
+                "--decoders", "lean,lean-static", "--loss-variants", "ckpt,ckpt+whole,no-ckpt"])  # compiling the step takes ~25 s on the CPU: the slow test
     out = json.loads(path.read_text())
     _check_decode_and_loss(out, script, compiled=False)
     step = out["steps"]["tiny/32-true"]
