@@ -265,7 +265,7 @@ def time_generate(model, ids, mask, a, device, compiled: bool) -> dict:
     import torch
 
     model.generation_config.eos_token_id = None  # every row runs to max_new_tokens, as ours does
-    kw = dict(do_sample=True, temperature=1.0, top_k=None, top_p=1.0, num_return_sequences=a.n, pad_token_id=0,
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=a.n, pad_token_id=0,
               cache_implementation="static", max_cache_len=a.prompt_len + a.new_tokens + 1,
               disable_compile=not compiled)
     start = time.perf_counter()
@@ -571,7 +571,8 @@ def environment() -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
-        env["sdp_backends"] = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+        env["device_name"] = torch.cuda.get_device_name()
+        env["sdp_backends"] = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
                                for name in ("flash", "mem_efficient", "math", "cudnn")}
     return env
 
