@@ -43,7 +43,7 @@ class ModelShape:
     qkv_bias: bool = True  # Qwen2 has q/k/v biases; Llama does not
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
+    def from_config(cls, config: Any) -> ModelShape:
         """From a transformers config object or its ``config.json`` dict."""
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
