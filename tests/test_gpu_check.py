@@ -48,7 +48,10 @@ def _check_decode_and_loss(out: dict, script, compiled: bool):
 
 
 def test_gpu_check_tiny_decode_loss_and_one_step_run(tmp_path, capsys):
+    from mgrpo_cli import perf
+
     script = _script()
+    assert perf.parameters(perf.ModelShape.from_config(script.QWEN25_1P5B)) == 1_543_714_304  # the published count
     path = tmp_path / "g.json"
     script.run(["--tiny", "--json", str(path), "--steps-models", "tiny", "--steps-precisions", "32-true",
                 "--decoders", "lean,lean-static", "--loss-variants", "ckpt,ckpt+whole,no-ckpt"])  # compiling the step takes ~25 s on the CPU: the slow test

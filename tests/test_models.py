@@ -6,14 +6,13 @@ tokenizer into a folder and sets ``model.path`` to it, with ``model.random_init_
 """
 import contextlib
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, compose
+from conftest import compose
 from safetensors.torch import load_file
 
 from mgrpo_cli.loss import completion_logps
@@ -215,21 +214,3 @@ def test_lora_run_exports_merged_and_eval_exports_the_same_from_its_checkpoint(s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = run_eval(compose("eval", common + [f"model.path={run / 'export'}"]))
     assert summary["n"] == 4 and "acc_t2" in summary
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_check_runs_its_tiny_size_on_cpu(tmp_path):
-    check = _gpu_check()
-    assert (check.QWEN25_1P5B["hidden_size"], check.QWEN25_1P5B["num_hidden_layers"],
-            check.QWEN25_1P5B["vocab_size"]) == (1536, 28, 151936)
-    assert qwen2_parameters(check.QWEN25_1P5B, 28) == 1_543_714_304  # Qwen2.5-1.5B's published count
-    out = check.run(["--tiny", "--steps", "2", "--prompts", "2", "--generations", "4", "--group-size", "2",
-                     "--max-new-tokens", "8", "--json", str(tmp_path / "r.json")])
-    assert out["steps"] == 2 and out["rollout_tokens_per_s"] > 0 and out["train_tokens_per_s"] > 0
-    assert json.loads((tmp_path / "r.json").read_text())["per_step"][1]["generated_tokens"] > 0
