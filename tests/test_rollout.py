@@ -172,6 +172,16 @@ def test_greedy_tokens_equal_model_generate_on_cuda(lean, attn, n):
 
 
 @CUDA
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_static_step_greedy_tokens_equal_model_generate_on_cuda(check_every):
+    """fp32 on the GPU: the static step (whole-buffer attention, on-device column), rows shrunk to buckets."""
+    model, tok = _warm_start()
+    prompts = PADDED + ["2+20-11+5\n", "15-3\n", "9+9+9\n"]
+    _assert_greedy_equals_generate(model.cuda(), tok, prompts, True, n=3, max_new_tokens=40, check_every=check_every,
+                                   static=True)
+
+
+@CUDA
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("lean", [True, False])
 def test_bf16_greedy_tokens_on_cuda_are_the_plain_forwards_argmax(lean, n):
