@@ -14,6 +14,7 @@ USAGE = """usage: mgrpo <command> [key=value ...] [-m] [--cfg job] [--help]
 commands:
   train   train a policy with GRPO / MGRPO          (mgrpo train model=qwen1.5b layer=grpo)
   eval    score a model on a dataset, t1 and t2     (mgrpo eval dataset=gsm8k model.path=DIR)
+  report  compare the runs of a sweep, with intervals (mgrpo report outputs/train/multiruns/<sweep>)
 
 examples:
   mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~8 min on 2 CPU cores
@@ -21,9 +22,10 @@ examples:
   mgrpo train --cfg job                        # print the composed config
   mgrpo eval dataset=math500 checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt
   mgrpo eval rescore=outputs/eval/runs/<run>/problems.jsonl
+  mgrpo report outputs/train/multiruns/<sweep>  # report.md/.html: groups, 95% intervals, verdicts
 """
 
-COMMANDS = {"train": "mgrpo_cli.train", "eval": "mgrpo_cli.evaluate"}
+COMMANDS = {"train": "mgrpo_cli.train", "eval": "mgrpo_cli.evaluate", "report": "mgrpo_cli.report"}
 # Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
 # mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
 # command travels to them in this variable (they also get LOCAL_RANK).
