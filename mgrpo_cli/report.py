@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mgrpo_cli.heldout import FOLDER as HELDOUT, ProblemResult, RowsError, read_rows, step_of
+from mgrpo_cli.heldout import FOLDER as HELDOUT
+from mgrpo_cli.heldout import ProblemResult, RowsError, read_rows, step_of
 from mgrpo_cli.stats import Interval, crossed_bootstrap, t_interval, verdict
 
 log = logging.getLogger(__name__)
