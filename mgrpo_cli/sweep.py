@@ -105,10 +105,26 @@ class SweepCallback(Callback):
         atexit.register(self._at_exit)
 
     def _start_parent(self, config: DictConfig) -> None:
-        from mgrpo_cli.tracking import sweep_parent_run
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
 
+        from mgrpo_cli.tracking import tracking_uri
+
+        client = MlflowClient(tracking_uri=tracking_uri(config))
+        name = config.logger.experiment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:  # as the jobs' MLFlowLogger would create it
+            artifacts = (Path(config.paths.outputs).resolve() / "mlartifacts").as_uri()
+            experiment_id = client.create_experiment(name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
         overrides = [str(o) for o in config.hydra.overrides.task]
-        self.client, self.parent_id = sweep_parent_run(config, self.sweep_dir, overrides)
+        run = client.create_run(experiment_id, run_name=f"sweep-{self.sweep_dir.name}", tags={
+            "mgrpo.kind": "sweep", "overrides": " ".join(overrides) or "(none)",
+            "sweep_dir": str(self.sweep_dir.resolve()), "task": str(config.get("task_name", ""))})
+        self.client, self.parent_id = client, run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         log.info("sweep: parent MLflow run %s", self.parent_id)
 
