@@ -597,7 +597,8 @@ def plot_training(an: Analysis, path: Path) -> Optional[Path]:
                 ax.set_xlabel("step", fontsize=8)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"training metrics (moving mean over {window} steps; band: 95% t-interval over seeds)", fontsize=10)
+    smoothing = f"moving mean over {window} steps" if window > 1 else "per step"
+    fig.suptitle(f"training metrics ({smoothing}; band: 95% t-interval over seeds)", fontsize=10)
     fig.tight_layout()
     canvas.print_png(str(path))
     return path

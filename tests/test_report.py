@@ -198,3 +198,41 @@ def test_cli_errors_are_one_line(tmp_path, sweep):
         assert res.returncode == 2, res.stdout + res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_report_from_an_mlflow_experiment_logs_to_the_sweeps_parent_run(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("study", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(exp, tags={"mgrpo.kind": "sweep"}).info.run_id
+    for layer, ends in (("grpo", GRPO_END), ("mgrpo", MGRPO_END)):
+        for seed in (0, 1):
+            run = client.create_run(exp, tags={"mlflow.parentRunId": parent,
+                                               "overrides": f"layer={layer} seed={seed}"}).info.run_id
+            for k, v in {"task_name": "train", "seed": seed, "layer.name": layer, "dataset.name": "arith",
+                         "eval.split": "test", "eval.limit": None}.items():
+                client.log_param(run, k, v)
+            depths = (1, 2) if layer == "mgrpo" else (1,)
+            client.log_batch(run, metrics=[Metric(f"train/layer{d}/{m}", 0.1 * d + 0.01 * step + 0.05 * seed, 0, step)
+                                           for d in depths for m in ("reward_mean", "kl") for step in range(1, 11)])
+            folder = tmp_path / "files" / run
+            for step, rows in ((0, _rows(6, 8)), (10, _rows(*ends[seed]))):
+                client.log_artifact(run, str(write_rows(step_file(folder, step), rows)), "heldout")
+            client.set_terminated(run)
+    failed = client.create_run(exp).info.run_id
+    client.set_terminated(failed, "FAILED")
+
+    rep = make_report(["study"], out=tmp_path / "out", tracking_uri=uri, n_resamples=500)
+    an = rep.analysis
+    assert [(g.label, g.seeds) for g in an.grouping.groups] == [("grpo", [0, 1]), ("mgrpo", [0, 1])]
+    assert an.end["grpo"]["acc_t2"].mean == pytest.approx(0.55)
+    half = 12.706205 * (0.1 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * s / sqrt(n), s of (0.5, 0.6)
+    assert an.end["grpo"]["acc_t2"].high == pytest.approx(0.55 + half, abs=1e-5)
+    assert (tmp_path / "out" / "training.png").stat().st_size > 0
+    assert f"`{failed}`: FAILED" in (tmp_path / "out" / "report.md").read_text()
+    assert rep.mlflow.endswith(f"parent run {parent}, artifacts report/")
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/report.html", "report/training.png"} <= logged
