@@ -292,16 +292,23 @@ def config_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def run_logger(cfg: Any, run_name: str):
-    """The MLflow run of this command (``logger.enabled``), or None."""
+def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None):
+    """The MLflow run of this command (``logger.enabled``), or None. Tagged with the run folder
+    (``run_dir``, how ``mgrpo report`` finds a folder's run) and, in a sweep, with the sweep's parent
+    run (``mlflow.parentRunId`` from ``sweep.PARENT_ENV``), which nests it under that run."""
     if not cfg.logger.enabled:
         return None
+    from mgrpo_cli.sweep import PARENT_ENV
     from mgrpo_cli.tracking import RunLogger, default_tracking_uri
 
     uri = cfg.logger.tracking_uri or default_tracking_uri(cfg.paths.outputs)
+    tags = {"overrides": " ".join(overrides()) or "(none)", "task": cfg.task_name}
+    if run_folder is not None:
+        tags["run_dir"] = str(Path(run_folder).resolve())
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     return RunLogger(uri, cfg.logger.experiment, run_name, params=config_dict(cfg),
-                     artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts",
-                     tags={"overrides": " ".join(overrides()) or "(none)", "task": cfg.task_name})
+                     artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts", tags=tags)
 
 
 # ---------------------------------------------------------------------------------------------- objects

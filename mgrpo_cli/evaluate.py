@@ -194,7 +194,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             summary["problems_per_s"] = rate
         summary["grader"] = grader.stats()
         files = write_outputs(out, name, records, summary)
-        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"eval-{name}-{out.name}")
+        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"eval-{name}-{out.name}", run_folder=out)
         if run_logger:
             run_logger.log_metrics(scalars(summary, f"eval/{name}"))
             for f in files:

@@ -25,13 +25,14 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from mgrpo_cli import distributed
+from mgrpo_cli import distributed, heldout
 from mgrpo_cli.data import Problem
 from mgrpo_cli.layers import LayerResult, LayerSpec, first_inputs, inputs_after, run_layer
 from mgrpo_cli.loss import LossSpec, completion_logps, policy_loss_backward
 from mgrpo_cli.metrics import self_correction
 from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
+from mgrpo_cli.rewards import extract_answer
 from mgrpo_cli.rollout import Rollout, RolloutEngine
 from mgrpo_cli.solve import SolveSpec, solve
 
@@ -73,6 +74,7 @@ class MGRPOModule(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
+        self.run_dir = None  # rank 0 writes heldout/step_<step>.jsonl here (heldout.py); set by the train task
         self._rotary = rotary_frequencies(policy)  # restored after Lightning's precision cast (on_fit_start)
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
@@ -199,9 +201,14 @@ class MGRPOModule(L.LightningModule):
                 return
             solved = solve(self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
                            [p.answer for p in mine], self.validation)
-        for i, _ in enumerate(mine):
-            self._val_rows.append({"t1": bool(solved.t1_correct[i][0]),
-                                   "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None})
+        fallback = self.reward_fn.grader.last_number_fallback
+        for i, p in enumerate(mine):
+            t2 = solved.t2_texts[i] if solved.t2_texts else None
+            self._val_rows.append({
+                "id": p.id, "t1": bool(solved.t1_correct[i][0]),
+                "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None,
+                "t1_answer": extract_answer(solved.t1_texts[i][0], last_number_fallback=fallback),
+                "t2_answer": None if t2 is None else extract_answer(t2, last_number_fallback=fallback)})
 
     def on_validation_epoch_end(self) -> None:
         rows, self._val_rows = distributed.gather(self._val_rows), []
@@ -213,6 +220,11 @@ class MGRPOModule(L.LightningModule):
         else:
             out = self_correction(t1, [r["t2"] for r in rows])
         self.last_val = {k: float(v) for k, v in out.items()}
+        if self.run_dir is not None and self.trainer.is_global_zero:
+            path = heldout.write_rows(heldout.step_file(self.run_dir, self.global_step),
+                                      [heldout.ProblemResult(**r) for r in rows])
+            if self.run_logger is not None:
+                self.run_logger.log_file(path, heldout.FOLDER)
         # every rank holds the same numbers; sync_dist keeps Lightning's epoch-level bookkeeping consistent
         self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows),
                       sync_dist=self.trainer.world_size > 1)

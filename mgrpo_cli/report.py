@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mgrpo_cli.errors import EXIT_USER_ERROR, UserError
 from mgrpo_cli.heldout import FOLDER as HELDOUT
 from mgrpo_cli.heldout import ProblemResult, RowsError, read_rows, step_of
 from mgrpo_cli.stats import Interval, crossed_bootstrap, t_interval, verdict
@@ -61,7 +62,7 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 DONE_FILE = {"train": "result.json", "eval": "summary.json"}
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A report that cannot be made; the message is one line naming what is wrong."""
 
 
@@ -911,8 +912,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         report = make_report(args.what, out=args.out, tracking_uri=args.tracking_uri,
                              log_mlflow=not args.no_mlflow, n_resamples=args.resamples)
     except (ReportError, RowsError) as e:
-        print(f"mgrpo report: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
     for line in report.verdicts:
         print(line)
     if report.mlflow:

@@ -110,9 +110,9 @@ class SweepCallback(Callback):
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
-        from mgrpo_cli.tracking import tracking_uri
+        from mgrpo_cli.tracking import default_tracking_uri
 
-        client = MlflowClient(tracking_uri=tracking_uri(config))
+        client = MlflowClient(tracking_uri=config.logger.tracking_uri or default_tracking_uri(config.paths.outputs))
         name = config.logger.experiment
         experiment = client.get_experiment_by_name(name)
         if experiment is None:  # as the jobs' MLFlowLogger would create it
@@ -170,7 +170,12 @@ class SweepCallback(Callback):
         path = folder / STATUS_FILE
         if path.is_file() or not folder.is_dir():
             return
+        from mgrpo_cli.errors import failed_jobs  # UserErrors that errors.run_command caught in this job
+
         ok = job_return.status == JobStatus.COMPLETED
         error = None if ok else one_line(getattr(job_return, "_return_value", None) or "the job raised")
+        mine = [e for name, e in failed_jobs if name.split(" ", 1)[0] == f"#{config.hydra.job.num}"]
+        if ok and mine:
+            ok, error = False, one_line(f"UserError: {mine[-1]}")
         path.write_text(json.dumps({"status": "FINISHED" if ok else "FAILED", "error": error,
                                     "mlflow_run_id": None}))

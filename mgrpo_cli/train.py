@@ -39,8 +39,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
             return {}
         setup = build.training(cfg, reward_fn, problems, start_from)
         module = setup.module
-        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"{cfg.task_name}-{out.name}")
+        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"{cfg.task_name}-{out.name}", run_folder=out)
         module.run_logger = run_logger
+        module.run_dir = out
         callbacks = [weight_checksums_callback(out)] if cfg.trainer.weight_checksums else []
         trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks)
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)

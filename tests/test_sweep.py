@@ -67,8 +67,9 @@ def _runs(db: Path) -> dict[str, tuple[str, dict]]:
     return {r: (runs[r], tags[r]) for r in runs}
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
-                         ids=["basic", "joblib"])
+@pytest.mark.parametrize("launcher", [
+    [], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=pytest.mark.slow)],
+    ids=["basic", "joblib"])
 def test_parent_run_reaches_every_job(tmp_path, launcher):
     res = _run(_app(tmp_path), "x=1,2,3", *launcher)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -106,3 +107,51 @@ def test_failure_line_reads_status_files(tmp_path):
                     "#2 (seed=2): UNKNOWN: no status.json (the job was killed or never ended)")
     assert failure_line(read_jobs(tmp_path)[:1]) is None
     assert one_line(RuntimeError("a\nb")) == "RuntimeError: a" and len(one_line("x" * 500)) == 300
+
+
+def _children(db: Path) -> tuple[str, list[tuple[str, dict]]]:
+    runs = _runs(db)
+    (parent,) = [r for r, (_, tags) in runs.items() if tags.get("mgrpo.kind") == "sweep"]
+    return parent, [(status, tags) for r, (status, tags) in runs.items() if tags.get("mlflow.parentRunId") == parent]
+
+
+@pytest.mark.slow
+def test_joblib_debug_sweep_is_one_parent_with_four_children_and_a_report(tmp_path):
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    res = run_cli("train", "-m", "layer=grpo,mgrpo", "seed=0,1", "debug=fast", "trainer.threads=1",
+                  "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"paths.outputs={tmp_path}",
+                  f"hydra.sweep.dir={sweep}", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parent, children = _children(tmp_path / "mlflow.db")
+    assert len(children) == 4 and all(status == "FINISHED" for status, _ in children)
+    assert sorted(" ".join(tags["overrides"].split()[:2]) for _, tags in children) == [
+        "layer=grpo seed=0", "layer=grpo seed=1", "layer=mgrpo seed=0", "layer=mgrpo seed=1"]
+    assert all((sweep / str(j) / "heldout" / "step_000000.jsonl").is_file() for j in range(4))
+
+    res = run_cli("report", str(sweep), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((sweep / "report" / "report.json").read_text())
+    assert report["keys"] == ["layer"] and report["problems"] == 8
+    assert {g: v["seeds"] for g, v in report["groups"].items()} == {"grpo": [0, 1], "mgrpo": [0, 1]}
+    md = (sweep / "report" / "report.md").read_text()
+    assert "### grpo (n = 2 seeds: 0, 1)" in md and "### mgrpo (n = 2 seeds: 0, 1)" in md
+    assert f"parent run {parent}" in res.stdout
+    assert any(p.name == "report.html" for p in (tmp_path / "mlartifacts").rglob("report.html") if parent in str(p))
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_of_two_debug_jobs_completes(tmp_path):
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    res = run_cli("train", "-m", "seed=0,1", "debug=fast", "trainer.threads=1", "hydra/launcher=submitit_local",
+                  "hydra.launcher.timeout_min=15", f"paths.outputs={tmp_path}", f"hydra.sweep.dir={sweep}",
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in (0, 1):
+        assert json.loads((sweep / str(job) / "status.json").read_text())["status"] == "FINISHED"
+        assert (sweep / str(job) / "result.json").is_file()
+    parent, children = _children(tmp_path / "mlflow.db")
+    assert len(children) == 2 and all(status == "FINISHED" for status, _ in children)
