@@ -509,11 +509,11 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
 
 # ---------------------------------------------------------------------------- figures
 
-def _figure(figsize):
+def _figure(figsize, dpi: int = 100):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=100)
+    fig = Figure(figsize=figsize, dpi=dpi)
     return fig, FigureCanvasAgg(fig)
 
 
@@ -577,9 +577,9 @@ def plot_training(an: Analysis, path: Path) -> Optional[Path]:
     if not depths:
         return None
     names = [(m, label) for m, label in TRAIN_METRICS if any(k.endswith("/" + m) for k in keys)]
-    fig, canvas = _figure((4.2 * len(depths), 2.8 * len(names)))
+    fig, canvas = _figure((4.2 * len(depths), 2.8 * len(names)), dpi=80)
     longest = max(len(v) for g in groups for r in g.runs for v in r.history.values())
-    window = max(1, round(longest / 30))
+    window = max(1, round(longest / 15))
     for i, (m, label) in enumerate(names):
         for j, depth in enumerate(depths):
             ax = fig.add_subplot(len(names), len(depths), i * len(depths) + j + 1)

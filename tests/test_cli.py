@@ -66,6 +66,13 @@ def test_two_step_train_then_eval_on_gsm8k_and_math500(tmp_path):
             "train/layer1/zero_variance_groups", "train/layer1/clip_fraction", "val/acc_t1",
             "val/delta_i2c", "train/step_time"} <= keys
     assert {"grpo.num_generations", "layer.select", "model.name"} <= params
+    # per-problem rows of the held-out evaluations before and after the two steps, also in MLflow
+    steps = sorted(p.name for p in (run / "heldout").iterdir())
+    assert steps == ["step_000000.jsonl", "step_000002.jsonl"]
+    rows = [json.loads(line) for line in (run / "heldout" / "step_000002.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and set(rows[0]) == {"id", "t1", "t2", "t1_answer", "t2_answer"}
+    assert len({r["id"] for r in rows}) == 8
+    assert len(list((tmp_path / "mlartifacts").rglob("heldout/step_000002.jsonl"))) == 1
 
     # continue from the checkpoint: two more steps
     res2 = run_cli("train", *FAST, f"paths.outputs={tmp_path}", "trainer.max_steps=4",
@@ -85,10 +92,15 @@ def test_two_step_train_then_eval_on_gsm8k_and_math500(tmp_path):
         assert (out / "transitions.png").stat().st_size > 0
 
 
-def test_sweep_leaves_two_mlflow_runs(tmp_path):
+def test_sweep_leaves_a_parent_mlflow_run_and_two_children(tmp_path):
     res = run_cli("train", "-m", *FAST, "trainer.max_steps=1", "seed=0,1", f"paths.outputs={tmp_path}",
                   "hydra.sweep.dir=" + str(tmp_path / "sweep"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = _mlflow_runs(tmp_path / "mlflow.db")
-    assert len(runs) == 2 and all(status == "FINISHED" for _, status in runs)
+    assert len(runs) == 3 and all(status == "FINISHED" for _, status in runs)
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        (parent,) = con.execute("select run_uuid from tags where key = 'mgrpo.kind' and value = 'sweep'").fetchone()
+        children = con.execute("select run_uuid from tags where key = 'mlflow.parentRunId' and value = ?",
+                               (parent,)).fetchall()
+    assert len(children) == 2
     assert (tmp_path / "sweep" / "0").is_dir() and (tmp_path / "sweep" / "1").is_dir()
