@@ -73,13 +73,13 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def failure_line(jobs: list[dict[str, Any]]) -> Optional[str]:
-    """``mgrpo: 1 of 4 sweep jobs failed: #2 (layer=grpo seed=1): ValueError: …`` or None."""
+    """``error: 1 of 4 sweep jobs failed: #2 (layer=grpo seed=1): ValueError: …`` or None."""
     failed = [j for j in jobs if j["status"] != "FINISHED"]
     if not failed:
         return None
     parts = [f"#{j['job']} ({' '.join(j['overrides']) or 'no overrides'}): {j['status']}"
              + (f": {j['error']}" if j["error"] else "") for j in failed]
-    return f"mgrpo: {len(failed)} of {len(jobs)} sweep jobs failed: " + "; ".join(parts)
+    return f"error: {len(failed)} of {len(jobs)} sweep jobs failed: " + "; ".join(parts)
 
 
 class SweepCallback(Callback):

@@ -87,7 +87,7 @@ def test_parent_run_reaches_every_job(tmp_path, launcher):
 def test_failed_job_gives_one_line_and_a_non_zero_exit(tmp_path):
     res = _run(_app(tmp_path), "x=1,2,3", "fail_at=2")
     assert res.returncode != 0
-    expected = "mgrpo: 1 of 3 sweep jobs failed: #1 (x=2 fail_at=2): FAILED: ValueError: x=2: boom"
+    expected = "error: 1 of 3 sweep jobs failed: #1 (x=2 fail_at=2): FAILED: ValueError: x=2: boom"
     assert res.stderr.strip().splitlines()[-1] == expected, res.stderr[-2000:]
     status = json.loads((tmp_path / "sweep" / "1" / "status.json").read_text())
     assert status == {"status": "FAILED", "error": "ValueError: x=2: boom", "mlflow_run_id": None}
@@ -103,7 +103,7 @@ def test_failure_line_reads_status_files(tmp_path):
         if status:
             (tmp_path / str(job) / "status.json").write_text(json.dumps(status))
     line = failure_line(read_jobs(tmp_path))
-    assert line == ("mgrpo: 2 of 3 sweep jobs failed: #1 (seed=1): KILLED: SIGTERM; "
+    assert line == ("error: 2 of 3 sweep jobs failed: #1 (seed=1): KILLED: SIGTERM; "
                     "#2 (seed=2): UNKNOWN: no status.json (the job was killed or never ended)")
     assert failure_line(read_jobs(tmp_path)[:1]) is None
     assert one_line(RuntimeError("a\nb")) == "RuntimeError: a" and len(one_line("x" * 500)) == 300
@@ -155,3 +155,20 @@ def test_submitit_local_sweep_of_two_debug_jobs_completes(tmp_path):
         assert (sweep / str(job) / "result.json").is_file()
     parent, children = _children(tmp_path / "mlflow.db")
     assert len(children) == 2 and all(status == "FINISHED" for status, _ in children)
+
+
+@pytest.mark.slow
+def test_a_failed_train_job_is_listed_in_one_line_and_the_sweep_exits_non_zero(tmp_path):
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    res = run_cli("train", "-m", f"model.path={tmp_path}/missing,null", "debug=fast", "trainer.threads=1",
+                  f"paths.outputs={tmp_path}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: 1 of 2 sweep jobs failed: #0 (model.path={tmp_path}/missing debug=fast")
+    assert "missing" in last.split("FAILED: UserError: ", 1)[1]
+    assert json.loads((sweep / "1" / "status.json").read_text())["status"] == "FINISHED"
+    runs = _runs(tmp_path / "mlflow.db")
+    (parent,) = [r for r, (_, tags) in runs.items() if tags.get("mgrpo.kind") == "sweep"]
+    assert runs[parent][0] == "FAILED"
