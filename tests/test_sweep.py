@@ -67,9 +67,8 @@ def _runs(db: Path) -> dict[str, tuple[str, dict]]:
     return {r: (runs[r], tags[r]) for r in runs}
 
 
-@pytest.mark.parametrize("launcher", [
-    [], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=pytest.mark.slow)],
-    ids=["basic", "joblib"])
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["basic", "joblib"])
 def test_parent_run_reaches_every_job(tmp_path, launcher):
     res = _run(_app(tmp_path), "x=1,2,3", *launcher)
     assert res.returncode == 0, res.stderr[-2000:]
