@@ -336,6 +336,18 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in IGNORED_KEYS)
 
 
+def _short_values(values: list[str]) -> dict[str, str]:
+    """Labels for one key's values: paths shortened to their last parts, as few as keep them apart."""
+    values = list(dict.fromkeys(values))
+    if not all("/" in v for v in values):
+        return {v: v for v in values}
+    for n in range(1, max(len(Path(v).parts) for v in values) + 1):
+        tails = {v: str(Path(*Path(v).parts[-n:])) for v in values}
+        if len(set(tails.values())) == len(values):
+            return tails
+    return {v: v for v in values}
+
+
 def group_runs(runs: list[Run]) -> Grouping:
     commands = sorted({r.command for r in runs})
     if len(commands) > 1:
@@ -355,6 +367,7 @@ def group_runs(runs: list[Run]) -> Grouping:
     by_values: dict[tuple[str, ...], list[Run]] = {}
     for r in runs:
         by_values.setdefault(tuple(r.value(k) for k in varying), []).append(r)
+    short = [_short_values([v[i] for v in by_values]) for i in range(len(varying))]
     groups = []
     for values, members in by_values.items():
         seeds = [r.seed for r in members]
@@ -363,10 +376,11 @@ def group_runs(runs: list[Run]) -> Grouping:
             names = [Path(r.name).name for r in members if r.seed in dup]
             raise ReportError(f"runs {', '.join(names)} share every swept key and seed={dup[0]}: "
                               "no key tells them apart (sweep a key, or report them separately)")
+        shown = [short[i][v] for i, v in enumerate(values)]
         if len(varying) == 1:
-            label = values[0]
+            label = shown[0]
         else:
-            label = ", ".join(f"{k}={v}" for k, v in zip(varying, values)) or "all runs"
+            label = ", ".join(f"{k}={v}" for k, v in zip(varying, shown)) or "all runs"
         groups.append(Group(values, label, sorted(members, key=lambda r: r.seed)))
     pairs = []
     for i, a in enumerate(groups):

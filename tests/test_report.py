@@ -152,7 +152,7 @@ def test_unfinished_runs_are_listed_and_left_out(sweep, tmp_path):
 
 def test_eval_runs_get_intervals_over_problems(tmp_path):
     root = tmp_path / "evals"
-    for job, (model, n_right) in enumerate((("A", 12), ("B", 16))):
+    for job, (model, n_right) in enumerate((("/runs/A/export", 12), ("/runs/B/export", 16))):
         folder = root / str(job)
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
@@ -165,12 +165,13 @@ def test_eval_runs_get_intervals_over_problems(tmp_path):
             for i, pid in enumerate(IDS)))
     rep = make_report([str(root)], out=tmp_path / "o", log_mlflow=False, n_resamples=2000)
     an = rep.analysis
-    a = an.end["A"]["acc_t1"]  # one run: t-interval over its 20 problems, 12 right
+    assert [g.label for g in an.grouping.groups] == ["A/export", "B/export"]  # paths cut to what tells them apart
+    a = an.end["A/export"]["acc_t1"]  # one run: t-interval over its 20 problems, 12 right
     half = T_975_19 * math.sqrt(0.6 * 0.4 * 20 / 19) / math.sqrt(20)
     assert a.mean == pytest.approx(0.6) and a.n == P and a.high - a.mean == pytest.approx(half, abs=1e-6)
     diff = next(c for c in an.comparisons if c.metric == "acc_t1")
     assert diff.diff.mean == pytest.approx(0.2) and diff.n_seeds == 1 and not an.changes
-    assert diff.line().startswith("B Acc@t1 − A Acc@t1 = +20.0 [")
+    assert diff.line().startswith("B/export Acc@t1 − A/export Acc@t1 = +20.0 [")
 
 
 def test_groups_differing_in_two_keys_are_not_comparable(tmp_path):
