@@ -54,16 +54,157 @@ def test_k3_kl_values():
 
 
 def test_clipped_surrogate_clips_both_sides():
-    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
-    old = torch.zeros(1, 3)
-    loss, clipped = grpo.clipped_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.2)
+    log_ratio = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    sur = grpo.clipped_surrogate(log_ratio, torch.tensor([1.0]), 0.2, 0.2)
     # A > 0: ratio 1.5 clipped to 1.2; ratio 0.5 not clipped (min picks 0.5); 1.1 inside
-    assert torch.allclose(loss, -torch.tensor([[1.2, 0.5, 1.1]]))
-    assert clipped.tolist() == [[True, False, False]]
-    loss_neg, clipped_neg = grpo.clipped_surrogate(logp, old, torch.tensor([-1.0]), 0.2, 0.2)
+    assert torch.allclose(sur.loss, -torch.tensor([[1.2, 0.5, 1.1]]))
+    assert sur.high.tolist() == [[True, False, False]] and not sur.low.any()
+    assert sur.region.tolist() == [[True, False, False]]
+    neg = grpo.clipped_surrogate(log_ratio, torch.tensor([-1.0]), 0.2, 0.2)
     # A < 0: min(-r, -clip(r)) -> 0.5 clipped to 0.8, 1.5 stays
-    assert torch.allclose(loss_neg, torch.tensor([[1.5, 0.8, 1.1]]))
-    assert clipped_neg.tolist() == [[False, True, False]]
+    assert torch.allclose(neg.loss, torch.tensor([[1.5, 0.8, 1.1]]))
+    assert neg.low.tolist() == [[False, True, False]] and not neg.high.any()
+
+
+def test_delta_caps_the_ratio_of_negative_advantages_only():
+    log_ratio = torch.log(torch.tensor([[3.0, 1.5, 0.5]]))
+    # A < 0: without delta the loss grows with the ratio (3.0); delta = 2 caps it there
+    neg = grpo.clipped_surrogate(log_ratio, torch.tensor([-2.0]), 0.2, 0.2, delta=2.0)
+    assert torch.allclose(neg.loss, torch.tensor([[4.0, 3.0, 1.6]]))
+    assert torch.allclose(grpo.clipped_surrogate(log_ratio, torch.tensor([-2.0]), 0.2, 0.2).loss,
+                          torch.tensor([[6.0, 3.0, 1.6]]))
+    # A > 0: the clip range binds first (1.2 < delta), so delta changes nothing
+    pos, plain = (grpo.clipped_surrogate(log_ratio, torch.tensor([1.0]), 0.2, 0.2, delta=d) for d in (2.0, None))
+    assert torch.equal(pos.loss, plain.loss)
+
+
+def test_sequence_ratio_is_exp_of_the_mean_token_log_ratio():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.4, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -3.4], [-0.5, -0.6, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    x = grpo.sequence_log_ratio(logp, old, mask)
+    means = [(0.2 - 0.1 + 0.4) / 3, (0.0 + 0.2) / 2]  # padding (row 2, token 3) left out
+    assert torch.allclose(torch.exp(x), torch.exp(torch.tensor(means)).unsqueeze(-1).expand(2, 3))
+    # stop-gradient form: d x_it / d logp_it' = 1 if t == t' (each token carries its own gradient)
+    x[0, 1].backward()
+    assert logp.grad.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert grpo.policy_loss("sequence").log_ratio is grpo.sequence_log_ratio
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo.policy_loss("tokens")
+
+
+def test_sequence_level_gradient_is_gspo():
+    """Per-sequence token means of the GSPO loss: d/dlogp_t = -exp(s) * A / |y| inside the clip range."""
+    logp = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
+    old = torch.tensor([[-1.05, -1.95, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = grpo.policy_loss("sequence")(logp, torch.tensor([2.0]), mask, old_logp=old)
+    loss = grpo.sequence_terms(out.loss, mask, "grpo").sum() / grpo.loss_normalizer(mask, "grpo", 3)
+    loss.backward()
+    s = math.exp((0.05 - 0.05) / 2)
+    assert torch.allclose(logp.grad, torch.tensor([[-s * 2.0 / 2, -s * 2.0 / 2, 0.0]]))
+
+
+def _toy_logp(theta: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A 'policy' whose logits are the parameter itself: (B, T, V) logits -> (B, T) log-probs of tokens."""
+    return torch.log_softmax(theta, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def test_one_iteration_with_stored_old_logps_equals_the_detached_ratio():
+    """num_iterations = 1: pi_old from a no-grad pass of the same weights gives today's gradient exactly."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, 4, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (3, 4))
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([1.5, -0.5, 0.7])
+    grads = []
+    for stored in (False, True):
+        with torch.no_grad():
+            old = _toy_logp(theta, tokens) if stored else None
+        theta.grad = None
+        out = grpo.policy_loss()(_toy_logp(theta, tokens), adv, mask, old_logp=old)
+        (grpo.sequence_terms(out.loss, mask, "grpo").sum() / 3).backward()
+        grads.append(theta.grad.clone())
+        assert not out.low.any() and not out.high.any()
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_second_iteration_clips():
+    """num_iterations = 2: the first pass moves the policy (ratio 1 -> 1.76 for A > 0), so the second
+    pass is clipped at 1 + eps and gives no gradient."""
+    theta = torch.zeros(1, 1, 2, requires_grad=True)  # p(token 0) = 0.5
+    tokens, mask, adv = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), torch.tensor([1.0])
+    loss_fn = grpo.policy_loss(epsilon=0.2)
+    with torch.no_grad():
+        old = _toy_logp(theta, tokens)
+    seen = []
+    for _ in range(2):
+        theta.grad = None
+        out = loss_fn(_toy_logp(theta, tokens), adv, mask, old_logp=old)
+        out.loss.sum().backward()
+        seen.append((out.loss.item(), out.high.item(), theta.grad.clone()))
+        with torch.no_grad():
+            theta -= 2.0 * theta.grad  # SGD, lr 2
+    (loss1, high1, grad1), (loss2, high2, grad2) = seen
+    # pass 1: ratio 1, d(-ratio)/dtheta = -(1 - p, -p) = (-0.5, 0.5)
+    assert loss1 == pytest.approx(-1.0) and not high1 and torch.allclose(grad1, torch.tensor([[[-0.5, 0.5]]]))
+    # pass 2: theta = (1, -1), p = sigmoid(2) = 0.881, ratio 1.76 > 1.2: clipped, flat
+    assert loss2 == pytest.approx(-1.2) and high2 and torch.equal(grad2, torch.zeros(1, 1, 2))
+
+
+def test_truncated_row_adds_nothing_to_the_loss():
+    eos = 9
+    ids = torch.tensor([[3, 9, 0], [4, 5, 6], [7, 8, 9], [1, 0, 0]])  # budget 3: row 1 ran out, row 2 ended on EOS
+    cmask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    truncated = grpo.truncated_rows(ids, cmask, eos)
+    assert truncated.tolist() == [False, True, False, True]  # row 3: one token, no EOS
+    assert not grpo.truncated_rows(ids[:, :0], cmask[:, :0], eos).any()  # empty rows
+    logp = torch.full((4, 3), -1.0, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    mask = cmask.float() * (~truncated).float().unsqueeze(-1)
+    out = grpo.policy_loss()(logp, adv, mask)
+    terms = grpo.sequence_terms(out.loss, mask, "grpo")
+    assert terms.tolist() == [-1.0, 0.0, -0.5, 0.0]
+    terms.sum().backward()
+    assert logp.grad[1].abs().sum() == 0 and logp.grad[3].abs().sum() == 0 and logp.grad[0].abs().sum() > 0
+
+
+def test_token_entropy():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    assert torch.allclose(grpo.token_entropy(logits), torch.tensor([[math.log(4), 0.0]]), atol=1e-6)
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 7) * 3
+    p = torch.softmax(logits, -1)
+    want = -(p * p.log()).sum(-1)
+    assert torch.allclose(grpo.token_entropy(logits, chunk_rows=2), want, atol=1e-5)
+    half = grpo.token_entropy(logits.bfloat16())
+    assert half.dtype == torch.float32 and torch.allclose(half, want, atol=5e-2)
+
+
+def test_top_entropy_mask_keeps_the_batch_quantile():
+    ent = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # 5.0 is padding: not in the quantile, not kept
+    # the 0.6-quantile of (0.1, 0.3, 0.5, 0.7, 0.9) is 0.58: the top 40% are 0.7 and 0.9
+    assert grpo.top_entropy_mask(ent, mask, 0.4).tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    assert torch.equal(grpo.top_entropy_mask(ent, mask, 1.0), mask)
+    # the mask multiplies the policy term; the KL term stays on every token
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    out = grpo.policy_loss(beta=0.5)(logp, torch.tensor([1.0, 1.0]), mask,
+                                     ref_logp=logp - 1.0, token_mask=grpo.top_entropy_mask(ent, mask, 0.4))
+    kl = math.exp(-1.0) + 1.0 - 1.0
+    assert torch.allclose(out.loss, torch.tensor([[0.5 * kl, 0.5 * kl, -1 + 0.5 * kl], [0.5 * kl, -1 + 0.5 * kl, 0.5 * kl]]))
+
+
+def test_length_stats():
+    stats = grpo.length_stats(torch.tensor([3, 8, 5, 8]), torch.tensor([False, True, False, True]))
+    assert stats == {"completion_length": 6.0, "completion_length_min": 3.0, "completion_length_max": 8.0,
+                     "terminated_length": 4.0, "clipped_ratio": 0.5}
+    assert grpo.length_stats(torch.tensor([8]), torch.tensor([True]))["terminated_length"] == 0.0
+
+
+def test_varied_groups():
+    r = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, NAN, NAN], [1.0, NAN, 0.0]])
+    assert grpo.varied_groups(r).tolist() == [False, True, False, True]
 
 
 def test_loss_aggregation_variants_on_masks():
