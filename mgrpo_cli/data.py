@@ -26,7 +26,8 @@ class Problem:
     question: str
     answer: str
     solution: Optional[str] = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # mapped fields (subject, level, id) or task facts
+    extra: dict[str, Any] = field(default_factory=dict)  # the data set row's unmapped fields, as read
 
 
 def _eval_left_to_right(operands: list[int], ops: list[str]) -> int:

@@ -230,8 +230,10 @@ def _problem(row: Any, fields: _Fields, answer_format: str, default_id: str) -> 
     raw_id = row.get(fields.id) if fields.id else None
     if raw_id is not None:
         meta["id"] = raw_id
+    mapped = {getattr(fields, f.name) for f in dataclasses.fields(_Fields)}
+    extra = {k: v for k, v in row.items() if k not in mapped}
     return Problem(id=default_id if raw_id is None else str(raw_id), question=question,
-                   answer=answer, solution=solution, meta=meta)
+                   answer=answer, solution=solution, meta=meta, extra=extra)
 
 
 def _text(row: dict, key: str, *, required: bool = False) -> Optional[str]:

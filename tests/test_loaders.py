@@ -184,6 +184,15 @@ def test_field_mapping_meta_and_ids(tmp_path):
     assert p1.meta == {"subject": "Algebra", "level": 3, "id": "a/1"}
     assert (p2.id, p2.answer, p2.solution, p2.meta) == ("toy-test-2", "x", None, {"level": 5})
     assert p3.meta == {"level": "Level ?"}
+    assert (p1.extra, p2.extra) == ({}, {})
+
+
+def test_unmapped_fields_are_kept_as_extra(tmp_path):
+    """Own reward functions get a row's other fields (``Problem.extra``) as read."""
+    rows = [{"problem": "p1", "ans": 7, "hint": "add", "tags": ["a", "b"], "weight": 0.5}]
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
+    (p,) = load_problems(file_cfg(path, fields=FieldMap(question="problem", answer="ans")), "test").problems
+    assert p.extra == {"hint": "add", "tags": ["a", "b"], "weight": 0.5}
 
 
 @pytest.mark.parametrize("value,gold", [

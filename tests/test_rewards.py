@@ -299,6 +299,75 @@ def test_reward_function_weights_and_none(grader):
         RewardFunction([("format", 1.0)], grader, format_style="html")
 
 
+def test_own_reward_functions_get_the_row_fields(grader, monkeypatch):
+    """Own terms by import path (examples/rewards.py), weighted with the built-in ones; the dataset's
+    fields reach them as one list per field."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from examples.rewards import BREVITY_CHARS
+
+    reward = RewardFunction([("accuracy", 1.0), ("examples.rewards:brevity", 0.5),
+                             ("examples.rewards:steps_shown", 0.25)], grader)
+    completions = ["3+4=7 7-2=5 \\boxed{5}", "3+4-2=5 \\boxed{5}", "no"]
+    scored = reward(completions, ["5", "5", "5"], operands=[3, 3, 3], question=["3+4-2"] * 3)
+    brevity = [1 - len(c) / BREVITY_CHARS for c in completions]
+    assert scored.rewards == pytest.approx([1 + 0.5 * brevity[0] + 0.25, 1 + 0.5 * brevity[1], 0.5 * brevity[2]])
+    with pytest.raises(rewards.RewardTermError, match="'examples.rewards:steps_shown' raised TypeError"):
+        reward(completions, ["5"] * 3)  # no operands field: the function's own error, named
+
+
+OWN_TERMS = """
+def none_for_short(completions, golds, **fields):
+    return [None if len(c) < 2 else 0.5 for c in completions]
+
+def crash(completions, golds, **fields):
+    raise KeyError("level")
+
+def too_few(completions, golds, **fields):
+    return [1.0]
+
+def text(completions, golds, **fields):
+    return ["high"] * len(completions)
+
+not_a_function = 3
+"""
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("own_terms_mod:crash", "reward term 'own_terms_mod:crash' raised KeyError: 'level'"),
+    ("own_terms_mod:too_few", "reward term 'own_terms_mod:too_few' returned 1 values for 2 completions"),
+    ("own_terms_mod:text", "reward term 'own_terms_mod:text' returned 'high': expected a finite float or None"),
+])
+def test_own_reward_function_errors_at_call_are_one_line(grader, tmp_path, monkeypatch, name, message):
+    (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = RewardFunction([("accuracy", 1.0), (name, 1.0)], grader)
+    with pytest.raises(rewards.RewardTermError) as info:
+        reward(["ab", "cd"], ["1", "1"])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("own_terms_mod:missing", "reward term 'own_terms_mod:missing': 'own_terms_mod' has no attribute 'missing'"),
+    ("own_terms_mod:not_a_function", "reward term 'own_terms_mod:not_a_function': 'not_a_function' is not callable (int)"),
+    ("no_such_pkg.rewards:f", "reward term 'no_such_pkg.rewards:f': cannot import 'no_such_pkg.rewards' "
+                              "(ModuleNotFoundError: No module named 'no_such_pkg')"),
+    (":f", "reward term ':f': an own reward function is named 'package.module:function'"),
+])
+def test_own_reward_function_bad_paths_fail_at_build(grader, tmp_path, monkeypatch, name, message):
+    (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(rewards.RewardTermError) as info:
+        RewardFunction([(name, 1.0)], grader)
+    assert str(info.value) == message
+
+
+def test_own_reward_none_is_ungradable(grader, tmp_path, monkeypatch):
+    (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scored = RewardFunction([("accuracy", 1.0), ("own_terms_mod:none_for_short", 2.0)], grader)([b("1"), "x"], ["1", "1"])
+    assert scored.rewards == [2.0, None] and scored.correct == [True, False]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "conf" / "reward").glob("*.yaml")), ids=lambda p: p.stem)
 def test_reward_configs_build(path):
     raw = yaml.safe_load(path.read_text())
