@@ -11,6 +11,9 @@ those few sizes, and the decode step sees few distinct shapes (what compiled or 
 Greedy when temperature is 0. It never calls ``model.generate``: the test suite checks that its greedy
 tokens equal ``model.generate``'s.
 
+A ``Rollout`` also marks the rows its budget cut off (``truncated``: no EOS at the end); ``groups``
+and ``concat_rollouts`` pick groups out of rollouts and put rollouts together (dynamic sampling).
+
 Engines: ``HFEngine`` (this loop on the training policy itself). Another engine (e.g. vLLM) would
 implement the same ``RolloutEngine.generate`` signature.
 """
@@ -23,6 +26,7 @@ from typing import Optional, Protocol
 import torch
 
 from mgrpo_cli.decode import LeanDecoder, lean_supported
+from mgrpo_cli.grpo import truncated_rows
 
 
 @dataclass
@@ -35,6 +39,12 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, C) 1 for generated tokens, EOS included
     texts: list[str]  # decoded completions, special tokens removed
     n: int  # completions per prompt (the group size)
+    truncated: Optional[torch.Tensor] = None  # (B,) bool: cut off by the token budget (no EOS); None = none
+
+    def __post_init__(self) -> None:
+        if self.truncated is None:
+            self.truncated = torch.zeros(self.completion_ids.shape[0], dtype=torch.bool,
+                                         device=self.completion_ids.device)
 
     @property
     def num_groups(self) -> int:
@@ -43,6 +53,35 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    def groups(self, keep: Sequence[int]) -> Rollout:
+        """The rows of groups ``keep`` (in that order), padding shared by all of them trimmed."""
+        rows = torch.tensor([g * self.n + i for g in keep for i in range(self.n)], dtype=torch.long,
+                            device=self.prompt_ids.device)
+        prompt_mask, comp_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        left = int((prompt_mask.sum(0) == 0).sum()) if len(rows) else 0
+        width = int(comp_mask.sum(-1).max()) if len(rows) else 0
+        return Rollout(self.prompt_ids[rows][:, left:], prompt_mask[:, left:], self.completion_ids[rows][:, :width],
+                       comp_mask[:, :width], [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
+    """The rows of rollouts of one group size, in order: prompts left-padded and completions right-padded
+    to the widest part with ``pad_token_id`` (masked out)."""
+    if len({r.n for r in parts}) != 1:
+        raise ValueError(f"concat_rollouts: parts have different group sizes {[r.n for r in parts]}")
+    p_width = max(r.prompt_ids.shape[1] for r in parts)
+    c_width = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(t: torch.Tensor, width: int, left: bool, value: int) -> torch.Tensor:
+        extra = t.new_full((t.shape[0], width - t.shape[1]), value)
+        return torch.cat([extra, t] if left else [t, extra], 1)
+
+    return Rollout(torch.cat([pad(r.prompt_ids, p_width, True, pad_token_id) for r in parts]),
+                   torch.cat([pad(r.prompt_mask, p_width, True, 0) for r in parts]),
+                   torch.cat([pad(r.completion_ids, c_width, False, pad_token_id) for r in parts]),
+                   torch.cat([pad(r.completion_mask, c_width, False, 0) for r in parts]),
+                   [t for r in parts for t in r.texts], parts[0].n, torch.cat([r.truncated for r in parts]))
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -214,4 +253,4 @@ class HFEngine:
             self.model.train(was_training)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
-                       ids, mask, texts, n)
+                       ids, mask, texts, n, truncated_rows(ids, mask, self.eos_token_id))

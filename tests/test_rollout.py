@@ -10,7 +10,7 @@ from mgrpo_cli.config import ModelConfig
 from mgrpo_cli.decode import lean_supported
 from mgrpo_cli.loss import completion_logps
 from mgrpo_cli.modeling import build_byte_tokenizer, build_tiny_model, load_policy
-from mgrpo_cli.rollout import HFEngine, Rollout, batch_buckets, bucket_for, sample
+from mgrpo_cli.rollout import HFEngine, Rollout, batch_buckets, bucket_for, concat_rollouts, sample
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -320,3 +320,36 @@ def test_lean_decoder_drives_lora_adapters_and_leaves_other_models_to_their_forw
     assert not lean_supported(gpt2)
     ids, mask = sample(gpt2, enc.input_ids, enc.attention_mask, **kw)  # the model's own forward
     assert ids.shape[0] == 4 and mask.shape == ids.shape
+
+
+def test_truncated_rows_are_the_ones_the_budget_cut_off():
+    model, tok = _tiny(seed=4)
+    _bias_eos(model, tok, scale=6.0)
+    ro = HFEngine(model, tok, seed=3).generate(PADDED, n=4, max_new_tokens=6, temperature=1.0)
+    ended = [bool(ro.completion_mask[r].sum() < 6 or ro.completion_ids[r, 5] == tok.eos_token_id) for r in range(16)]
+    assert ro.truncated.tolist() == [not e for e in ended]
+    assert 0 < sum(ended) < 16  # both kinds present
+    never = HFEngine(model, tok, seed=3, stop_at_eos=False).generate(PADDED, n=2, max_new_tokens=3, temperature=1.0)
+    assert never.truncated.all()
+
+
+def test_groups_and_concat_keep_rows_and_log_probs():
+    """Dynamic sampling's bookkeeping: groups picked out of rollouts of different widths and put together
+    give each row the log-probs it had in its own rollout."""
+    model, tok = _tiny(seed=1)
+    _bias_eos(model, tok)
+    engine = HFEngine(model, tok, seed=5)
+    a = engine.generate(PADDED, n=2, max_new_tokens=7, temperature=1.0)
+    b = engine.generate(["1+1\n"], n=2, max_new_tokens=3, temperature=1.0)
+    picked = a.groups([2, 0])
+    both = concat_rollouts([picked, b], pad_token_id=tok.pad_token_id)
+    assert both.texts == [a.texts[4], a.texts[5], a.texts[0], a.texts[1], *b.texts] and both.n == 2
+    assert both.truncated.tolist() == [*a.truncated[[4, 5, 0, 1]].tolist(), *b.truncated.tolist()]
+    with torch.no_grad():
+        got = completion_logps(model, both, torch.arange(6), 1.0)
+        want = [(completion_logps(model, a, torch.tensor([4, 5, 0, 1]), 1.0), a.completion_mask[[4, 5, 0, 1]]),
+                (completion_logps(model, b, torch.arange(2), 1.0), b.completion_mask)]
+    for rows, (ref, ref_mask) in zip((slice(0, 4), slice(4, 6)), want):
+        assert torch.allclose(got[rows][both.completion_mask[rows].bool()], ref[ref_mask.bool()], atol=1e-5)
+    with pytest.raises(ValueError, match="group sizes"):
+        concat_rollouts([a, engine.generate(["1\n"], n=3, max_new_tokens=2, temperature=1.0)])
