@@ -83,6 +83,11 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("grpo.weight_decay", _at_least(0), "weight decay must be >= 0"),
     ("grpo.max_grad_norm", _positive, "the gradient-norm clip must be > 0"),
     ("grpo.micro_batch_tokens", _at_least(1), "a micro-batch holds at least 1 token"),
+    ("grpo.num_iterations", _at_least(1), "each rollout needs at least 1 update"),
+    ("grpo.delta", _unset_or(_finite), "delta caps the ratio: a number > 1 + epsilon_high, or null for off"),
+    ("grpo.top_entropy_quantile", lambda v: v is not None and 0 < v <= 1,
+     "the share of tokens trained on is in (0, 1] (1.0 = every token)"),
+    ("grpo.max_sampling_rounds", _at_least(1), "a layer makes at least 1 rollout per step"),
     ("layer.depth", _at_least(1), "need at least 1 layer (1 = GRPO, 2 = MGRPO)"),
     ("layer.k", _at_least(1), "send at least 1 response per input to the next layer"),
     ("layer.weight", lambda v: _finite(v) and v >= 0, "the correction layers' loss weight must be a number >= 0"),
@@ -125,7 +130,11 @@ def check(cfg: Any, command: str = "train") -> None:
 
 
 def _check_train(cfg: Any) -> None:
-    t, lay = cfg.trainer, cfg.layer
+    t, lay, g = cfg.trainer, cfg.layer, cfg.grpo
+    eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+    if g.delta is not None and g.delta <= 1 + eps_high:
+        raise bad_value("grpo.delta", g.delta, f"the cap must lie above the clip range's top, 1 + epsilon_high = "
+                        f"{1 + eps_high:g}, or it would change positive advantages too; or null for off")
     if lay.depth >= 2 and lay.group_size < 2:
         raise bad_value("layer.group_size", lay.group_size, f"layer.depth={lay.depth} corrects answers in groups "
                         "of H samples; GRPO needs H >= 2")
@@ -142,6 +151,9 @@ def _check_train(cfg: Any) -> None:
         raise bad_value("layer.select", "wrong", f"with trainer={t.name} a rank whose answers are all right would "
                         "skip layer 2 while the others run it, and their collectives would not match; use "
                         "layer.select=sample or all")
+    if g.dynamic_sampling and t.strategy == "fsdp" and ranks > 1:
+        raise bad_value("grpo.dynamic_sampling", True, "with trainer=fsdp every rollout gathers the sharded weights "
+                        "(a collective), and ranks would make different numbers of rollouts; use trainer=ddp")
     if cfg.warmup.enabled and cfg.warmup.only and not _is_embedded(cfg):
         raise bad_value("warmup.only", True, "the warm-up makes the embedded tiny model's start; it needs "
                         "model=tiny with model.path=null")
@@ -191,9 +203,18 @@ def _check_reward(cfg: Any) -> None:
     terms = cfg.reward.terms
     if not terms:
         raise bad_value("reward.terms", "[]", "give at least one {name, weight}")
+    from mgrpo_cli.reward_terms import RewardTermError, resolve_reward_function
+    from mgrpo_cli.rewards import REWARD_TERMS
+
     for i, term in enumerate(terms):
-        if term.name not in ("accuracy", "format"):
-            raise bad_value(f"reward.terms[{i}].name", term.name, "known terms: accuracy, format")
+        if ":" in term.name:
+            try:
+                resolve_reward_function(term.name)
+            except RewardTermError as e:
+                raise bad_value(f"reward.terms[{i}].name", term.name, e.reason) from None
+        elif term.name not in REWARD_TERMS:
+            raise bad_value(f"reward.terms[{i}].name", term.name, "known terms: accuracy, format, or an own "
+                            "function's import path package.module:function")
         if not _finite(term.weight):
             raise bad_value(f"reward.terms[{i}].weight", term.weight, "a weight must be a finite number")
 
@@ -389,7 +410,10 @@ def loss_spec(cfg: Any):
     return LossSpec(beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
                     loss_type=str(g.loss_type), scale_rewards=str(g.scale_rewards), std_eps=g.std_eps,
                     temperature=g.temperature, top_p=g.top_p, micro_batch_tokens=g.micro_batch_tokens,
-                    max_completion_length=cfg.model.max_completion_length)
+                    max_completion_length=cfg.model.max_completion_length, num_iterations=g.num_iterations,
+                    mask_truncated_completions=g.mask_truncated_completions,
+                    importance_sampling_level=str(g.importance_sampling_level), delta=g.delta,
+                    top_entropy_quantile=g.top_entropy_quantile)
 
 
 def layer_specs(cfg: Any) -> list:
@@ -397,12 +421,13 @@ def layer_specs(cfg: Any) -> list:
     2..depth correct the layer before (H samples, the correction budget, the layer.* choices)."""
     from mgrpo_cli.layers import LayerSpec
 
-    lay = cfg.layer
+    lay, g = cfg.layer, cfg.grpo
     phrases = tuple(lay.phrases)
     specs = []
     for depth in range(1, lay.depth + 1):
         last = depth == lay.depth
-        common = dict(depth=depth, select=None if last else str(lay.select), k=lay.k, phrases=phrases)
+        common = dict(depth=depth, select=None if last else str(lay.select), k=lay.k, phrases=phrases,
+                      dynamic_sampling=g.dynamic_sampling, max_sampling_rounds=g.max_sampling_rounds)
         if depth == 1:
             specs.append(LayerSpec(n=cfg.grpo.num_generations, max_new_tokens=cfg.model.max_completion_length, **common))
         else:
@@ -449,8 +474,9 @@ def held_out(cfg: Any, seed: int = 0):
     return loaded
 
 
-def module(cfg: Any, policy_model, tokenizer, reward_fn):
-    """The Lightning module, with the KL reference when ``grpo.beta`` > 0."""
+def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
+    """The Lightning module, with the KL reference when ``grpo.beta`` > 0; with ``grpo.dynamic_sampling``
+    layer 1 refills from ``stream`` (the training problem stream; made here when not given)."""
     import torch
 
     from mgrpo_cli.modeling import reference_policy
@@ -466,7 +492,8 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn):
         validation=solve_spec(cfg), samples=SamplesSpec(cfg.logger.samples_every if cfg.logger.enabled else 0,
                                                         cfg.logger.samples_n),
         seed=cfg.seed, reference=reference_policy(policy_model, g.beta),
-        shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg))
+        shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg),
+        refill=(stream or problem_stream(cfg)).refill if g.dynamic_sampling else None)
 
 
 def train_loader(stream, module_):
@@ -518,7 +545,7 @@ def training(cfg: Any, reward_fn, problems: Data, start: Optional[str] = None) -
     """Policy (from ``start``, a warm start or export folder, else ``model.path``), module and loaders."""
     policy_model, tok, source = policy(cfg, start)
     policy_model.train()  # from_pretrained returns eval mode; training starts in train mode
-    mod = module(cfg, policy_model, tok, reward_fn)
+    mod = module(cfg, policy_model, tok, reward_fn, problems.stream)
     return Training(mod, train_loader(problems.stream, mod), val_loader(problems.held_out, cfg.eval.batch_size),
                     len(problems.held_out), source)
 

@@ -46,6 +46,7 @@ Keep = _choice("Keep", "all", "successful")
 Combine = _choice("Combine", "sum", "sequential")
 LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
 ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
+ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence")
 Engine = _choice("Engine", "hf")
 LoraExport = _choice("LoraExport", "merged", "adapter")
 
@@ -116,7 +117,7 @@ class DatasetConfig:
 
 @dataclass
 class RewardTermConfig:
-    name: str = "accuracy"  # accuracy | format
+    name: str = "accuracy"  # accuracy | format | an own function's import path, package.module:function
     weight: float = 1.0
 
 
@@ -177,6 +178,21 @@ class GRPOConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 65536
+    # mu: optimizer steps per rollout (each a pass over every layer's batch, against the log-probs
+    # stored before the first); 1 = one update per rollout, pi_old = pi_theta.detach()
+    num_iterations: int = 1
+    # DAPO's overlong filtering: completions cut off by the token budget (no EOS) leave the loss
+    mask_truncated_completions: bool = False
+    # token: a ratio per token (GRPO); sequence: one length-normalised ratio per completion (GSPO)
+    importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel.token
+    # INTELLECT-2's two-sided clipping: the ratio is also capped at delta (> 1 + epsilon_high); null = off
+    delta: Optional[float] = None
+    # train only on this top share of completion tokens by entropy (over each layer's batch); 1.0 = all
+    top_entropy_quantile: float = 1.0
+    # DAPO's dynamic sampling, per layer: groups whose rewards are all equal are dropped and more
+    # inputs drawn until the layer's batch is full or max_sampling_rounds rollouts were made
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
 
 
 @dataclass

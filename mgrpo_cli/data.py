@@ -182,3 +182,13 @@ class ProblemStream:
         size = len(self.pool)
         first = step * self.batch_size
         return [self.pool[self._order(rank, i // size)[i % size]] for i in range(first, first + self.batch_size)]
+
+    def refill(self, step: int, rank: int, round_: int, n: int) -> list[Problem]:
+        """``n`` more problems for step ``step`` on rank ``rank``, sampling round ``round_`` >= 1 (dynamic
+        sampling), also a pure function of (seed, step, rank, round): arith draws fresh ones, a pool
+        a seeded sample of it (the step's own batch may recur)."""
+        key = f"{self.seed}/{step}/{rank}/refill{round_}"
+        if self.arith is not None:
+            return self.arith.train_batch(key, n)
+        rng = random.Random(key)
+        return [self.pool[rng.randrange(len(self.pool))] for _ in range(n)]

@@ -88,20 +88,26 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
     logits: d logp_i / d logit_ij = scale * (1[j = index_i] - softmax_ij)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, index, scale: float, chunk: int):
+    def forward(ctx, hidden, weight, index, scale: float, chunk: int, entropy: bool):
         ftype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
         out = torch.empty(hidden.shape[0], dtype=ftype, device=hidden.device)
         lse = torch.empty_like(out)
+        # each token's entropy from the same chunk, lse - sum softmax * logits (empty when not asked for)
+        ent = torch.empty(hidden.shape[0] if entropy else 0, dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             logits = (hidden[s:s + chunk] @ weight.T).to(ftype) * scale  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             out[s:s + chunk] = logits.gather(-1, index[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            if entropy:
+                probs = torch.exp(logits - lse[s:s + chunk, None])
+                ent[s:s + chunk] = lse[s:s + chunk] - (probs * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, index, lse)
         ctx.scale, ctx.chunk = scale, chunk
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_ent):
         hidden, weight, index, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -121,7 +127,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
                 grad_w.addmm_(d.T, h)
             elif need_w:
                 grad_w += (d.T @ h).to(acc)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def chunked_selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
@@ -131,10 +137,19 @@ def chunked_selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, in
     without bias), (...) target ids -> (...) float32 log-probs (float64 for float64 inputs). The logits are made ``chunk_tokens``
     tokens at a time (default: ``CHUNK_ELEMENTS`` logits per chunk) and remade in backward, which
     costs one more (tokens x H x V) matmul. Equal to the unchunked path up to float rounding (tests)."""
+    return chunked_log_probs_and_entropy(hidden, weight, index, temperature, chunk_tokens, entropy=False)[0]
+
+
+def chunked_log_probs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
+                                  temperature: float = 1.0, chunk_tokens: int | None = None, *,
+                                  entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunked_selective_log_softmax` and, when ``entropy``, each token's entropy (float32, no
+    gradient) made from the same logit chunks (as :func:`token_entropy` of the whole logits); else None."""
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    flat = _ChunkedLinearLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, index.reshape(-1), scale, chunk)
-    return flat.view(index.shape)
+    flat, ent = _ChunkedLinearLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, index.reshape(-1), scale,
+                                            chunk, entropy)
+    return flat.view(index.shape), ent.view(index.shape) if entropy else None
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,18 @@
 
 :func:`completion_logps` gives per-token log-probs of completions under a model (each group's prompt
 runs once and its key/value cache serves the group's completions); :func:`micro_batches` splits a
-rollout's rows into the cheapest batches under a token budget; :func:`policy_loss_backward`
-accumulates ``weight`` x the layer's GRPO loss (``grpo.grpo_token_loss`` aggregated as
-:class:`LossSpec` says) into the gradients. Every layer of MGRPO goes through these functions.
+rollout's rows into the cheapest batches under a token budget. A layer's loss is applied in two
+steps, the same for every layer of MGRPO: :func:`prepare_layer_loss` fixes which tokens count
+(``keep``; not the truncated completions, when masked) and, when an option needs it, runs one no-grad
+pass that stores pi_old's log-probs (``num_iterations`` > 1) and the token entropies
+(``top_entropy_quantile`` < 1); then each of the ``num_iterations`` optimizer steps runs
+:func:`loss_pass`, which accumulates ``weight`` x the layer's loss (``LossSpec.objective``, aggregated
+per ``loss_type``) into the gradients. :func:`policy_loss_backward` is the two for one update.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,9 +36,25 @@ class LossSpec:
     top_p: float
     micro_batch_tokens: int
     max_completion_length: int  # dr_grpo's constant normaliser
+    num_iterations: int = 1  # mu: optimizer steps per rollout, each a pass over the layer batches
+    mask_truncated_completions: bool = False  # completions cut off by the budget leave the loss
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    delta: Optional[float] = None  # cap of the ratio (INTELLECT-2); None = off
+    top_entropy_quantile: float = 1.0  # share of completion tokens (highest entropy) in the policy term
     # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
     # passes (each is a collective there), each one forward call; the extra passes carry zero weight
     lockstep: Optional[Callable[[int], int]] = None
+    # the per-token loss of the choices above, made once
+    objective: grpo.PolicyLoss = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objective", grpo.policy_loss(
+            self.importance_sampling_level, self.epsilon, self.epsilon_high, self.delta, self.beta))
+
+    @property
+    def needs_first_pass(self) -> bool:
+        """Whether a no-grad pass runs before the updates (stored pi_old, or entropies for the token mask)."""
+        return self.num_iterations > 1 or self.top_entropy_quantile < 1.0
 
 
 # vocabularies at least this large take the chunked log-prob path (:func:`completion_logps`): at
@@ -83,6 +103,15 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
     chunk (:func:`grpo.chunked_selective_log_softmax`), so the (tokens x vocabulary) logits are never
     held whole; the same log-probs and gradients up to float rounding.
     """
+    return completion_logps_and_entropy(model, rollout, rows, temperature, share_prompts, chunked, entropy=False)[0]
+
+
+def completion_logps_and_entropy(model, rollout: Rollout, rows: torch.Tensor, temperature: float,
+                                 share_prompts: bool = True, chunked: Optional[bool] = None, *,
+                                 entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`completion_logps` and, when ``entropy``, each position's next-token entropy at the same
+    temperature, (len(rows), C) float32 without gradient (``grpo.token_entropy``; on the chunked path
+    made from the same logit chunks as the log-probs); else None."""
     weight = output_weight(model)
     if chunked is None:
         chunked = weight is not None and weight.shape[0] >= CHUNKED_VOCAB
@@ -111,15 +140,22 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = _outputs(model, weight, width + 1, input_ids=ids, attention_mask=mask,
                        position_ids=position_ids)[:, :-1]  # (b, width, V or H) predicting comp tokens
+    ent = None
     if weight is not None:
-        logps = grpo.chunked_selective_log_softmax(out, weight, comp_ids, temperature)
+        logps, ent = grpo.chunked_log_probs_and_entropy(out, weight, comp_ids, temperature, entropy=entropy)
     else:
         if temperature > 0 and temperature != 1.0:
             out = out / temperature
         logps = grpo.selective_log_softmax(out, comp_ids)
+        if entropy:
+            ent = grpo.token_entropy(out)
     full = logps.new_zeros(comp_ids.shape[0], rollout.completion_ids.shape[1])
     full[:, :width] = logps
-    return full
+    if ent is None:
+        return full, None
+    full_ent = torch.zeros(full.shape, dtype=torch.float32, device=full.device)
+    full_ent[:, :width] = ent
+    return full, full_ent
 
 
 def _shared_prompt_outputs(model, weight: Optional[torch.Tensor], prompt_ids: torch.Tensor,
@@ -183,43 +219,154 @@ def micro_batches(rollout: Rollout, max_tokens: int, max_rows: int = 256,
     return batches[::-1]
 
 
-def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec,
-                         backward: Callable[[torch.Tensor], None], *, weight: float = 1.0,
-                         keep: Optional[torch.Tensor] = None,
-                         ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
-    """Accumulate ``weight`` x the GRPO loss of ``rollout`` into the gradients, micro-batch by micro-batch.
+@dataclass
+class LayerLoss:
+    """One layer's rollout made ready for its loss passes (:func:`prepare_layer_loss`)."""
 
-    advantages: (B,) per completion; keep: (B,) bool, completions that count (default all).
-    ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0. Returns loss/KL/clip stats.
+    rollout: Rollout
+    advantages: torch.Tensor  # (B,) on the rollout's device
+    mask: torch.Tensor  # (B, C) float: the completion tokens that count
+    norm: float  # what the summed sequence terms are divided by (grpo.loss_normalizer of mask)
+    batches: list[torch.Tensor]  # micro-batches of the rows that can move the loss
+    weight: float = 1.0
+    old_logps: Optional[torch.Tensor] = None  # (B, C) pi_old's, stored when num_iterations > 1
+    ref_logps: Optional[torch.Tensor] = None  # (B, C) the reference's, stored when num_iterations > 1 and beta > 0
+    token_mask: Optional[torch.Tensor] = None  # (B, C) the top-entropy tokens, when top_entropy_quantile < 1
+    stats: dict[str, float] = field(default_factory=dict)  # entropy and tokens of the no-grad pass
 
-    Completions that cannot move the loss are not run: those outside ``keep``, and, without a KL
-    term (beta = 0), those with zero advantage (every completion of a zero-variance group), whose
-    loss and gradient are exactly zero. The normaliser still counts them, so the result is the same.
+
+def _row_tokens(rollout: Rollout, rows: torch.Tensor, shared: bool) -> tuple[int, int]:
+    """Prompt + completion tokens of ``rows``, unpadded: per row (as TRL counts ``num_tokens``), and as
+    computed (``shared``: each group's prompt once, as :func:`completion_logps` runs it)."""
+    prompts, completions = rollout.prompt_mask[rows].sum(-1), int(rollout.completion_mask[rows].sum().item())
+    per_row = int(prompts.sum().item()) + completions
+    if not shared:
+        return per_row, per_row
+    groups = rows // rollout.n
+    first = torch.ones_like(groups, dtype=torch.bool)
+    first[1:] = groups[1:] != groups[:-1]
+    return per_row, int(prompts[first].sum().item()) + completions
+
+
+def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec, *, weight: float = 1.0,
+                       keep: Optional[torch.Tensor] = None,
+                       ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> LayerLoss:
+    """Which tokens count, the micro-batches, and (``spec.needs_first_pass``) one no-grad pass.
+
+    advantages: (B,) per completion; keep: (B,) bool, completions that count (default all). With
+    ``mask_truncated_completions`` the completions the budget cut off count for nothing. Completions
+    that cannot move the loss are left out of every pass: those that do not count, and, without a KL
+    term (beta = 0), those with zero advantage (every completion of a zero-variance group), whose loss
+    and gradient are exactly zero; the normaliser still counts them. The no-grad pass stores pi_old's
+    log-probs (num_iterations > 1; the reference's too when beta > 0) and makes the top-entropy token
+    mask, whose quantile is taken over the counted tokens of the rows in the passes.
     """
     mask_all = rollout.completion_mask.float()
     # rewards, advantages and keep are made on the CPU; the rollout lives on the policy's device
     advantages = advantages.to(mask_all.device)
     if keep is not None:
         mask_all = mask_all * keep.to(mask_all.device).float().unsqueeze(-1)
+    if spec.mask_truncated_completions:
+        mask_all = mask_all * (~rollout.truncated.to(mask_all.device)).float().unsqueeze(-1)
     norm = grpo.loss_normalizer(mask_all, spec.loss_type, spec.max_completion_length)
     active = mask_all.sum(-1) > 0
     if spec.beta == 0:
         active &= advantages != 0
-    total_loss, kl_sum, clip_sum = 0.0, 0.0, 0.0
-    tokens = mask_all.sum().item()  # skipped completions count as unclipped, zero-KL tokens
     batches = micro_batches(rollout, spec.micro_batch_tokens, rows=active.nonzero().squeeze(-1).tolist())
-    passes = spec.lockstep(len(batches)) if spec.lockstep else len(batches)
-    for i in range(passes):
-        rows = batches[i] if i < len(batches) else torch.tensor([0])  # a zero-weight pass to stay in step
-        mask = mask_all[rows] if i < len(batches) else torch.zeros_like(mask_all[rows])
-        logp = completion_logps(model, rollout, rows, spec.temperature, share_prompts=spec.lockstep is None)
-        ref = ref_logps(rollout, rows) if (spec.beta > 0 and ref_logps is not None) else None
-        per_token, kl, clipped = grpo.grpo_token_loss(
-            logp, advantages[rows], ref_logp=ref, beta=spec.beta, eps_low=spec.epsilon, eps_high=spec.epsilon_high)
-        loss = grpo.sequence_terms(per_token, mask, spec.loss_type).sum() / norm
-        backward(weight * loss)
+    layer = LayerLoss(rollout, advantages, mask_all, norm, batches, weight)
+    if not spec.needs_first_pass:
+        return layer
+    stored = spec.num_iterations > 1
+    old = torch.zeros_like(mask_all) if stored else None
+    ref = torch.zeros_like(mask_all) if stored and spec.beta > 0 and ref_logps is not None else None
+    ent = torch.zeros_like(mask_all)
+    tokens, computed = 0, 0
+    with torch.no_grad():
+        for rows, mask in _passes(layer, spec):
+            logp, row_ent = completion_logps_and_entropy(model, rollout, rows, spec.temperature,
+                                                         share_prompts=spec.lockstep is None)
+            if not mask.any():  # a zero-weight pass to stay in step with the other ranks
+                continue
+            ent[rows] = row_ent
+            n_rows, n_computed = _row_tokens(rollout, rows, spec.lockstep is None)
+            tokens, computed = tokens + n_rows, computed + n_computed
+            if old is not None:
+                old[rows] = logp
+            if ref is not None:
+                ref[rows] = ref_logps(rollout, rows)
+    counted = mask_all * active.float().unsqueeze(-1)
+    layer.old_logps, layer.ref_logps = old, ref
+    if spec.top_entropy_quantile < 1.0:
+        layer.token_mask = grpo.top_entropy_mask(ent, counted, spec.top_entropy_quantile)
+    layer.stats = {"entropy": grpo.masked_mean(ent, counted), "loss_tokens": float(tokens),
+                   "loss_tokens_computed": float(computed)}
+    return layer
+
+
+def _passes(layer: LayerLoss, spec: LossSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, mask) of each micro-batch; under ``lockstep`` padded with zero-mask passes on row 0."""
+    n = spec.lockstep(len(layer.batches)) if spec.lockstep else len(layer.batches)
+    for i in range(n):
+        if i < len(layer.batches):
+            rows = layer.batches[i]
+            yield rows, layer.mask[rows]
+        else:
+            rows = torch.tensor([0])
+            yield rows, torch.zeros_like(layer.mask[rows])
+
+
+def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch.Tensor], None], *,
+              ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+    """Accumulate ``layer.weight`` x the layer's GRPO loss into the gradients, micro-batch by micro-batch.
+
+    ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0 (unless stored). Returns the
+    loss, the mean KL and the clip fractions over the counted tokens (``clip_low``: ratio below
+    1 - epsilon with A < 0; ``clip_high``: above 1 + epsilon_high with A > 0; ``clip_region``: either),
+    the tokens run (``loss_tokens`` per row, ``loss_tokens_computed`` with each group's prompt once),
+    and, unless the no-grad pass measured it, the mean token entropy of the counted tokens run.
+    """
+    total_loss, kl_sum, low_sum, high_sum, ent_sum, ent_n, tokens, computed = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
+    measure_entropy = "entropy" not in layer.stats
+    for rows, mask in _passes(layer, spec):
+        logp, ent = completion_logps_and_entropy(model, layer.rollout, rows, spec.temperature,
+                                                 share_prompts=spec.lockstep is None, entropy=measure_entropy)
+        old = None if layer.old_logps is None else layer.old_logps[rows]
+        if layer.ref_logps is not None:
+            ref = layer.ref_logps[rows]
+        else:
+            ref = ref_logps(layer.rollout, rows) if (spec.beta > 0 and ref_logps is not None) else None
+        token_mask = None if layer.token_mask is None else layer.token_mask[rows]
+        out = spec.objective(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask)
+        loss = grpo.sequence_terms(out.loss, mask, spec.loss_type).sum() / layer.norm
+        backward(layer.weight * loss)
         total_loss += loss.item()
-        kl_sum += (kl * mask).sum().item()
-        clip_sum += (clipped.float() * mask).sum().item()
-    tokens = max(tokens, 1.0)
-    return {"loss": total_loss, "kl": kl_sum / tokens, "clip_fraction": clip_sum / tokens}
+        kl_sum += (out.kl * mask).sum().item()
+        low_sum += (out.low.float() * mask).sum().item()
+        high_sum += (out.high.float() * mask).sum().item()
+        if mask.any():
+            n_rows, n_computed = _row_tokens(layer.rollout, rows, spec.lockstep is None)
+            tokens, computed = tokens + n_rows, computed + n_computed
+            if ent is not None:
+                ent_sum += (ent * mask).sum().item()
+                ent_n += mask.sum().item()
+    n = max(layer.mask.sum().item(), 1.0)  # skipped completions count as unclipped, zero-KL tokens
+    stats = {"loss": total_loss, "kl": kl_sum / n, "clip_low": low_sum / n, "clip_high": high_sum / n,
+             "clip_region": (low_sum + high_sum) / n, "loss_tokens": float(tokens),
+             "loss_tokens_computed": float(computed)}
+    if measure_entropy:
+        stats["entropy"] = ent_sum / ent_n if ent_n else 0.0
+    return stats
+
+
+# the loss-pass stats that add up over passes (the others are averaged)
+TOKEN_COUNTS = ("loss_tokens", "loss_tokens_computed")
+
+
+def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec,
+                         backward: Callable[[torch.Tensor], None], *, weight: float = 1.0,
+                         keep: Optional[torch.Tensor] = None,
+                         ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+    """One update: :func:`prepare_layer_loss`, then one :func:`loss_pass`; their stats together."""
+    layer = prepare_layer_loss(model, rollout, advantages, spec, weight=weight, keep=keep, ref_logps=ref_logps)
+    stats = loss_pass(model, layer, spec, backward, ref_logps=ref_logps)
+    return {**layer.stats, **stats, **{k: layer.stats.get(k, 0.0) + stats[k] for k in TOKEN_COUNTS}}

@@ -14,11 +14,10 @@ between ranks and their rows gathered; under FSDP2 the policy is sharded and rol
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,8 +26,19 @@ import torch
 
 from mgrpo_cli import distributed, heldout
 from mgrpo_cli.data import Problem
-from mgrpo_cli.layers import LayerResult, LayerSpec, first_inputs, inputs_after, run_layer
-from mgrpo_cli.loss import LossSpec, completion_logps, policy_loss_backward
+from mgrpo_cli.layers import (
+    LayerInput,
+    LayerResult,
+    LayerSpec,
+    Sampled,
+    chosen_after,
+    fill_layer,
+    first_inputs,
+    inputs_after,
+    run_layer,
+    unused_responses,
+)
+from mgrpo_cli.loss import LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
 from mgrpo_cli.metrics import self_correction
 from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
@@ -59,7 +69,8 @@ class MGRPOModule(L.LightningModule):
     def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
                  layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
                  samples: SamplesSpec = SamplesSpec(), seed: int = 0, reference=None,
-                 shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None):
+                 shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
+                 refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -70,6 +81,8 @@ class MGRPOModule(L.LightningModule):
         self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
         self.rng = random.Random(seed)
+        # dynamic sampling's more problems for layer 1: refill(step, rank, round, n) (ProblemStream.refill)
+        self.refill = refill
         self.batches_done = 0  # training batches consumed: where the problem stream continues on resume
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
@@ -144,32 +157,83 @@ class MGRPOModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
 
     def training_step(self, batch: list[Problem], batch_idx: int):
+        """Every layer samples (with dynamic sampling, refilling its batch) and prepares its loss; then
+        ``num_iterations`` optimizer steps, each a pass over every layer's batch (layer.combine=sum), or
+        that many per layer before the next layer samples (sequential)."""
         start = time.perf_counter()
         opt = self.optimizers()
-        questions, golds = [p.question for p in batch], [p.answer for p in batch]
-        inputs = first_inputs(len(batch))
+        problems = list(batch)  # dynamic sampling appends layer 1's refills
+        inputs, spare = first_inputs(len(problems)), []
         metrics: dict[str, float] = {}
         results: list[LayerResult] = []
+        pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
         opt.zero_grad(set_to_none=True)
         for spec in self.layers:
             if not inputs:
                 break
-            result = run_layer(self.engine, self.renderer, self.reward_fn, questions, golds, inputs, spec, self.loss)
-            stats = policy_loss_backward(self.policy, result.rollout, result.advantages.reshape(-1), self.loss,
-                                         self.manual_backward, weight=spec.weight, keep=result.keep,
-                                         ref_logps=self._ref_logps)
+            sampled = self._sample(spec, problems, inputs, spare)
+            result = sampled.train
+            layer = prepare_layer_loss(self.policy, result.rollout, result.advantages.reshape(-1), self.loss,
+                                       weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps)
+            pending.append((spec, layer, sampled.metrics))
             if self.optim.step_per_layer:
-                self._step_optimizer(opt)
-            metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**result.metrics, **stats}.items()})
+                metrics.update(self._update(opt, pending))
+                pending = []
             results.append(result)
-            inputs = inputs_after(result, spec, self.rng)
-        if not self.optim.step_per_layer:
-            self._step_optimizer(opt)
+            chosen = chosen_after(sampled.rounds[0], spec, self.rng)
+            inputs = inputs_after(sampled.rounds[0], spec, self.rng, chosen)
+            if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
+                spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
+        if pending:
+            metrics.update(self._update(opt, pending))
         metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
         metrics["train/step_time"] = time.perf_counter() - start
         self.batches_done += 1
         self._log_step(distributed.mean_over_ranks(metrics), len(batch))
-        self._maybe_log_samples(results, batch)
+        self._maybe_log_samples(results, problems)
+
+    def _sample(self, spec: LayerSpec, problems: list[Problem], inputs: list[LayerInput],
+                spare: list[LayerInput]) -> Sampled:
+        """The layer's rollout(s): one, or with dynamic sampling as many as fill its batch with groups
+        whose rewards vary; layer 1 draws more problems (``refill``, a pure function of the step), a
+        correction layer more of the layer before's responses (``spare``)."""
+        def run(xs: list[LayerInput]) -> LayerResult:
+            return run_layer(self.engine, self.renderer, self.reward_fn, problems, xs, spec, self.loss)
+
+        if not spec.dynamic_sampling:
+            result = run(inputs)
+            return Sampled(result, [result], result.metrics)
+
+        def draw(n: int, round_: int) -> list[LayerInput]:
+            if spec.depth > 1:
+                taken = spare[:n]
+                del spare[:n]
+                return taken
+            if self.refill is None:
+                return []
+            first = len(problems)
+            problems.extend(self.refill(self.batches_done, self.global_rank, round_, n))
+            return first_inputs(len(problems))[first:]
+
+        return fill_layer(run, inputs, draw, spec, self.loss, self.tokenizer.pad_token_id or 0)
+
+    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]]) -> dict[str, float]:
+        """``num_iterations`` optimizer steps, each after one loss pass over every pending layer; the
+        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed)."""
+        totals: list[dict[str, float]] = [{} for _ in pending]
+        for _ in range(self.loss.num_iterations):
+            for (_, layer, _), total in zip(pending, totals):
+                stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps)
+                for k, v in stats.items():
+                    total[k] = total.get(k, 0.0) + v
+            self._step_optimizer(opt)
+        out: dict[str, float] = {}
+        mu = self.loss.num_iterations
+        for (spec, layer, sampled), total in zip(pending, totals):
+            passes = {k: v if k == "loss_tokens" else v / mu for k, v in total.items()}
+            passes["loss_tokens"] += layer.stats.get("loss_tokens", 0.0)
+            out.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
+        return out
 
     def _log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         self.log_dict(metrics, on_step=True, batch_size=batch_size)
@@ -177,20 +241,26 @@ class MGRPOModule(L.LightningModule):
         if "train/layer2/accuracy" in metrics:
             self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
 
-    def _maybe_log_samples(self, results: list[LayerResult], batch: list[Problem]) -> None:
+    def _maybe_log_samples(self, results: list[LayerResult], problems: list[Problem]) -> None:
+        """Every ``samples.every`` training steps: up to ``samples.n`` completions per layer, as trained
+        on, appended to the run's MLflow table ``samples.json`` (step, layer, question, gold, turns,
+        completion, reward, advantage)."""
         every = self.samples.every
-        if not every or self.global_step % every != 0 or self.run_logger is None:
+        if not every or (self.batches_done - 1) % every != 0 or self.run_logger is None:
             return
         rows = []
         for spec, res in zip(self.layers, results):
             n = res.rollout.n
+            rewards, advantages = res.rewards.reshape(-1), res.advantages.reshape(-1)
             for j, text in enumerate(res.rollout.texts[: self.samples.n]):
                 x = res.inputs[j // n]
-                reward = res.rewards.reshape(-1)[j].item()
-                rows.append({"step": self.global_step, "layer": spec.depth, "question": batch[x.problem].question,
-                             "gold": batch[x.problem].answer, "turns": [list(t) for t in x.turns],
-                             "completion": text, "reward": None if reward != reward else reward})
-        self.run_logger.log_text(json.dumps(rows, indent=1), f"samples/step_{self.global_step:06d}.json")
+                reward = rewards[j].item()
+                rows.append({"step": self.global_step, "layer": spec.depth, "question": problems[x.problem].question,
+                             "gold": problems[x.problem].answer, "turns": [list(t) for t in x.turns],
+                             "completion": text, "reward": None if reward != reward else reward,
+                             "advantage": advantages[j].item()})
+        if rows:
+            self.run_logger.log_table(rows, "samples.json")
 
     # ------------------------------------------------------------------ validation: two-pass t1/t2
     def validation_step(self, batch: list[Problem], batch_idx: int):

@@ -52,12 +52,9 @@ spelt without ``\text``), partial credit.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import multiprocessing
-import numbers
-import os
 import re
 import signal
 import subprocess
@@ -494,55 +491,6 @@ def format_reward(completions: Sequence[str], golds: Sequence[str], *, style: st
     return [float(_has_format(text, style)) for text in completions]
 
 
-class RewardTermError(ValueError):
-    """A reward term that cannot be built or called (a one-line message naming the term)."""
-
-
-def resolve_reward_function(name: str) -> Callable[..., Sequence[float | None]]:
-    """The function an import path ``package.module:function`` names (``function`` may be dotted:
-    ``module:Class.method``). The working directory is importable, as for ``python -m``."""
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise RewardTermError(f"reward term {name!r}: an own reward function is named 'package.module:function'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise RewardTermError(f"reward term {name!r}: cannot import {module_name!r} "
-                              f"({type(exc).__name__}: {exc})") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise RewardTermError(f"reward term {name!r}: {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise RewardTermError(f"reward term {name!r}: {attr!r} is not callable ({type(target).__name__})")
-    return target
-
-
-def _call_term(name: str, fn: Callable[..., Sequence[float | None]], completions: list[str], golds: list[str],
-               row_fields: Mapping[str, Sequence[Any]]) -> list[float | None]:
-    """``fn(completions, golds, **row_fields)`` checked: one number or None per completion."""
-    try:
-        out = fn(completions, golds, **row_fields)
-    except Exception as exc:
-        raise RewardTermError(f"reward term {name!r} raised {type(exc).__name__}: {exc}") from None
-    try:
-        values = list(out)
-    except TypeError:
-        values = None
-    if values is None or len(values) != len(completions):
-        got = f"{len(values)} values" if values is not None else type(out).__name__
-        raise RewardTermError(f"reward term {name!r} returned {got} for {len(completions)} completions; "
-                              "it must return one float or None per completion")
-    checked: list[float | None] = []
-    for v in values:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
-            raise RewardTermError(f"reward term {name!r} returned {v!r}: expected a finite float or None")
-        checked.append(None if v is None else float(v))
-    return checked
-
-
 class RewardFunction:
     """Weighted sum of reward terms: ``reward = sum_k weight_k * term_k`` (None if a term is None).
 
@@ -559,6 +507,8 @@ class RewardFunction:
         self.own: dict[str, Callable[..., Sequence[float | None]]] = {}
         for name, weight in terms:
             if ":" in name:
+                from mgrpo_cli.reward_terms import resolve_reward_function
+
                 self.own[name] = resolve_reward_function(name)
             elif name not in REWARD_TERMS:
                 raise ValueError(f"unknown reward term {name!r}; known: {REWARD_TERMS} or an import path "
@@ -576,8 +526,11 @@ class RewardFunction:
         values = {"accuracy": [None if c is None else float(c) for c in correct]}
         if any(name == "format" for name, _ in self.terms):
             values["format"] = format_reward(completions, golds, style=self.format_style)
-        for name, fn in self.own.items():
-            values[name] = _call_term(name, fn, completions, golds, row_fields)
+        if self.own:
+            from mgrpo_cli.reward_terms import call_reward_function
+
+            for name, fn in self.own.items():
+                values[name] = call_reward_function(name, fn, completions, golds, row_fields)
         rewards: list[float | None] = []
         for i in range(len(completions)):
             parts = [(weight, values[name][i]) for name, weight in self.terms]

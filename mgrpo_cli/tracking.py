@@ -3,7 +3,7 @@
 Runs go to a local SQLite store (``sqlite:///<paths.outputs>/mlflow.db``) unless
 ``logger.tracking_uri`` says otherwise; open them with ``mlflow ui --backend-store-uri <that uri>``.
 A run gets the resolved config as flattened params, the command-line overrides as a tag, per-step
-metrics, and text/PNG artifacts.
+metrics, text/PNG artifacts, and tables (the sampled completions, ``samples.json``).
 """
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ class RunLogger:
 
     def log_file(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.logger.experiment.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Append ``rows`` (one dict per row, the same keys) to the run's MLflow table ``artifact_file``
+        (a ``.json``), which the MLflow UI shows as a table (``mlflow.load_table`` reads it back)."""
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        self.logger.experiment.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     def finish(self, status: str = "success") -> None:
         self.logger.finalize(status)

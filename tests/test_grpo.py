@@ -288,7 +288,7 @@ def test_chunked_log_softmax_passes_gradcheck_and_skips_a_frozen_weight():
     weight = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 7, (5,), generator=g)
 
-    assert torch.autograd.gradcheck(lambda h, w: grpo._ChunkedLinearLogProb.apply(h, w, index, 1 / 0.7, 2),
+    assert torch.autograd.gradcheck(lambda h, w: grpo._ChunkedLinearLogProb.apply(h, w, index, 1 / 0.7, 2, True)[0],
                                     (hidden, weight))
     frozen = weight.detach()
     out = grpo.chunked_selective_log_softmax(hidden, frozen, index, chunk_tokens=2)
@@ -363,3 +363,21 @@ def test_chunked_log_softmax_in_bf16_is_the_plain_path_within_rounding():
     for a, b in zip(g_got, g_want):
         assert a.dtype == torch.bfloat16
         assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), 0) > 0.999
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_entropy_equals_the_whole_logits_entropy(temperature):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64)
+    index = torch.randint(0, 9, (2, 5))
+    logps, ent = grpo.chunked_log_probs_and_entropy(hidden, weight, index, temperature, chunk_tokens=3)
+    logits = hidden.detach() @ weight.T / temperature
+    assert torch.allclose(ent.double(), grpo.token_entropy(logits).double(), atol=1e-5)
+    assert not ent.requires_grad
+    logps.sum().backward()
+    with_entropy = hidden.grad.clone()
+    hidden.grad = None
+    grpo.chunked_selective_log_softmax(hidden, weight, index, temperature, chunk_tokens=3).sum().backward()
+    assert torch.equal(hidden.grad, with_entropy)  # asking for the entropy changes no gradient
+    assert grpo.chunked_log_probs_and_entropy(hidden, weight, index, entropy=False)[1] is None

@@ -91,7 +91,7 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
 
     from mgrpo_cli import grpo, loss
     from mgrpo_cli.config import ModelConfig
-    from mgrpo_cli.loss import LossSpec, completion_logps, policy_loss_backward
+    from mgrpo_cli.loss import LossSpec, completion_logps, completion_logps_and_entropy, policy_loss_backward
     from mgrpo_cli.modeling import build_tiny_model
     from mgrpo_cli.rollout import HFEngine
 
@@ -103,8 +103,8 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     settings = LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, scale_rewards="group",
                         std_eps=1e-4, temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
     seen = []
-    monkeypatch.setattr(loss, "completion_logps", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
-                        or completion_logps(m, r, rows, *a, **k))
+    monkeypatch.setattr(loss, "completion_logps_and_entropy", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
+                        or completion_logps_and_entropy(m, r, rows, *a, **k))
     model.train()
     stats = policy_loss_backward(model, ro, adv, settings, lambda loss: loss.backward())
     skipped = {p: p.grad.clone() for p in model.parameters()}

@@ -113,7 +113,7 @@ class ParityReward:
     def __init__(self):
         self.grader = Grader()
 
-    def __call__(self, completions, golds):
+    def __call__(self, completions, golds, **fields):
         ok = [bool(c) and ord(c[0]) % 2 == 0 for c in completions]
         return Scored(rewards=[float(x) for x in ok], correct=ok)
 

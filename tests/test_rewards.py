@@ -14,6 +14,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from mgrpo_cli import rewards
+from mgrpo_cli.errors import UserError
+from mgrpo_cli.reward_terms import RewardTermError
 from mgrpo_cli.config import RewardConfig
 from mgrpo_cli.rewards import (
     Grader,
@@ -311,7 +313,7 @@ def test_own_reward_functions_get_the_row_fields(grader, monkeypatch):
     scored = reward(completions, ["5", "5", "5"], operands=[3, 3, 3], question=["3+4-2"] * 3)
     brevity = [1 - len(c) / BREVITY_CHARS for c in completions]
     assert scored.rewards == pytest.approx([1 + 0.5 * brevity[0] + 0.25, 1 + 0.5 * brevity[1], 0.5 * brevity[2]])
-    with pytest.raises(rewards.RewardTermError, match="'examples.rewards:steps_shown' raised TypeError"):
+    with pytest.raises(RewardTermError, match="'examples.rewards:steps_shown': raised TypeError"):
         reward(completions, ["5"] * 3)  # no operands field: the function's own error, named
 
 
@@ -333,16 +335,17 @@ not_a_function = 3
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("own_terms_mod:crash", "reward term 'own_terms_mod:crash' raised KeyError: 'level'"),
-    ("own_terms_mod:too_few", "reward term 'own_terms_mod:too_few' returned 1 values for 2 completions"),
-    ("own_terms_mod:text", "reward term 'own_terms_mod:text' returned 'high': expected a finite float or None"),
+    ("own_terms_mod:crash", "reward term 'own_terms_mod:crash': raised KeyError: 'level'"),
+    ("own_terms_mod:too_few", "reward term 'own_terms_mod:too_few': returned 1 values for 2 completions"),
+    ("own_terms_mod:text", "reward term 'own_terms_mod:text': returned 'high': expected a finite float or None"),
 ])
 def test_own_reward_function_errors_at_call_are_one_line(grader, tmp_path, monkeypatch, name, message):
     (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
     monkeypatch.syspath_prepend(str(tmp_path))
     reward = RewardFunction([("accuracy", 1.0), (name, 1.0)], grader)
-    with pytest.raises(rewards.RewardTermError) as info:
+    with pytest.raises(RewardTermError) as info:
         reward(["ab", "cd"], ["1", "1"])
+    assert isinstance(info.value, UserError)  # the command line shows it as one line, exit 2
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
@@ -356,7 +359,7 @@ def test_own_reward_function_errors_at_call_are_one_line(grader, tmp_path, monke
 def test_own_reward_function_bad_paths_fail_at_build(grader, tmp_path, monkeypatch, name, message):
     (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(rewards.RewardTermError) as info:
+    with pytest.raises(RewardTermError) as info:
         RewardFunction([(name, 1.0)], grader)
     assert str(info.value) == message
 
