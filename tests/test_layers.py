@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from mgrpo_cli import grpo
 from mgrpo_cli.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
 from mgrpo_cli.loss import micro_batches
 from mgrpo_cli.modeling import build_byte_tokenizer
@@ -135,3 +136,90 @@ def test_improvement_bonus_is_a_per_group_constant_that_group_scaling_removes():
     assert shaped.tolist() == [[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 2.0, 0.0]]
     assert torch.allclose(group_advantages(shaped, "group"), group_advantages(plain, "group"), atol=1e-3)
     assert torch.allclose(group_advantages(shaped, "none"), 2 * group_advantages(plain, "none"))
+
+
+# ---------------------------------------------------------------- dynamic sampling and own rewards' fields
+
+def _fake_result(inputs, rewards, n=2):
+    """A LayerResult with literal rewards (one row per group) and a stand-in rollout."""
+    from mgrpo_cli.layers import LayerResult
+    from mgrpo_cli.rollout import Rollout
+
+    b = len(inputs) * n
+    ids = torch.arange(b).unsqueeze(-1) + 1
+    ro = Rollout(ids, torch.ones_like(ids), ids, torch.ones_like(ids), [f"r{x.problem}.{i}" for x in inputs for i in range(n)], n)
+    r = torch.tensor(rewards, dtype=torch.float32).view(-1, n)
+    return LayerResult(inputs, ro, [bool(v) for v in r.reshape(-1).tolist()], r, grpo.group_advantages(r))
+
+
+def _spec(**kw):
+    from mgrpo_cli.layers import LayerSpec
+
+    return LayerSpec(**{"depth": 1, "n": 2, "max_new_tokens": 4, "dynamic_sampling": True, **kw})
+
+
+
+def _loss():
+    from mgrpo_cli.loss import LossSpec
+
+    return LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group", std_eps=1e-4,
+                    temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=4)
+
+
+def test_fill_layer_drops_zero_variance_groups_and_refills():
+    from mgrpo_cli.layers import fill_layer
+
+    # problem p's group rewards: varied when p % 3 == 0 (only then)
+    def run(xs):
+        return _fake_result(xs, [r for x in xs for r in ((1.0, 0.0) if x.problem % 3 == 0 else (1.0, 1.0))])
+
+    drawn = []
+
+    def draw(k, round_):
+        first = 4 + sum(drawn)
+        drawn.append(k)
+        return [LayerInput(first + i) for i in range(k)]
+
+    out = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=5), _loss())
+    # round 0 keeps problems 0 and 3; round 1 draws 2 (4, 5): none; round 2 draws 2 (6, 7): 6; round 3 draws 1 (8): none
+    # round 4 draws 1 (9): kept -> full
+    assert drawn == [2, 2, 1, 1] and [x.problem for x in out.train.inputs] == [0, 3, 6, 9]
+    assert out.metrics["sampling_rounds"] == 5.0 and out.metrics["kept_share"] == pytest.approx(4 / 10)
+    assert grpo.varied_groups(out.train.rewards).all() and out.train.rollout.texts[:2] == ["r0.0", "r0.1"]
+    assert out.metrics["groups"] == 10.0  # the metrics describe every rollout made
+    # the round limit: what was kept is trained on, however few
+    few = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=1), _loss())
+    assert [x.problem for x in few.train.inputs] == [0, 3] and few.metrics["sampling_rounds"] == 1.0
+    # a draw that comes back empty ends it; the kept groups beyond the batch are not trained on
+    none = fill_layer(run, [LayerInput(i) for i in range(2)], lambda k, r: [], _spec(max_sampling_rounds=9), _loss())
+    assert [x.problem for x in none.train.inputs] == [0]
+    trim = fill_layer(run, [LayerInput(1)], lambda k, r: [LayerInput(3), LayerInput(6)], _spec(max_sampling_rounds=3),
+                      _loss())
+    assert [x.problem for x in trim.train.inputs] == [3]
+
+
+def test_unused_responses_are_the_next_layers_spare_inputs():
+    from mgrpo_cli.layers import unused_responses
+
+    rounds = [_fake_result([LayerInput(0), LayerInput(1)], [1.0, 0.0, 0.0, 0.0]),
+              _fake_result([LayerInput(2)], [0.0, 1.0])]
+    chosen = {(0, 0, 0), (0, 1, 1)}
+    spare = unused_responses(rounds, chosen, _spec(select="sample", phrases=("P",)), random.Random(0))
+    assert sorted((x.problem, x.turns[0][0]) for x in spare) == [(0, "r0.1"), (1, "r1.0"), (2, "r2.0"), (2, "r2.1")]
+    assert all(x.turns[0][1] == "P" and x.prev_correct is not None for x in spare)
+    wrong = unused_responses(rounds, chosen, _spec(select="wrong", phrases=("P",)), random.Random(0))
+    assert sorted(x.turns[0][0] for x in wrong) == ["r0.1", "r1.0", "r2.0"]
+
+
+def test_row_fields_reach_own_reward_functions():
+    from mgrpo_cli.data import Problem
+    from mgrpo_cli.layers import row_fields
+
+    problems = [Problem("a", "1+2", "3", "1+2=3", meta={"operands": 2}, extra={"hint": "add"}),
+                Problem("b", "4-1", "3", meta={"operands": 2, "question": "shadowed"})]
+    inputs = [LayerInput(1, (("4-1=2", "Wait."),), False), LayerInput(0)]
+    fields = row_fields(problems, inputs, 2, depth=2)
+    assert fields["question"] == ["4-1", "4-1", "1+2", "1+2"]  # the named fields win over meta/extra
+    assert fields["id"] == ["b", "b", "a", "a"] and fields["solution"] == [None, None, "1+2=3", "1+2=3"]
+    assert fields["layer"] == [2] * 4 and fields["turns"][0] == (("4-1=2", "Wait."),) and fields["turns"][2] == ()
+    assert fields["operands"] == [2] * 4 and fields["hint"] == [None, None, "add", "add"]

@@ -1,4 +1,6 @@
 """One real training_step on the tiny model: MGRPO (depth 2), a depth-3 chain, and GRPO."""
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -143,3 +145,134 @@ def test_corrections_get_their_own_token_budget(small_cfg):
     assert correction_budget(cfg) == 6
     cfg.layer.max_new_tokens, cfg.model.max_correction_length = None, None
     assert correction_budget(cfg) == 4 and correction_budget(cfg, first_budget=7) == 7
+
+
+# ---------------------------------------------------------------- the algorithm options, on every layer
+
+OPTIONS = [
+    ["grpo.num_iterations=2"],
+    ["grpo.mask_truncated_completions=true"],
+    ["grpo.importance_sampling_level=sequence", "grpo.epsilon=3e-4", "grpo.epsilon_high=4e-4"],
+    ["grpo.delta=1.5", "grpo.num_iterations=2"],
+    ["grpo.top_entropy_quantile=0.2"],
+    ["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3"],
+    ["grpo.num_iterations=2", "layer.combine=sequential", "grpo.beta=0.1"],
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[" ".join(o) for o in OPTIONS])
+def test_each_option_runs_a_step_on_every_layer(small_cfg, options):
+    """A debug-size step per option; the per-layer metrics of every layer come out finite."""
+    cfg = small_cfg("layer.select=all", "model.max_completion_length=6", *options)
+    metrics, calls, changed = _fit_one_step(cfg)
+    if "grpo.mask_truncated_completions=true" in options:  # a random model never stops: all cut off, no update
+        every_row_cut = all(metrics[f"train/layer{d}/clipped_ratio"] == 1.0 for d in (1, 2))
+        assert (changed == 0) == every_row_cut
+    else:
+        assert changed > 0
+    assert len(calls) >= 2
+    for depth in (1, 2):
+        for key in ("loss", "clip_low", "clip_high", "clip_region", "clipped_ratio", "entropy", "completion_length",
+                    "completion_length_min", "completion_length_max", "terminated_length", "num_tokens", "loss_tokens"):
+            value = metrics[f"train/layer{depth}/{key}"]
+            assert torch.isfinite(torch.as_tensor(float(value))), (depth, key, value)
+    if "grpo.dynamic_sampling=true" in options:
+        assert 1 <= metrics["train/layer1/sampling_rounds"] <= 3 and 0 <= metrics["train/layer1/kept_share"] <= 1
+
+
+def test_num_iterations_makes_that_many_optimizer_steps_per_rollout(small_cfg):
+    cfg = small_cfg("grpo.num_iterations=3", "model.max_completion_length=6")
+    reward = ParityReward()
+    module, train_dl = _module(cfg, reward)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=train_dl)
+    # layer.combine=sum: 3 optimizer steps (each a pass over both layers) for one rollout of each layer
+    assert trainer.global_step == 3 and reward.calls == [8, 8] and module.batches_done == 1
+
+
+class GoldParityReward(ParityReward):
+    """Every completion of a problem whose gold answer is even gets 1 (a zero-variance group); the other
+    problems' completions the first-character parity. Records the row fields it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fields = []
+
+    def __call__(self, completions, golds, **fields):
+        self.calls.append(len(completions))
+        self.fields.append(fields)
+        ok = [int(g) % 2 == 0 or (bool(c) and ord(c[0]) % 2 == 0) for c, g in zip(completions, golds)]
+        return Scored(rewards=[float(x) for x in ok], correct=ok)
+
+
+def test_dynamic_sampling_keeps_zero_variance_groups_out_of_the_loss_and_refills(small_cfg, monkeypatch):
+    from mgrpo_cli import module as module_mod
+
+    cfg = small_cfg("grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=12", "grpo.prompts_per_step=3",
+                    "model.max_completion_length=6", "layer.select=all")
+    reward = GoldParityReward()
+    module, train_dl = _module(cfg, reward)
+    seen = []
+    prepare = module_mod.prepare_layer_loss
+
+    def spy(model, rollout, advantages, spec, **kw):
+        seen.append((rollout.n, advantages.view(-1, rollout.n).clone()))
+        return prepare(model, rollout, advantages, spec, **kw)
+
+    monkeypatch.setattr(module_mod, "prepare_layer_loss", spy)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=train_dl)
+    metrics = trainer.callback_metrics
+    (n1, adv1), (n2, adv2) = seen
+    assert (adv1 != 0).any(-1).all() and (adv2 != 0).any(-1).all()  # no zero-variance group reached the loss
+    assert adv1.shape[0] == 3  # layer 1 refilled to its 3 groups
+    assert metrics["train/layer1/sampling_rounds"] > 1 and metrics["train/layer1/kept_share"] < 1
+    assert 1 <= adv2.shape[0] <= 3 * 4  # layer 2: at most its first round's inputs (select=all: 3 x G)
+    first = reward.fields[0]
+    assert set(first) >= {"question", "id", "solution", "layer", "turns", "operands"}
+    assert all(len(v) == len(first["question"]) for v in first.values())
+    assert {f["layer"][0] for f in reward.fields} == {1, 2}
+
+
+def test_refills_are_a_pure_function_of_the_step(small_cfg):
+    """A resumed run redraws the same refills: they depend on (seed, step, rank, round) only."""
+    from mgrpo_cli import build
+
+    stream, again = build.problem_stream(small_cfg()), build.problem_stream(small_cfg())
+    assert [p.question for p in stream.refill(5, 0, 1, 4)] == [p.question for p in again.refill(5, 0, 1, 4)]
+    assert stream.refill(5, 0, 1, 4) != stream.refill(5, 0, 2, 4) != stream.batch(5)
+    pool = build.problem_stream(small_cfg("dataset=gsm8k", f"dataset.train_path={_gsm8k_rows()}"))
+    assert [p.id for p in pool.refill(2, 1, 1, 3)] == [p.id for p in pool.refill(2, 1, 1, 3)]
+
+
+def _gsm8k_rows():
+    import json
+    import tempfile
+
+    path = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    for i in range(20):
+        path.write(json.dumps({"question": f"{i}+1", "answer": f"#### {i + 1}"}) + "\n")
+    path.close()
+    return path.name
+
+
+def test_sampled_completions_go_to_an_mlflow_table(small_cfg):
+    tables = []
+
+    class Recorder:
+        def log_table(self, rows, artifact_file):
+            tables.append((artifact_file, rows))
+
+    cfg = small_cfg("model.max_completion_length=6", "logger.samples_n=3")
+    reward = ParityReward()
+    module, train_dl = _module(cfg, reward)
+    module.samples = dataclasses.replace(module.samples, every=1, n=3)
+    module.run_logger = Recorder()
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              limit_val_batches=0, enable_model_summary=False).fit(module, train_dataloaders=train_dl)
+    ((name, rows),) = tables
+    assert name == "samples.json" and [r["layer"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert set(rows[0]) == {"step", "layer", "question", "gold", "turns", "completion", "reward", "advantage"}
+    assert rows[0]["turns"] == [] and len(rows[3]["turns"]) == 1

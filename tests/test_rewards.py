@@ -14,9 +14,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from mgrpo_cli import rewards
+from mgrpo_cli.config import RewardConfig
 from mgrpo_cli.errors import UserError
 from mgrpo_cli.reward_terms import RewardTermError
-from mgrpo_cli.config import RewardConfig
 from mgrpo_cli.rewards import (
     Grader,
     RewardFunction,

@@ -1,0 +1,24 @@
+"""The MLflow run logger (mgrpo_cli/tracking.py) against a SQLite tracking store in a temporary folder."""
+import mlflow
+
+from mgrpo_cli.tracking import RunLogger
+
+
+def test_sampled_completions_table_appends_and_reads_back(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = RunLogger(uri, "tables", "run", params={"grpo": {"lr": 1e-4}}, artifacts=tmp_path / "mlartifacts")
+    row = {"step": 1, "layer": 1, "question": "1+2", "gold": "3", "turns": [], "completion": "3 \\boxed{3}",
+           "reward": 1.0, "advantage": 0.5}
+    logger.log_table([row, {**row, "completion": "4", "reward": None, "advantage": -0.5}], "samples.json")
+    logger.log_table([{**row, "step": 2, "layer": 2, "turns": [["4", "Wait."]]}], "samples.json")
+    logger.finish()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tables")
+    table = mlflow.load_table("samples.json", run_ids=[logger.run_id])
+    assert list(table.columns) == list(row)
+    assert table["step"].tolist() == [1, 1, 2] and table["layer"].tolist() == [1, 1, 2]
+    assert table["completion"].tolist() == ["3 \\boxed{3}", "4", "3 \\boxed{3}"]
+    assert table["advantage"].tolist() == [0.5, -0.5, 0.5] and table["reward"].isna().tolist() == [False, True, False]
+    assert table["turns"].tolist()[2] == [["4", "Wait."]]
+    run = mlflow.get_run(logger.run_id)
+    assert "samples.json" in run.data.tags.get("mlflow.loggedArtifacts", "")  # the UI lists it as a table
