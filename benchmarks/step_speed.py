@@ -17,7 +17,9 @@ N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes 
 ``--mid-steps 20`` for the full protocol, ~45 minutes more). Also measured: the MGRPO step over the
 GRPO step at ``mgrpo train``'s own defaults (warm-started tiny model, arith task, G = 8, k = 2, H = 4,
 beta = 0; ``--mgrpo-set KEY=VALUE`` changes them on both sides), alternating GRPO and MGRPO runs
-of S steps; the peak RSS of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
+of S steps, as step time and as tokens per second (prompt + completion tokens of every row through
+sampling and through the loss passes, counted unpadded as TRL's ``num_tokens``: the cost per token
+the second layer's longer prompts should not raise); the peak RSS of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
 
@@ -146,7 +148,7 @@ def ours(args) -> None:
 
     class StepTimer(L.Callback):
         def __init__(self):
-            self.times, self.cpu, self.lengths = [], [], []
+            self.times, self.cpu, self.lengths, self.tokens = [], [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sync()
@@ -156,7 +158,11 @@ def ours(args) -> None:
             sync()
             self.times.append(time.perf_counter() - self.t0)
             self.cpu.append(time.process_time() - self.c0)
-            self.lengths.append(float(trainer.callback_metrics["train/layer1/completion_length"]))
+            metrics = trainer.callback_metrics
+            self.lengths.append(float(metrics["train/layer1/completion_length"]))
+            # every layer's sampled and loss-pass tokens (prompt + completion per row, unpadded)
+            self.tokens.append(sum(float(v) for k, v in metrics.items()
+                                   if k.startswith("train/layer") and k.endswith(("/num_tokens", "/loss_tokens"))))
             self.device = f"{pl_module.device}, {pl_module.policy.dtype}"  # fit's end moves the module back
 
     timer = StepTimer()
@@ -168,12 +174,15 @@ def ours(args) -> None:
     reward_fn.close()
     median = statistics.median(timer.times[FIRST_TIMED_STEP - 1:])
     cpu = statistics.median(timer.cpu[FIRST_TIMED_STEP - 1:])
+    tokens_per_second = statistics.median(n / t for n, t in zip(timer.tokens[FIRST_TIMED_STEP - 1:],
+                                                                timer.times[FIRST_TIMED_STEP - 1:]))
     print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
     print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
     print(f"[ours] device {timer.device}")
     sys.stdout.flush()
     print(f"OURS seconds_per_step={median:.4f} cpu_seconds_per_step={cpu:.4f} "
-          f"mean_completion_length={statistics.mean(timer.lengths):.2f}")
+          f"mean_completion_length={statistics.mean(timer.lengths):.2f} tokens_per_second={tokens_per_second:.1f} "
+          f"tokens_per_step={statistics.median(timer.tokens[FIRST_TIMED_STEP - 1:]):.0f}")
 
 
 def trl_child(accelerator: str, argv: list[str]) -> None:
@@ -253,20 +262,28 @@ def compare(size: str, model_dir: Path, pairs: int, steps: int, threads: int, ac
 
 def mgrpo_vs_grpo(pairs: int, steps: int, threads: int, overrides: list[str], accelerator: str = "cpu") -> dict:
     """``mgrpo train``'s own step (warm-started tiny model, arith task, all defaults but ``overrides``)
-    with layer=grpo and layer=mgrpo, alternating ``pairs`` times: the median of the per-pair ratios
-    MGRPO / GRPO."""
+    with layer=grpo and layer=mgrpo, alternating ``pairs`` times: the medians of the per-pair ratios
+    MGRPO / GRPO of the step time and of the tokens per second."""
     rows = []
     for i in range(pairs):
         cmd = [sys.executable, __file__, "--ours", "--defaults", "--steps", str(steps), "--threads", str(threads),
                "--accelerator", accelerator]
         cmd += [f"--set={o}" for o in overrides]
-        row = {layer: _child(cmd + ["--layer", layer], "OURS")["seconds_per_step"] for layer in ("grpo", "mgrpo")}
-        print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s  MGRPO {row['mgrpo']:.3f} s  "
-              f"MGRPO/GRPO {row['mgrpo'] / row['grpo']:.3f}", flush=True)
+        row = {}
+        for layer in ("grpo", "mgrpo"):
+            out = _child(cmd + ["--layer", layer], "OURS")
+            row[layer], row[f"{layer}_tps"] = out["seconds_per_step"], out["tokens_per_second"]
+            row[f"{layer}_tokens"] = out["tokens_per_step"]
+        print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s ({row['grpo_tps']:.0f} tok/s)  "
+              f"MGRPO {row['mgrpo']:.3f} s ({row['mgrpo_tps']:.0f} tok/s)  MGRPO/GRPO time "
+              f"{row['mgrpo'] / row['grpo']:.3f}, tokens/s {row['mgrpo_tps'] / row['grpo_tps']:.3f}", flush=True)
         rows.append(row)
+    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     return {"rows": rows, "steps": steps, "overrides": overrides,
-            "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows),
-            "grpo": statistics.median(r["grpo"] for r in rows), "mgrpo": statistics.median(r["mgrpo"] for r in rows)}
+            "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows), "grpo": med("grpo"), "mgrpo": med("mgrpo"),
+            "tps_ratio": statistics.median(r["mgrpo_tps"] / r["grpo_tps"] for r in rows),
+            "grpo_tps": med("grpo_tps"), "mgrpo_tps": med("mgrpo_tps"),
+            "grpo_tokens": med("grpo_tokens"), "mgrpo_tokens": med("mgrpo_tokens")}
 
 
 def _warm_start_note(outputs: str) -> tuple[list[str], str]:
@@ -446,6 +463,11 @@ def report(r: dict) -> str:
         at = " ".join(x["overrides"]) or "no overrides"
         lines.append(f"\nMGRPO step / GRPO step at the `mgrpo train` defaults (G=8, k=2, H=4; {at}): **{x['ratio']:.2f}** "
                      f"({x['mgrpo']:.3f} s vs {x['grpo']:.3f} s; pairs: {per})")
+        if "tps_ratio" in x:
+            per = ", ".join(f"{row['mgrpo_tps'] / row['grpo_tps']:.2f}" for row in x["rows"])
+            lines.append(f"\nMGRPO tokens/s / GRPO tokens/s (prompt + completion tokens through sampling and the loss "
+                         f"passes): **{x['tps_ratio']:.2f}** ({x['mgrpo_tps']:.0f} vs {x['grpo_tps']:.0f} tokens/s; "
+                         f"{x['mgrpo_tokens']:.0f} vs {x['grpo_tokens']:.0f} tokens per step; pairs: {per})")
     if "rss_gib" in r:
         lines.append(f"\nPeak RSS of the default `mgrpo train trainer.max_steps=20`: **{r['rss_gib']:.2f} GiB** "
                      f"({r['rss_note']}; {r['rss_s']:.0f} s)")

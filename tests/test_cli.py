@@ -63,7 +63,7 @@ def test_two_step_train_then_eval_on_gsm8k_and_math500(tmp_path):
         keys = {k for (k,) in con.execute("select distinct key from metrics")}
         params = {k for (k,) in con.execute("select key from params")}
     assert {"train/layer1/reward_mean", "train/layer2/accuracy", "train/layer2/wrong_to_right",
-            "train/layer1/zero_variance_groups", "train/layer1/clip_fraction", "val/acc_t1",
+            "train/layer1/zero_variance_groups", "train/layer1/clip_region", "val/acc_t1",
             "val/delta_i2c", "train/step_time"} <= keys
     assert {"grpo.num_generations", "layer.select", "model.name"} <= params
     # per-problem rows of the held-out evaluations before and after the two steps, also in MLflow
