@@ -18,8 +18,9 @@ N = 128, S = ``--mid-steps``, 6 by default so the whole run fits in ~15 minutes 
 GRPO step at ``mgrpo train``'s own defaults (warm-started tiny model, arith task, G = 8, k = 2, H = 4,
 beta = 0; ``--mgrpo-set KEY=VALUE`` changes them on both sides), alternating GRPO and MGRPO runs
 of S steps, as step time and as tokens per second (prompt + completion tokens of every row through
-sampling and through the loss passes, counted unpadded as TRL's ``num_tokens``: the cost per token
-the second layer's longer prompts should not raise); the peak RSS of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
+sampling and through the loss passes, unpadded, counted per row as TRL's ``num_tokens`` and as
+computed, each group's prompt once: the cost per token the second layer's longer prompts should not
+raise); the peak RSS of the default ``mgrpo train trainer.max_steps=20``; our step time for G in {4, 8, 16} (N = 32) and
 N in {32, 64, 128} (G = 8) with a least-squares line (slope, R^2), EOS switched off so that every
 completion is exactly N tokens and N is the work done.
 
@@ -148,7 +149,7 @@ def ours(args) -> None:
 
     class StepTimer(L.Callback):
         def __init__(self):
-            self.times, self.cpu, self.lengths, self.tokens = [], [], [], []
+            self.times, self.cpu, self.lengths, self.tokens, self.computed = [], [], [], [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sync()
@@ -163,6 +164,9 @@ def ours(args) -> None:
             # every layer's sampled and loss-pass tokens (prompt + completion per row, unpadded)
             self.tokens.append(sum(float(v) for k, v in metrics.items()
                                    if k.startswith("train/layer") and k.endswith(("/num_tokens", "/loss_tokens"))))
+            # the same with each group's prompt counted once, as the step computes it
+            self.computed.append(sum(float(v) for k, v in metrics.items() if k.startswith("train/layer")
+                                     and k.endswith(("/num_tokens_computed", "/loss_tokens_computed"))))
             self.device = f"{pl_module.device}, {pl_module.policy.dtype}"  # fit's end moves the module back
 
     timer = StepTimer()
@@ -174,15 +178,18 @@ def ours(args) -> None:
     reward_fn.close()
     median = statistics.median(timer.times[FIRST_TIMED_STEP - 1:])
     cpu = statistics.median(timer.cpu[FIRST_TIMED_STEP - 1:])
-    tokens_per_second = statistics.median(n / t for n, t in zip(timer.tokens[FIRST_TIMED_STEP - 1:],
-                                                                timer.times[FIRST_TIMED_STEP - 1:]))
+    timed = slice(FIRST_TIMED_STEP - 1, None)
+    tokens_per_second = statistics.median(n / t for n, t in zip(timer.tokens[timed], timer.times[timed]))
+    computed_per_second = statistics.median(n / t for n, t in zip(timer.computed[timed], timer.times[timed]))
     print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
     print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
     print(f"[ours] device {timer.device}")
     sys.stdout.flush()
     print(f"OURS seconds_per_step={median:.4f} cpu_seconds_per_step={cpu:.4f} "
           f"mean_completion_length={statistics.mean(timer.lengths):.2f} tokens_per_second={tokens_per_second:.1f} "
-          f"tokens_per_step={statistics.median(timer.tokens[FIRST_TIMED_STEP - 1:]):.0f}")
+          f"tokens_per_step={statistics.median(timer.tokens[timed]):.0f} "
+          f"computed_tokens_per_second={computed_per_second:.1f} "
+          f"computed_tokens_per_step={statistics.median(timer.computed[timed]):.0f}")
 
 
 def trl_child(accelerator: str, argv: list[str]) -> None:
@@ -273,17 +280,22 @@ def mgrpo_vs_grpo(pairs: int, steps: int, threads: int, overrides: list[str], ac
         for layer in ("grpo", "mgrpo"):
             out = _child(cmd + ["--layer", layer], "OURS")
             row[layer], row[f"{layer}_tps"] = out["seconds_per_step"], out["tokens_per_second"]
-            row[f"{layer}_tokens"] = out["tokens_per_step"]
-        print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s ({row['grpo_tps']:.0f} tok/s)  "
-              f"MGRPO {row['mgrpo']:.3f} s ({row['mgrpo_tps']:.0f} tok/s)  MGRPO/GRPO time "
-              f"{row['mgrpo'] / row['grpo']:.3f}, tokens/s {row['mgrpo_tps'] / row['grpo_tps']:.3f}", flush=True)
+            row[f"{layer}_tokens"], row[f"{layer}_ctps"] = out["tokens_per_step"], out["computed_tokens_per_second"]
+            row[f"{layer}_ctokens"] = out["computed_tokens_per_step"]
+        print(f"[defaults] pair {i + 1}/{pairs}: GRPO {row['grpo']:.3f} s ({row['grpo_tps']:.0f} tok/s, "
+              f"{row['grpo_ctps']:.0f} computed)  MGRPO {row['mgrpo']:.3f} s ({row['mgrpo_tps']:.0f} tok/s, "
+              f"{row['mgrpo_ctps']:.0f} computed)  MGRPO/GRPO time {row['mgrpo'] / row['grpo']:.3f}, tokens/s "
+              f"{row['mgrpo_tps'] / row['grpo_tps']:.3f}, computed {row['mgrpo_ctps'] / row['grpo_ctps']:.3f}", flush=True)
         rows.append(row)
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     return {"rows": rows, "steps": steps, "overrides": overrides,
             "ratio": statistics.median(r["mgrpo"] / r["grpo"] for r in rows), "grpo": med("grpo"), "mgrpo": med("mgrpo"),
             "tps_ratio": statistics.median(r["mgrpo_tps"] / r["grpo_tps"] for r in rows),
             "grpo_tps": med("grpo_tps"), "mgrpo_tps": med("mgrpo_tps"),
-            "grpo_tokens": med("grpo_tokens"), "mgrpo_tokens": med("mgrpo_tokens")}
+            "grpo_tokens": med("grpo_tokens"), "mgrpo_tokens": med("mgrpo_tokens"),
+            "ctps_ratio": statistics.median(r["mgrpo_ctps"] / r["grpo_ctps"] for r in rows),
+            "grpo_ctps": med("grpo_ctps"), "mgrpo_ctps": med("mgrpo_ctps"),
+            "grpo_ctokens": med("grpo_ctokens"), "mgrpo_ctokens": med("mgrpo_ctokens")}
 
 
 def _warm_start_note(outputs: str) -> tuple[list[str], str]:
@@ -465,9 +477,14 @@ def report(r: dict) -> str:
                      f"({x['mgrpo']:.3f} s vs {x['grpo']:.3f} s; pairs: {per})")
         if "tps_ratio" in x:
             per = ", ".join(f"{row['mgrpo_tps'] / row['grpo_tps']:.2f}" for row in x["rows"])
-            lines.append(f"\nMGRPO tokens/s / GRPO tokens/s (prompt + completion tokens through sampling and the loss "
-                         f"passes): **{x['tps_ratio']:.2f}** ({x['mgrpo_tps']:.0f} vs {x['grpo_tps']:.0f} tokens/s; "
-                         f"{x['mgrpo_tokens']:.0f} vs {x['grpo_tokens']:.0f} tokens per step; pairs: {per})")
+            lines.append(f"\nMGRPO tokens/s / GRPO tokens/s (prompt + completion tokens of every row through sampling "
+                         f"and the loss passes, TRL's count): **{x['tps_ratio']:.2f}** ({x['mgrpo_tps']:.0f} vs "
+                         f"{x['grpo_tps']:.0f} tokens/s; {x['mgrpo_tokens']:.0f} vs {x['grpo_tokens']:.0f} tokens per "
+                         f"step; pairs: {per})")
+            per = ", ".join(f"{row['mgrpo_ctps'] / row['grpo_ctps']:.2f}" for row in x["rows"])
+            lines.append(f"\nThe same counting each group's prompt once, as the step computes it: **{x['ctps_ratio']:.2f}** "
+                         f"({x['mgrpo_ctps']:.0f} vs {x['grpo_ctps']:.0f} tokens/s; {x['mgrpo_ctokens']:.0f} vs "
+                         f"{x['grpo_ctokens']:.0f} tokens per step; pairs: {per})")
     if "rss_gib" in r:
         lines.append(f"\nPeak RSS of the default `mgrpo train trainer.max_steps=20`: **{r['rss_gib']:.2f} GiB** "
                      f"({r['rss_note']}; {r['rss_s']:.0f} s)")

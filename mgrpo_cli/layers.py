@@ -186,7 +186,8 @@ def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, proble
 def layer_metrics(result: LayerResult) -> dict[str, float]:
     """What a layer's rollout looked like: rewards, accuracy, zero-variance share, lengths (mean, min,
     max, of the completions that ended with EOS, the share cut off: ``clipped_ratio``), the sampled
-    prompt + completion tokens (``num_tokens``), and for corrections the wrong<->right transitions."""
+    prompt + completion tokens (``num_tokens`` per row as TRL counts them, ``num_tokens_computed`` with
+    each group's prompt once), and for corrections the wrong<->right transitions."""
     rewards, rollout, correct = result.rewards, result.rollout, result.correct
     valid = ~torch.isnan(rewards)
     metrics = {
@@ -196,6 +197,9 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
         "zero_variance_groups": grpo.zero_variance_share(rewards) if rewards.numel() else 0.0,
         **grpo.length_stats(rollout.lengths.cpu(), rollout.truncated.cpu()),
         "num_tokens": float(rollout.prompt_mask.sum().item() + rollout.completion_mask.sum().item()),
+        # as sampling computes them: each group's prompt once (prefilled once, its cache shared)
+        "num_tokens_computed": float(rollout.prompt_mask[::rollout.n].sum().item()
+                                     + rollout.completion_mask.sum().item()),
         "ungradable": float((~valid).sum().item()),
         "groups": float(len(result.inputs)),
     }

@@ -1,11 +1,13 @@
 """The Lightning module: one ``training_step`` runs every GRPO layer of MGRPO on the same policy.
 
 ``training_step`` loops over the layers' :class:`~mgrpo_cli.layers.LayerSpec`: each layer runs the
-same rollout -> grade -> advantage path (``layers.run_layer``) and the same loss
-(``loss.policy_loss_backward``), then hands the responses its spec selects, each with a guiding
-phrase, to the next layer. Layer losses are summed (L1 + lambda * L2, one optimizer step) or applied
-as an optimizer step per layer (``OptimSpec.step_per_layer``). Validation is the two-pass (t1, t2)
-greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
+same rollout -> grade -> advantage path (``layers.run_layer``; with dynamic sampling
+``layers.fill_layer``, refilling the batch with groups whose rewards vary) and prepares the same loss
+(``loss.prepare_layer_loss``), then hands the responses its spec selects, each with a guiding
+phrase, to the next layer. Layer losses are summed (L1 + lambda * L2: each of the
+``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
+``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
+two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
 and the optimizer step. The module takes plain objects made by ``mgrpo_cli.build``, never the config.
 On several processes (``mgrpo_cli.distributed``): each rank draws its own prompts, DDP gradients are
 averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
@@ -38,7 +40,7 @@ from mgrpo_cli.layers import (
     run_layer,
     unused_responses,
 )
-from mgrpo_cli.loss import LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
+from mgrpo_cli.loss import TOKEN_COUNTS, LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
 from mgrpo_cli.metrics import self_correction
 from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
@@ -230,8 +232,9 @@ class MGRPOModule(L.LightningModule):
         out: dict[str, float] = {}
         mu = self.loss.num_iterations
         for (spec, layer, sampled), total in zip(pending, totals):
-            passes = {k: v if k == "loss_tokens" else v / mu for k, v in total.items()}
-            passes["loss_tokens"] += layer.stats.get("loss_tokens", 0.0)
+            passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
+            for k in TOKEN_COUNTS:
+                passes[k] += layer.stats.get(k, 0.0)
             out.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
         return out
 

@@ -153,6 +153,9 @@ def test_one_iteration_is_the_plain_batch_gradient(setup):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
     assert stats["clip_region"] == 0.0 and stats["entropy"] > 0
     assert stats["loss_tokens"] == sum(int(ro.prompt_mask[r].sum() + ro.completion_mask[r].sum()) for r in ACTIVE)
+    # as computed: one micro-batch, each of its two groups' prompts once
+    assert stats["loss_tokens_computed"] == (int(ro.prompt_mask[[4, 9]].sum())
+                                             + sum(int(ro.completion_mask[r].sum()) for r in ACTIVE))
     # two iterations: the first pass runs against the stored log-probs of the same weights: the same gradient
     layer = prepare_layer_loss(model, ro, ADV, spec(num_iterations=2))
     first = loss_pass(model, layer, spec(num_iterations=2), lambda x: x.backward())

@@ -173,7 +173,8 @@ def test_each_option_runs_a_step_on_every_layer(small_cfg, options):
     assert len(calls) >= 2
     for depth in (1, 2):
         for key in ("loss", "clip_low", "clip_high", "clip_region", "clipped_ratio", "entropy", "completion_length",
-                    "completion_length_min", "completion_length_max", "terminated_length", "num_tokens", "loss_tokens"):
+                    "completion_length_min", "completion_length_max", "terminated_length", "num_tokens", "loss_tokens",
+                    "num_tokens_computed", "loss_tokens_computed"):
             value = metrics[f"train/layer{depth}/{key}"]
             assert torch.isfinite(torch.as_tensor(float(value))), (depth, key, value)
     if "grpo.dynamic_sampling=true" in options:
