@@ -3,7 +3,7 @@
 Every layer of MGRPO runs :func:`run_layer` on its own inputs with its own :class:`LayerSpec`: layer 1
 on the questions with G samples each, layer 2 on (question, a layer-1 response, a guiding phrase)
 with H samples each, and a layer k >= 3 on the layer before it the same way; the loss of every layer
-is applied by ``loss.policy_loss_backward``. The only layer-specific code is choosing which
+is applied by ``loss.prepare_layer_loss`` and ``loss.loss_pass``. The only layer-specific code is choosing which
 responses go on (:func:`select_responses`), building the next inputs (:func:`next_inputs`) and the
 optional improvement reward (:func:`layer_rewards`), each driven by the spec's values.
 """
