@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import torch
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_MODES = ("group", "batch", "none")
 
 
@@ -251,26 +250,32 @@ def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, 
                       LOG_RATIOS[importance_sampling_level])
 
 
+def _per_sequence_mean(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return summed / mask.sum(-1).clamp(min=1)
+
+
+def _per_sequence_sum(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return summed
+
+
+# loss_type -> (per-sequence term from the summed token values, the whole batch's normaliser)
+AGGREGATIONS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                              Callable[[torch.Tensor, int], float]]] = {
+    "grpo": (_per_sequence_mean, lambda mask, length: float(max(mask.shape[0], 1))),  # 1/|o_i|, then rows
+    "dapo": (_per_sequence_sum, lambda mask, length: float(max(mask.sum().item(), 1))),  # every token alike
+    "dr_grpo": (_per_sequence_sum, lambda mask, length: float(max(mask.shape[0] * length, 1))),  # a constant
+}
+
+
 def sequence_terms(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     """(B, T) per-token values -> (B,) per-sequence terms, to be summed and divided by
     :func:`loss_normalizer` (so micro-batches add up to the whole batch's loss)."""
-    summed = (per_token * mask).sum(-1)
-    if loss_type == "grpo":
-        return summed / mask.sum(-1).clamp(min=1)
-    if loss_type in ("dapo", "dr_grpo"):
-        return summed
-    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    return AGGREGATIONS[loss_type][0]((per_token * mask).sum(-1), mask)
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
     """What the summed sequence terms of the whole batch (mask: (B, T)) are divided by."""
-    if loss_type == "grpo":
-        return float(max(mask.shape[0], 1))
-    if loss_type == "dapo":
-        return float(max(mask.sum().item(), 1))
-    if loss_type == "dr_grpo":
-        return float(max(mask.shape[0] * max_completion_length, 1))
-    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    return AGGREGATIONS[loss_type][1](mask, max_completion_length)
 
 
 def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,
