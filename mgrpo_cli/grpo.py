@@ -27,26 +27,36 @@ SCALE_MODES = ("group", "batch", "none")
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """(n_groups, group_size) rewards, NaN = ungradable -> advantages of the same shape (NaN -> 0)."""
+    """(n_groups, group_size) rewards, NaN = ungradable -> advantages of the same shape (NaN -> 0).
+
+    A group whose gradable rewards are all equal (max == min, or fewer than two of them) gets exactly
+    0 in every mode and with any ``eps`` (0 included): computing r - mean(r) in floating point would
+    leave rounding noise (float32 rewards of 0.1 in a group of 8 give about 7e-5 / (0 + eps)), which
+    would push the policy and defeat the skipping of zero-advantage rows.
+    """
     if scale not in SCALE_MODES:
         raise ValueError(f"scale_rewards: expected one of {SCALE_MODES}, got {scale!r}")
     valid = ~torch.isnan(rewards)
     r = torch.where(valid, rewards, torch.zeros_like(rewards))
     n = valid.sum(-1, keepdim=True)
+    hi = torch.where(valid, rewards, torch.full_like(rewards, -float("inf"))).amax(-1, keepdim=True)
+    lo = torch.where(valid, rewards, torch.full_like(rewards, float("inf"))).amin(-1, keepdim=True)
+    flat = (hi <= lo) | (n < 2)  # (n_groups, 1): no signal in this group
     mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
-    centred = torch.where(valid, r - mean, torch.zeros_like(r))
+    centred = torch.where(valid & ~flat, r - mean, torch.zeros_like(r))
     if scale == "group":
-        # unbiased std within each group (0 for groups with fewer than two gradable responses)
+        # unbiased std within each group; flat groups divide 0 by 1 instead of by their (0 + eps)
         var = centred.pow(2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
-        adv = centred / (var.sqrt() + eps)
+        adv = centred / torch.where(flat, torch.ones_like(var), var.sqrt() + eps)
     elif scale == "batch":
         total = valid.sum()
         all_centred = torch.where(valid, r - r[valid].mean() if total else r, torch.zeros_like(r))
         std = (all_centred.pow(2).sum() / (total - 1).clamp(min=1)).sqrt()
-        adv = centred / (std + eps)
+        scale_by = std + eps  # 0 only when every group is flat (centred all zeros): divide by 1 then
+        adv = centred / torch.where(scale_by > 0, scale_by, torch.ones_like(scale_by))
     else:
         adv = centred
-    return torch.where(valid, adv, torch.zeros_like(adv))
+    return torch.where(valid & ~flat, adv, torch.zeros_like(adv))
 
 
 def varied_groups(rewards: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,34 @@ def test_zero_variance_group_gets_zero_advantage():
     assert grpo.zero_variance_share(r) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_flat_groups_of_any_reward_value_get_exactly_zero(dtype, scale, eps):
+    # float32 0.1 x 8: mean(r) != 0.1 in floating point (r - mean was ~7e-5 before the division by eps)
+    r = torch.tensor([[0.1] * 8, [1.1] * 8, [0.3, NAN, 0.3, 0.3, NAN, 0.3, 0.3, 0.3],
+                      [2.7, NAN, NAN, NAN, NAN, NAN, NAN, NAN], [1.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
+                     dtype=dtype)
+    adv = grpo.group_advantages(r, scale, eps=eps)
+    assert adv.dtype == dtype
+    assert torch.equal(adv[:4], torch.zeros(4, 8, dtype=dtype))  # exactly 0, never NaN
+    # the one group with a spread: mean 0.225, deviations 0.875 and -0.125, unbiased std sqrt(0.125)
+    centred = torch.tensor([0.875] + [-0.125] * 7, dtype=torch.float64)
+    if scale == "group":
+        centred = centred / (0.125 ** 0.5 + eps)
+    elif scale == "batch":
+        valid = r[~torch.isnan(r)].double()
+        centred = centred / (valid.std() + eps)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(adv[4].double(), centred, rtol=tol, atol=tol)
+
+
+def test_only_flat_groups_with_zero_eps_are_zero_not_nan():
+    for scale in ("group", "batch", "none"):
+        adv = grpo.group_advantages(torch.tensor([[0.1, 0.1], [0.1, 0.1]]), scale, eps=0.0)
+        assert torch.equal(adv, torch.zeros(2, 2))
+
+
 def test_ungradable_left_out_of_group_statistics():
     r = torch.tensor([[1.0, NAN, 0.0]])
     adv = grpo.group_advantages(r, "group", eps=0.0)
