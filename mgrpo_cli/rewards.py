@@ -5,9 +5,10 @@ r"""Answer extraction, grading and rewards: one grader for the training reward a
 ``build_reward(cfg)`` turns the ``reward`` config group into a ``RewardFunction`` that returns, per
 completion, ``sum_k weight_k * term_k`` (accuracy, format, or an own function named by its import
 path ``package.module:function``) as ``Scored``. Reward functions share the shape
-``f(completions, golds, **row_fields) -> list[float | None]``; ``None`` means "cannot be graded" (the
-gold itself does not parse, or the grader crashed): the trainer leaves it out of the group
-statistics, and the grader counts it as ``ungradable`` (``is_correct`` answers False for it).
+``f(completions, golds, **row_fields) -> list[float | None]``; ``None`` means "cannot be graded": the
+trainer leaves it out of the group statistics (``is_correct`` answers False for it), and the grader
+counts it as ``ungradable`` (the gold itself does not parse) or ``grader_error`` (the worker process
+died, killed or out of memory, with that answer in flight).
 Format reward: a non-empty ``\boxed{}`` (style boxed), or exactly
 ``[<think>]…</think><answer>…</answer>`` (style think; the opening tag may end the prompt).
 
@@ -44,7 +45,10 @@ wall-clock limit ``timeout_s`` that works from any thread: the parent waits on a
 deadline, kills the worker and starts a fresh one (inside the worker a SIGALRM timer at 3/4 of the
 limit usually stops the work first, sparing the restart). A completion over
 ``MAX_COMPLETION_CHARS`` or an answer over ``MAX_ANSWER_CHARS`` is not parsed. All these cases are
-wrong answers (``False``, reward 0) counted as ``grader_timeout``.
+wrong answers (``False``, reward 0) counted as ``grader_timeout``. A worker that dies (killed, out
+of memory) never stops the caller: the answer it was grading is ``None`` (``grader_error``), a fresh
+worker grades the rest, and if that one dies too the rest are ``grader_error`` and the next call
+starts another.
 
 Left out: answer-type specific rules (multiple-choice letters beyond what math-verify does, units
 spelt without ``\text``), partial credit.
@@ -251,6 +255,7 @@ class _Worker:
         self._proc: Any = None
         self._conn: Any = None
         self._ready = False
+        self._started_once = False  # a worker has been ready before: failing to restart is not fatal
         self.restarts = 0
 
     def _start(self) -> None:
@@ -264,47 +269,85 @@ class _Worker:
             "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m);"
             f"m._worker_main(c.Connection({child.fileno()}), {self.soft_fraction * self.timeout_s!r})"
         )
-        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
-        child.close()
         self._ready = False
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
+                                          stdin=subprocess.DEVNULL)
+        except OSError as e:  # no memory or process slots left: not started, _ensure_ready decides
+            log.warning("grader: could not start the math-verify worker: %s", e)
+            self._conn.close()
+            self._proc = self._conn = None
+        finally:
+            child.close()
 
-    def _ensure_ready(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
+    def _restart(self) -> None:
+        self.close()
+        self.restarts += 1
+        self._start()  # boots while the caller goes on
+
+    def _ensure_ready(self) -> bool:
+        """Start the worker if it is not running and wait until it is ready. False when a restart did
+        not come up (the caller counts its jobs as errors and the next call tries again); a first
+        start that fails raises: math-verify is missing or broken, no grading can work."""
+        if self._proc is not None and self._proc.poll() is not None:  # died while idle (killed, out of memory)
             self.close()
+            self.restarts += 1
+        if self._proc is None:
             self._start()
         if not self._ready:
             try:
-                self._ready = self._conn.poll(_STARTUP_TIMEOUT_S) and self._conn.recv() == "ready"
+                self._ready = (self._proc is not None and self._conn.poll(_STARTUP_TIMEOUT_S)
+                               and self._conn.recv() == "ready")
             except (EOFError, OSError):
                 pass
             if not self._ready:
                 self.close()
-                raise RuntimeError(
-                    f"mgrpo grader: the math-verify worker did not start within {_STARTUP_TIMEOUT_S:.0f} s "
-                    f"(its error, if any, is above; is math-verify installed for {sys.executable}?)"
-                )
+                if not self._started_once:
+                    raise RuntimeError(
+                        f"mgrpo grader: the math-verify worker did not start within {_STARTUP_TIMEOUT_S:.0f} s "
+                        f"(its error, if any, is above; is math-verify installed for {sys.executable}?)"
+                    )
+                log.warning("grader: the math-verify worker did not restart; its answers count as grader_error")
+                return False
+            self._started_once = True
+        return True
 
     def grade(self, jobs: list[tuple[str, str]]) -> list[bool | str]:
-        """One verdict per job: True/False, "gold" (gold unparseable), "timeout" or "crash"."""
+        """One verdict per job: True/False, "gold" (gold unparseable), "timeout" or "error".
+
+        A job past the deadline is "timeout": the worker is killed and a fresh one grades the rest.
+        When the worker dies (killed, out of memory), the job it was working on is "error" and a fresh
+        worker grades the rest; if that one dies too, every job left is "error" and the next call
+        starts another. Nothing here raises on a dead worker."""
         results: list[bool | str] = []
+        died = False
         while len(results) < len(jobs):
-            self._ensure_ready()
-            pending = jobs[len(results) :]
-            self._conn.send(pending)
-            for _ in pending:
-                try:
-                    if self._conn.poll(self.timeout_s):
-                        results.append(self._conn.recv())
-                        continue
-                    results.append("timeout")
-                except (EOFError, OSError):
-                    results.append("crash")
-                log.debug("grader worker stopped on %r; restarting it", jobs[len(results) - 1])
-                self.close()
-                self.restarts += 1
-                self._start()  # boots while the caller goes on
+            if not self._ensure_ready():
                 break
-        return results
+            pending = jobs[len(results) :]
+            sent = False
+            try:
+                self._conn.send(pending)
+                sent = True
+                for _ in pending:
+                    if not self._conn.poll(self.timeout_s):
+                        results.append("timeout")
+                        log.debug("grader worker stopped on %r; restarting it", jobs[len(results) - 1])
+                        self._restart()
+                        break
+                    results.append(self._conn.recv())
+            except (EOFError, OSError):  # the worker is gone; a job it had taken is lost
+                if sent:
+                    results.append("error")
+                log.warning("grader: the math-verify worker died (killed or out of memory)%s",
+                            "" if died else "; restarting it")
+                if died:  # a second death in one call: the next call starts a fresh worker
+                    self._proc.kill()
+                    self._proc.wait()
+                    break
+                died = True
+                self._restart()
+        return results + ["error"] * (len(jobs) - len(results))
 
     def close(self) -> None:
         if self._proc is not None:
@@ -317,7 +360,8 @@ class _Worker:
 # ---------------------------------------------------------------------------------------------
 # Grader
 # ---------------------------------------------------------------------------------------------
-_COUNTERS = ("graded", "correct", "no_answer", "fast_path", "grader_timeout", "ungradable", "worker_restarts")
+_COUNTERS = ("graded", "correct", "no_answer", "fast_path", "grader_timeout", "ungradable", "grader_error",
+             "worker_restarts")
 
 
 class Grader:
@@ -325,8 +369,8 @@ class Grader:
 
     Counters (``stats``/``pop_stats``): ``graded`` pairs given a verdict, ``correct``,
     ``no_answer`` (nothing extracted), ``fast_path`` (decided without sympy), ``grader_timeout``
-    (cut off by a time or size limit: wrong), ``ungradable`` (``None`` verdicts),
-    ``worker_restarts``.
+    (cut off by a time or size limit: wrong), ``ungradable`` (the gold cannot be graded: ``None``),
+    ``grader_error`` (the worker died with the pair in flight: ``None``), ``worker_restarts``.
     """
 
     _shortcuts = True  # exact-match and plain-number paths; off only to benchmark math-verify
@@ -367,7 +411,8 @@ class Grader:
         self._since[name] += n
 
     def correct(self, completions: Sequence[str], golds: Sequence[str]) -> list[bool | None]:
-        """Per pair: True/False, or None when the gold cannot be graded or the grader crashed."""
+        """Per pair: True/False, or None when the gold cannot be graded or the grader's worker died
+        while grading it (counted as ``grader_error``; the next pair or call restarts the worker)."""
         if len(completions) != len(golds):
             raise ValueError(f"got {len(completions)} completions but {len(golds)} gold answers")
         with self._lock:
@@ -415,13 +460,16 @@ class Grader:
         return None
 
     def _remember(self, job: tuple[str, str], result: bool | str) -> None:
-        if result != "crash":
+        if result != "error":
             self._cache[job] = result
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
 
     def _tally(self, verdict: bool | str | None) -> bool | None:
-        if verdict in ("gold", "crash", None):
+        if verdict == "error":
+            self._count("grader_error")
+            return None
+        if verdict in ("gold", None):
             self._count("ungradable")
             return None
         self._count("graded")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -254,6 +256,87 @@ def test_hard_limit_kills_a_stuck_worker_off_the_main_thread(monkeypatch):
         assert out["seconds"] < limit + 5  # kill + restart + one more grading
         stats = g.stats()
     assert (stats["grader_timeout"], stats["worker_restarts"]) == (1, 1)
+
+
+class _KillOnSend:
+    """A worker connection whose next send SIGKILLs the worker with the jobs in flight: the worker is
+    stopped first, so it dies before answering any of them."""
+
+    def __init__(self, worker) -> None:
+        self.worker, self.conn = worker, worker._conn
+
+    def send(self, jobs) -> None:
+        pid = self.worker._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.conn.send(jobs)
+        os.kill(pid, signal.SIGKILL)
+        self.worker._proc.wait()
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def _kill_on_next_sends(monkeypatch, grader: Grader, times: int) -> None:
+    """SIGKILL the grader's worker at its next ``times`` batches (restarted workers included)."""
+    worker, start = grader._worker, rewards._Worker._start
+    left = [times]
+
+    def arm() -> None:
+        if left[0] > 0 and worker._conn is not None:
+            left[0] -= 1
+            worker._conn = _KillOnSend(worker)
+
+    def start_and_arm(self) -> None:
+        start(self)
+        if self is worker:
+            arm()
+
+    monkeypatch.setattr(rewards._Worker, "_start", start_and_arm)
+    arm()
+
+
+MATH_VERIFY_JOBS = ([b("\\sqrt{9}"), b("\\sqrt{16}"), b("\\sqrt{25}")], ["3", "4", "5"])  # none on the fast path
+
+
+def test_worker_killed_mid_batch_loses_only_the_answer_in_flight(monkeypatch):
+    with Grader(timeout_s=5.0) as g:
+        assert g.correct([b("\\sqrt{4}")], ["2"]) == [True]  # worker up
+        g.pop_stats()
+        _kill_on_next_sends(monkeypatch, g, 1)
+        assert g.correct(*MATH_VERIFY_JOBS) == [None, True, True]  # a fresh worker graded the rest
+        stats = g.pop_stats()
+        assert (stats["grader_error"], stats["worker_restarts"], stats["ungradable"], stats["graded"]) == (1, 1, 0, 2)
+        assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]  # the lost answer was not cached
+        assert g.pop_stats()["grader_error"] == 0
+
+
+def test_worker_killed_twice_in_a_batch_counts_the_rest_and_the_next_batch_restarts_it(monkeypatch):
+    with Grader(timeout_s=5.0) as g:
+        g.correct([b("\\sqrt{4}")], ["2"])
+        g.pop_stats()
+        _kill_on_next_sends(monkeypatch, g, 2)
+        assert g.correct(*MATH_VERIFY_JOBS) == [None, None, None]
+        assert g.pop_stats()["grader_error"] == 3
+        assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]
+        assert g.stats()["worker_restarts"] == 2  # once within the batch, once at the next
+
+
+def test_worker_killed_between_batches_or_failing_to_restart_never_raises(monkeypatch):
+    reward = RewardFunction([("accuracy", 1.0)], Grader(timeout_s=5.0))
+    with reward:
+        reward([b("\\sqrt{4}")], ["2"])
+        reward.grader._worker._proc.kill()
+        reward.grader._worker._proc.wait()
+        assert reward(*MATH_VERIFY_JOBS).rewards == [1.0, 1.0, 1.0]  # restarted before the batch
+        assert reward.grader.stats()["worker_restarts"] == 1 and reward.grader.stats()["grader_error"] == 0
+        reward.grader._worker._proc.kill()
+        reward.grader._worker._proc.wait()
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # the restart dies at once
+        scored = reward([b("\\sqrt{36}"), b("7")], ["6", "7"])
+        assert scored.rewards == [None, 1.0] and scored.correct == [None, True]  # fast path still grades
+        assert reward.grader.stats()["grader_error"] == 1
+        monkeypatch.undo()
+        assert reward([b("\\sqrt{36}")], ["6"]).rewards == [1.0]
 
 
 # Counters, None, validation -----------------------------------------------------------------
