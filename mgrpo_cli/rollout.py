@@ -217,6 +217,8 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0) -> Rollout: ...
 
+    def reseed(self, seed: int) -> None: ...
+
 
 class HFEngine:
     """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
@@ -227,6 +229,11 @@ class HFEngine:
         # False: every completion runs to max_new_tokens (benchmarks compare equal lengths)
         self.eos_token_id = tokenizer.eos_token_id if stop_at_eos else -1
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling noise from ``seed`` (on CUDA the noise comes from torch's global CUDA
+        generator, which :func:`mgrpo_cli.seeding.seed_step` seeds)."""
+        self.generator.manual_seed(seed)
 
     @property
     def device(self) -> torch.device:
