@@ -78,7 +78,7 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("grpo.epsilon", _at_least(0), "the clip range must be >= 0"),
     ("grpo.epsilon_high", _unset_or(_at_least(0)), "the upper clip range must be >= 0 (or null = grpo.epsilon)"),
     ("grpo.beta", _at_least(0), "the KL weight must be >= 0"),
-    ("grpo.std_eps", _positive, "the advantage's std epsilon must be > 0"),
+    ("grpo.std_eps", _at_least(0), "the advantage's std epsilon must be >= 0"),
     ("grpo.lr", _positive, "the learning rate must be > 0"),
     ("grpo.weight_decay", _at_least(0), "weight decay must be >= 0"),
     ("grpo.max_grad_norm", _positive, "the gradient-norm clip must be > 0"),
@@ -95,6 +95,8 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.max_steps", _at_least(1), "train for at least 1 step"),
     ("trainer.val_every", _at_least(1), "validate every N >= 1 steps"),
     ("trainer.checkpoint_every", _at_least(1), "checkpoint every N >= 1 steps"),
+    ("trainer.checkpoint_every_minutes", _unset_or(_positive), "checkpoint every N > 0 minutes (or null)"),
+    ("trainer.max_nonfinite_steps", _at_least(0), "stop after N >= 1 non-finite steps in a row, or 0 for never"),
     ("trainer.num_nodes", _at_least(1), "need at least 1 node"),
     ("warmup.steps", _at_least(1), "the warm-up needs at least 1 step (or warmup.enabled=false)"),
     ("warmup.batch_size", _at_least(1), "a warm-up batch holds at least 1 example"),
@@ -112,6 +114,8 @@ def check(cfg: Any, command: str = "train") -> None:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise bad_value(key, value, why)
+    if command != "train" and cfg.get("resume"):
+        raise bad_value("resume", cfg.resume, "continues a training run: mgrpo train resume=<run folder>")
     if command == "train":
         _check_train(cfg)
     elif cfg.eval.n > 1 and cfg.eval.temperature <= 0:
@@ -313,10 +317,11 @@ def config_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None):
-    """The MLflow run of this command (``logger.enabled``), or None. Tagged with the run folder
-    (``run_dir``, how ``mgrpo report`` finds a folder's run) and, in a sweep, with the sweep's parent
-    run (``mlflow.parentRunId`` from ``sweep.PARENT_ENV``), which nests it under that run."""
+def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None, run_id: Optional[str] = None):
+    """The MLflow run of this command (``logger.enabled``), or None; ``run_id`` reopens a run (resume=).
+    Tagged with the run folder (``run_dir``, how ``mgrpo report`` finds a folder's run) and, in a
+    sweep, with the sweep's parent run (``mlflow.parentRunId`` from ``sweep.PARENT_ENV``), which nests
+    it under that run."""
     if not cfg.logger.enabled:
         return None
     from mgrpo_cli.sweep import PARENT_ENV
@@ -329,7 +334,7 @@ def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None):
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     return RunLogger(uri, cfg.logger.experiment, run_name, params=config_dict(cfg),
-                     artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts", tags=tags)
+                     artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts", tags=tags, run_id=run_id)
 
 
 # ---------------------------------------------------------------------------------------------- objects
@@ -491,7 +496,8 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
                         step_per_layer=cfg.layer.combine == "sequential"),
         validation=solve_spec(cfg), samples=SamplesSpec(cfg.logger.samples_every if cfg.logger.enabled else 0,
                                                         cfg.logger.samples_n),
-        seed=cfg.seed, reference=reference_policy(policy_model, g.beta),
+        seed=cfg.seed, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+        reference=reference_policy(policy_model, g.beta),
         shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg),
         refill=(stream or problem_stream(cfg)).refill if g.dynamic_sampling else None)
 

@@ -222,6 +222,10 @@ class TrainerConfig:
     val_every: int = 50
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
     checkpoint_every: int = 100
+    # also write checkpoints/last.ckpt after any step ending this many minutes after the last checkpoint
+    checkpoint_every_minutes: Optional[float] = None
+    # stop after this many training steps in a row whose loss or gradient was not finite (0 = never)
+    max_nonfinite_steps: int = 3
     deepspeed_stage: Optional[int] = None  # 2 | 3 (trainer=deepspeed)
     # write sha256 checksums of the policy's weights per rank to <run>/checksums/rank<k>.json at the end
     weight_checksums: bool = False
@@ -235,6 +239,8 @@ class LoggerConfig:
     experiment: str = "mgrpo"
     samples_every: int = 50
     samples_n: int = 16
+    # copy the exported model into the run's artifacts (export/); false for big models
+    log_export: bool = True
 
 
 @dataclass
@@ -288,7 +294,10 @@ class TrainAppConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"
     seed: int = 0
+    # start from this Lightning checkpoint (weights, optimizer, step) as a new run
     ckpt_path: Optional[str] = None
+    # continue the run in this folder (its saved config, last checkpoint and MLflow run; docs/resume.md)
+    resume: Optional[str] = None
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
 
 

@@ -35,6 +35,14 @@ def bad_value(key: str, value: Any, why: str) -> UserError:
     return UserError(f"{key}={value}: {why}")
 
 
+def one_line(error: BaseException) -> str:
+    """The error as one line for a job's records (``status.json``, MLflow's ``error`` tag):
+    ``<type>: <first line of the message>`` (``UserError: grpo.lr=-1: ...``), as the sweep's failed-job
+    list shows it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def full_errors() -> bool:
     """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``)."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -15,7 +15,8 @@ or evaluating its start is acted on before the first training step.
 
 Time-based checkpoints (``trainer.checkpoint_every_minutes``): :class:`StopAndCheckpoint` also
 writes ``last.ckpt`` after any step that ends more than that many minutes after the last
-checkpoint, so a preempted run with long steps loses little.
+checkpoint, so a preempted run with long steps loses little; and once more when training ends, so
+``last.ckpt`` always holds the final weights.
 """
 from __future__ import annotations
 
@@ -101,9 +102,18 @@ class StopRequests:
                         signal.Signals(signum).name, hint)
 
 
+class StopRequested(Exception):
+    """Raised out of ``trainer.fit`` after the checkpoint of a stop request, at the start of what
+    would come next (the next step, or a validation). ``Trainer.should_stop`` would first run a
+    validation, which a preempted job has no time for; raising in ``on_train_batch_end`` would lose
+    that step's metrics, which Lightning hands to the logger after that hook."""
+
+
 class StopAndCheckpoint(Callback):
     """After each training step: on a stop request (on any rank), or when ``every_minutes`` have
-    passed since the last checkpoint, write ``path``; on a stop request, end ``fit`` there.
+    passed since the last checkpoint, write ``path``; on a stop request, leave ``fit`` right after
+    that step (:class:`StopRequested`; ``stop_pending`` says so when it was the last step). When
+    training ends, write ``path`` if its last step is not in it.
 
     ``every_steps``: the step-based ``ModelCheckpoint``'s interval; at those steps it writes the
     checkpoint and this callback does not write a second one."""
@@ -113,8 +123,9 @@ class StopAndCheckpoint(Callback):
         self.requests, self.path = requests, Path(path)
         self.every_s = every_minutes * 60 if every_minutes else None
         self.every_steps = every_steps
-        self.stopped = False  # fit ended on a stop request
         self._last = time.monotonic()
+        self._saved_step: Optional[int] = None
+        self.stop_pending = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.requests.install()
@@ -122,6 +133,14 @@ class StopAndCheckpoint(Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.requests.install()
+        self._leave_if_stopping(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._leave_if_stopping(trainer)
+
+    def _leave_if_stopping(self, trainer) -> None:
+        if self.stop_pending:
+            raise StopRequested(f"stopped after step {trainer.global_step}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from mgrpo_cli import distributed
@@ -131,13 +150,20 @@ class StopAndCheckpoint(Callback):
         vote = distributed.max_over_ranks(2 * int(self.requests.requested) + int(due))  # every rank, every step
         step_checkpoint = bool(self.every_steps) and trainer.global_step % self.every_steps == 0
         if step_checkpoint:
-            self._last = now
+            self._last, self._saved_step = now, trainer.global_step
         if vote == 0:
             return
         if not step_checkpoint:
-            trainer.save_checkpoint(self.path)
+            self._save(trainer)
             self._last = now
-            log.info("checkpoint at step %d: %s", trainer.global_step, self.path)
         if vote >= 2:
-            self.stopped = True
-            trainer.should_stop = True
+            self.stop_pending = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._saved_step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes (atomically)
+        self._saved_step = trainer.global_step
+        log.info("checkpoint at step %d: %s", trainer.global_step, self.path)

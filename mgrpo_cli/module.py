@@ -12,6 +12,14 @@ and the optimizer step. The module takes plain objects made by ``mgrpo_cli.build
 On several processes (``mgrpo_cli.distributed``): each rank draws its own prompts, DDP gradients are
 averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
 between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
+
+Every training step starts by seeding every random generator from (seed, step, rank)
+(``seeding.seed_step``: Python, NumPy, torch CPU and CUDA, the rollout engine, the module's ``rng``),
+so a run resumed from a checkpoint draws what the uninterrupted run drew. A step whose loss or
+gradient is not finite (on any rank) does not update the weights (``guard``): its gradients are
+dropped, the skip is counted (``train/nonfinite_steps``), and after ``max_nonfinite_steps`` such
+steps in a row the step raises a ``UserError``. The checkpoint carries the steps done, the guard's
+counts and the start-of-run held-out metrics (``on_save_checkpoint``).
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import torch
 
 from mgrpo_cli import distributed, heldout
 from mgrpo_cli.data import Problem
+from mgrpo_cli.errors import UserError
+from mgrpo_cli.guard import NonFiniteGuard, finite, grads_finite
 from mgrpo_cli.layers import (
     LayerInput,
     LayerResult,
@@ -46,6 +56,7 @@ from mgrpo_cli.modeling import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.prompts import PromptRenderer
 from mgrpo_cli.rewards import extract_answer
 from mgrpo_cli.rollout import Rollout, RolloutEngine
+from mgrpo_cli.seeding import seed_step, step_seed
 from mgrpo_cli.solve import SolveSpec, solve
 
 log = logging.getLogger(__name__)
@@ -70,7 +81,7 @@ class SamplesSpec:
 class MGRPOModule(L.LightningModule):
     def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
                  layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
-                 samples: SamplesSpec = SamplesSpec(), seed: int = 0, reference=None,
+                 samples: SamplesSpec = SamplesSpec(), seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
                  shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
                  refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None):
         super().__init__()
@@ -82,10 +93,13 @@ class MGRPOModule(L.LightningModule):
         self.validation, self.samples = validation, samples
         self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.rng = random.Random(seed)  # reseeded at every training step
         # dynamic sampling's more problems for layer 1: refill(step, rank, round, n) (ProblemStream.refill)
         self.refill = refill
         self.batches_done = 0  # training batches consumed: where the problem stream continues on resume
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.start_val: dict[str, float] = {}  # held-out metrics before training, kept in the checkpoint
         self.last_val: dict[str, float] = {}
         self._val_rows: list[dict] = []
         self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
@@ -119,10 +133,15 @@ class MGRPOModule(L.LightningModule):
             self.engine = distributed.FullParamsEngine(self.engine, self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mgrpo"] = {"batches_done": self.batches_done}
+        checkpoint["mgrpo"] = {"batches_done": self.batches_done, "nonfinite": self.guard.state_dict(),
+                               "start_val": dict(self.start_val)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.batches_done = checkpoint.get("mgrpo", {}).get("batches_done", 0)
+        saved = checkpoint.get("mgrpo", {})
+        self.batches_done = saved.get("batches_done", 0)
+        if "nonfinite" in saved:
+            self.guard.load_state_dict(saved["nonfinite"])
+        self.start_val = dict(saved.get("start_val", {}))
 
     def on_fit_start(self) -> None:
         restore_rotary(self.policy, self._rotary)
@@ -149,26 +168,46 @@ class MGRPOModule(L.LightningModule):
         with distributed.no_backward_sync(self.trainer.strategy.model):
             super().manual_backward(loss, *args, **kwargs)
 
-    def _step_optimizer(self, opt) -> None:
+    def _step_optimizer(self, opt, loss: float) -> bool:
+        """Average the gradients (DDP), then clip and step, unless the loss or a gradient is not finite
+        on any rank: then the gradients are dropped and ``opt.step()`` finds none, so neither the
+        weights nor the optimizer's state change (Lightning still counts the step). Whether it updated."""
         from torch.nn.parallel import DistributedDataParallel
 
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
-            distributed.all_reduce_grads([p for p in self.policy.parameters() if p.requires_grad])
-        self.clip_gradients(opt, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+            distributed.all_reduce_grads(params)
+        bad = int(not (finite(loss) and grads_finite(params)))
+        if self.trainer.world_size > 1:
+            bad = distributed.max_over_ranks(bad)  # sharded gradients: each rank saw its own shard
+        if bad:
+            opt.zero_grad(set_to_none=True)
+        else:
+            self.clip_gradients(opt, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return not bad
+
+    def _seed_step(self) -> None:
+        """Every random draw of this step from (seed, step, rank) alone (see the module docstring)."""
+        s = seed_step(self.seed, self.batches_done, self.global_rank)
+        self.engine.reseed(s)
+        self.rng = random.Random(step_seed(self.seed, self.batches_done, self.global_rank, "module"))
 
     def training_step(self, batch: list[Problem], batch_idx: int):
         """Every layer samples (with dynamic sampling, refilling its batch) and prepares its loss; then
         ``num_iterations`` optimizer steps, each a pass over every layer's batch (layer.combine=sum), or
         that many per layer before the next layer samples (sequential)."""
         start = time.perf_counter()
+        self._seed_step()
+        self.reward_fn.grader.pop_stats()  # the grader's counts since the last step (validation's) are not this step's
         opt = self.optimizers()
         problems = list(batch)  # dynamic sampling appends layer 1's refills
         inputs, spare = first_inputs(len(problems)), []
         metrics: dict[str, float] = {}
         results: list[LayerResult] = []
         pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
+        updated = True  # no optimizer step of this training step was skipped
         opt.zero_grad(set_to_none=True)
         for spec in self.layers:
             if not inputs:
@@ -179,7 +218,9 @@ class MGRPOModule(L.LightningModule):
                                        weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps)
             pending.append((spec, layer, sampled.metrics))
             if self.optim.step_per_layer:
-                metrics.update(self._update(opt, pending))
+                layer_metrics, ok = self._update(opt, pending)
+                metrics.update(layer_metrics)
+                updated &= ok
                 pending = []
             results.append(result)
             chosen = chosen_after(sampled.rounds[0], spec, self.rng)
@@ -187,12 +228,22 @@ class MGRPOModule(L.LightningModule):
             if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
                 spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
         if pending:
-            metrics.update(self._update(opt, pending))
+            layer_metrics, ok = self._update(opt, pending)
+            metrics.update(layer_metrics)
+            updated &= ok
+        self.guard.observe(updated)
         metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
+        metrics["train/nonfinite_steps"] = float(self.guard.total)
         metrics["train/step_time"] = time.perf_counter() - start
         self.batches_done += 1
         self._log_step(distributed.mean_over_ranks(metrics), len(batch))
         self._maybe_log_samples(results, problems)
+        if self.guard.exhausted:
+            raise UserError(
+                f"trainer.max_nonfinite_steps={self.guard.limit}: the last {self.guard.in_a_row} training steps "
+                f"(up to step {self.batches_done}) had a non-finite loss or gradient, so none of them changed the "
+                "weights; the run's last checkpoint holds good weights: lower grpo.lr or grpo.max_grad_norm and "
+                "start from it with ckpt_path=")
 
     def _sample(self, spec: LayerSpec, problems: list[Problem], inputs: list[LayerInput],
                 spare: list[LayerInput]) -> Sampled:
@@ -219,16 +270,20 @@ class MGRPOModule(L.LightningModule):
 
         return fill_layer(run, inputs, draw, spec, self.loss, self.tokenizer.pad_token_id or 0)
 
-    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]]) -> dict[str, float]:
+    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]]) -> tuple[dict[str, float], bool]:
         """``num_iterations`` optimizer steps, each after one loss pass over every pending layer; the
-        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed)."""
+        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed), and
+        whether every step updated the weights (none was skipped as non-finite)."""
         totals: list[dict[str, float]] = [{} for _ in pending]
+        updated = True
         for _ in range(self.loss.num_iterations):
+            loss = 0.0
             for (_, layer, _), total in zip(pending, totals):
                 stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps)
+                loss += stats["loss"]
                 for k, v in stats.items():
                     total[k] = total.get(k, 0.0) + v
-            self._step_optimizer(opt)
+            updated &= self._step_optimizer(opt, loss)
         out: dict[str, float] = {}
         mu = self.loss.num_iterations
         for (spec, layer, sampled), total in zip(pending, totals):
@@ -236,7 +291,7 @@ class MGRPOModule(L.LightningModule):
             for k in TOKEN_COUNTS:
                 passes[k] += layer.stats.get(k, 0.0)
             out.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
-        return out
+        return out, updated
 
     def _log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         self.log_dict(metrics, on_step=True, batch_size=batch_size)

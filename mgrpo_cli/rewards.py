@@ -201,7 +201,10 @@ def _worker_main(conn: Any, soft_timeout_s: float) -> None:
     """Grade (gold, prediction) jobs from ``conn``; answer True/False, "gold" or "timeout" each."""
     import resource
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # stop signals are for the trainer (a SLURM job's SIGTERM reaches every process): it finishes its
+    # step, grading included, and then stops this worker itself
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY or soft > _WORKER_MEMORY_BYTES:
         resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, hard))

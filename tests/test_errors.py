@@ -45,7 +45,7 @@ CASES = [
     ("depth=0", "train", lambda f: ["layer.depth=0"], "layer.depth=0"),
     ("k=0", "train", lambda f: ["layer.k=0"], "layer.k=0"),
     ("temperature=0", "train", lambda f: ["grpo.temperature=0"], "grpo.temperature=0"),
-    ("std_eps=0", "train", lambda f: ["grpo.std_eps=0"], "grpo.std_eps=0"),
+    ("std_eps=-1", "train", lambda f: ["grpo.std_eps=-1"], "grpo.std_eps=-1"),
     ("lr=0", "train", lambda f: ["grpo.lr=0"], "grpo.lr=0"),
     ("lr<0", "train", lambda f: ["grpo.lr=-1e-4"], "grpo.lr=-0.0001"),
     ("epsilon<0", "train", lambda f: ["grpo.epsilon=-0.1"], "grpo.epsilon=-0.1"),

@@ -277,3 +277,77 @@ def test_sampled_completions_go_to_an_mlflow_table(small_cfg):
     assert name == "samples.json" and [r["layer"] for r in rows] == [1, 1, 1, 2, 2, 2]
     assert set(rows[0]) == {"step", "layer", "question", "gold", "turns", "completion", "reward", "advantage"}
     assert rows[0]["turns"] == [] and len(rows[3]["turns"]) == 1
+
+
+class ScheduledBadReward(ParityReward):
+    """ParityReward, except that on the steps in ``inf_steps`` one reward is infinite (so the
+    advantages and the loss are NaN), as a buggy reward function could make it."""
+
+    def __init__(self, inf_steps=()):
+        super().__init__()
+        self.inf_steps = set(inf_steps)
+
+    def __call__(self, completions, golds):
+        scored = super().__call__(completions, golds)
+        if len(self.calls) - 1 in self.inf_steps:
+            scored.rewards[0] = float("inf")
+        return scored
+
+
+class _Snapshots(L.Callback):
+    """The policy's weights and AdamW's step count after every training step."""
+
+    def __init__(self):
+        self.weights, self.adam_steps = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
+        state = trainer.optimizers[0].state
+        self.adam_steps.append(max((int(s["step"]) for s in state.values()), default=0))
+
+
+def _fit_with_guard(cfg, reward, steps, nan_grad_steps=()):
+    module, train_dl = _module(cfg, reward)
+    first = next(module.policy.parameters())
+    first.register_hook(lambda g: torch.full_like(g, float("nan")) if module.batches_done in nan_grad_steps else g)
+    snaps = _Snapshots()
+    snaps.weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})  # before training
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False, callbacks=[snaps])
+    return module, trainer, train_dl, snaps
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# beta and weight decay: every finite step changes every weight, even when no group has reward variance
+GUARDED = ["layer=grpo", "model.max_completion_length=6", "grpo.beta=0.1", "grpo.weight_decay=0.1"]
+
+
+def test_nonfinite_loss_or_gradient_never_reaches_the_weights(small_cfg):
+    cfg = small_cfg(*GUARDED, "trainer.max_nonfinite_steps=3")
+    reward = ScheduledBadReward(inf_steps={1})  # step 1: NaN loss; step 2: finite loss, NaN gradient
+    module, trainer, train_dl, snaps = _fit_with_guard(cfg, reward, steps=5, nan_grad_steps={2})
+    trainer.fit(module, train_dataloaders=train_dl)
+    w = snaps.weights  # w[0] before training, w[i + 1] after step i
+    assert not _same(w[0], w[1])
+    assert _same(w[1], w[2]) and _same(w[2], w[3])  # the two bad steps changed nothing
+    assert not _same(w[3], w[4]) and not _same(w[4], w[5]) and all(torch.isfinite(v).all() for v in w[5].values())
+    assert snaps.adam_steps == [1, 1, 1, 2, 3]  # nor the optimizer's state
+    assert (module.guard.total, module.guard.in_a_row) == (2, 0)
+    assert trainer.callback_metrics["train/nonfinite_steps"] == 2.0
+    reward.grader.close()
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_one_line(small_cfg):
+    from mgrpo_cli.errors import UserError
+
+    cfg = small_cfg(*GUARDED, "trainer.max_nonfinite_steps=2")
+    reward = ScheduledBadReward(inf_steps={1, 2, 3})
+    module, trainer, train_dl, snaps = _fit_with_guard(cfg, reward, steps=6)
+    with pytest.raises(UserError, match=r"trainer.max_nonfinite_steps=2: the last 2 training steps \(up to step 3\)"):
+        trainer.fit(module, train_dataloaders=train_dl)
+    assert len(reward.calls) == 3 and module.guard.total == 2
+    assert _same(snaps.weights[1], snaps.weights[2]) and snaps.adam_steps == [1, 1]
+    reward.grader.close()

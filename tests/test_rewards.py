@@ -339,6 +339,16 @@ def test_worker_killed_between_batches_or_failing_to_restart_never_raises(monkey
         assert reward([b("\\sqrt{36}")], ["6"]).rewards == [1.0]
 
 
+def test_worker_ignores_the_stop_signals_meant_for_the_trainer():
+    with Grader(timeout_s=5.0) as g:
+        g.correct([b("\\sqrt{4}")], ["2"])
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(g._worker._proc.pid, sig)
+        time.sleep(0.2)
+        assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]
+        assert g.stats()["worker_restarts"] == 0 and g.stats()["grader_error"] == 0
+
+
 # Counters, None, validation -----------------------------------------------------------------
 def test_stats_and_ungradable():
     with Grader() as g:
