@@ -141,7 +141,7 @@ class MGRPOModule(L.LightningModule):
         self.batches_done = saved.get("batches_done", 0)
         if "nonfinite" in saved:
             self.guard.load_state_dict(saved["nonfinite"])
-        self.start_val = dict(saved.get("start_val", {}))
+        # start_val stays this run's: resume= reads it from the checkpoint before fit (train._saved_start)
 
     def on_fit_start(self) -> None:
         restore_rotary(self.policy, self._rotary)
