@@ -130,7 +130,3 @@ def _started_in(record: Path) -> Optional[Path]:
         return None
     return Path(cwd).resolve() if cwd else None
 
-
-def last_checkpoint(folder: str | Path) -> Optional[Path]:
-    path = Path(folder) / CHECKPOINT
-    return path if path.is_file() else None
