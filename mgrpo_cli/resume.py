@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # what may change when resuming, and why it is safe
 SAFE_OVERRIDES = {
     "trainer.max_steps": "extend (or shorten) the run",
-    "trainer.max_time": "a new wall-clock limit for this leg",
+    "trainer.max_time": "a new wall-clock limit for the whole run (Lightning counts every leg's time)",
     "trainer.checkpoint_every": "checkpoint more or less often",
     "trainer.checkpoint_every_minutes": "checkpoint more or less often",
     "trainer.val_every": "validation changes no training step",

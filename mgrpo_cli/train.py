@@ -50,9 +50,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         given = build.overrides()
         cfg = resume.resumed_config(cfg, given, is_global_zero=zero)
         previous = lifecycle.read_status(out) or {}
-        if previous.get("status") == "FINISHED" and "trainer.max_steps" not in {resume.key_of(o) for o in given}:
+        if previous.get("status") == "FINISHED" and not {"trainer.max_steps", "trainer.max_time"} & {
+                resume.key_of(o) for o in given}:
             raise UserError(f"resume={cfg.resume}: this run has finished; give trainer.max_steps=<more than "
-                            f"{cfg.trainer.max_steps}> to train it further")
+                            f"{cfg.trainer.max_steps}> (or a longer trainer.max_time) to train it further")
     requests = lifecycle.StopRequests()
     requests.install()
     run_logger, status, error, exit_code = None, "FAILED", None, None
