@@ -103,17 +103,18 @@ class StopRequests:
 
 
 class StopRequested(Exception):
-    """Raised out of ``trainer.fit`` after the checkpoint of a stop request, at the start of what
-    would come next (the next step, or a validation). ``Trainer.should_stop`` would first run a
-    validation, which a preempted job has no time for; raising in ``on_train_batch_end`` would lose
-    that step's metrics, which Lightning hands to the logger after that hook."""
+    """Raised out of ``trainer.fit`` after the checkpoint of a stop request, when the next step
+    would start. ``Trainer.should_stop`` would run an unscheduled validation first; raising in
+    ``on_train_batch_end`` would lose that step's metrics, which Lightning hands to the logger after
+    that hook. A validation scheduled at the stopped step still runs: a resumed run would not run it
+    (Lightning restarts past it), and the checkpoint is written before it."""
 
 
 class StopAndCheckpoint(Callback):
     """After each training step: on a stop request (on any rank), or when ``every_minutes`` have
-    passed since the last checkpoint, write ``path``; on a stop request, leave ``fit`` right after
-    that step (:class:`StopRequested`; ``stop_pending`` says so when it was the last step). When
-    training ends, write ``path`` if its last step is not in it.
+    passed since the last checkpoint, write ``path``; on a stop request, leave ``fit`` after that
+    step and its scheduled validation, if any (:class:`StopRequested`; ``stop_pending`` says so when
+    it was the last step). When training ends, write ``path`` if its last step is not in it.
 
     ``every_steps``: the step-based ``ModelCheckpoint``'s interval; at those steps it writes the
     checkpoint and this callback does not write a second one."""
@@ -133,12 +134,8 @@ class StopAndCheckpoint(Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.requests.install()
-        self._leave_if_stopping(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._leave_if_stopping(trainer)
-
-    def _leave_if_stopping(self, trainer) -> None:
         if self.stop_pending:
             raise StopRequested(f"stopped after step {trainer.global_step}")
 

@@ -135,8 +135,7 @@ def test_a_stop_request_checkpoints_that_step_and_leaves_before_the_next(tmp_pat
     trainer.global_step = 3
     cb.on_train_batch_end(trainer, None, None, None, 2)
     assert trainer.saved == [3] and cb.stop_pending
+    cb.on_validation_start(trainer, None)  # a validation due at that step still runs
     with pytest.raises(lifecycle.StopRequested):
         cb.on_train_batch_start(trainer, None, None, 3)
-    with pytest.raises(lifecycle.StopRequested):  # nor a validation first
-        cb.on_validation_start(trainer, None)
     cb.requests.restore()

@@ -29,7 +29,7 @@ from mgrpo_cli.resume import SAFE_OVERRIDES, prepare_argv
 STEPS, EVERY = 12, 4
 RUN = ["debug=fast", "warmup.enabled=false", "trainer.threads=1", "reward.last_number_fallback=true",
        "grpo.num_generations=8", "model.max_completion_length=32", "grpo.beta=0.05", f"trainer.max_steps={STEPS}",
-       f"trainer.checkpoint_every={EVERY}", f"trainer.val_every={EVERY}"]
+       f"trainer.checkpoint_every={EVERY}", "trainer.val_every=1"]  # every step: a stop always lands on a validation
 
 
 @pytest.fixture(scope="module")
