@@ -287,8 +287,8 @@ class ScheduledBadReward(ParityReward):
         super().__init__()
         self.inf_steps = set(inf_steps)
 
-    def __call__(self, completions, golds):
-        scored = super().__call__(completions, golds)
+    def __call__(self, completions, golds, **fields):
+        scored = super().__call__(completions, golds, **fields)
         if len(self.calls) - 1 in self.inf_steps:
             scored.rewards[0] = float("inf")
         return scored
