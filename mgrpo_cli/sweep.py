@@ -29,6 +29,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mgrpo_cli import errors
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "MGRPO_PARENT_RUN_ID"
@@ -39,11 +41,7 @@ def one_line(error: BaseException | str | None, width: int = 300) -> Optional[st
     """An exception (or text) as one line: ``Type: message`` (first line), at most ``width`` chars."""
     if error is None:
         return None
-    if isinstance(error, BaseException):
-        message = str(error).strip().splitlines()
-        text = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
-    else:
-        text = " ".join(str(error).split())
+    text = errors.one_line(error) if isinstance(error, BaseException) else " ".join(str(error).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
