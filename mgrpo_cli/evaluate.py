@@ -81,26 +81,19 @@ def read_records(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise RescoreError(f"rescore: no such file {p}")
+    from mgrpo_cli.loaders import json_lines
+
     records = []
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RescoreError(f"{p}:{line_no}: bad JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RescoreError(f"{p}:{line_no}: not a JSON object")
-            if "completions" not in row and "completion" in row:
-                row["completions"] = [row["completion"]]
-            if not isinstance(row.get("completions"), list) or not row["completions"]:
-                raise RescoreError(f"{p}:{line_no}: missing field 'completions' (a list of strings)")
-            if row.get("gold") in (None, ""):
-                raise RescoreError(f"{p}:{line_no}: missing field 'gold'")
-            row["gold"] = str(row["gold"])
-            row.setdefault("id", f"row-{line_no}")
-            records.append(row)
+    for line_no, row in json_lines(p, RescoreError):
+        if "completions" not in row and "completion" in row:
+            row["completions"] = [row["completion"]]
+        if not isinstance(row.get("completions"), list) or not row["completions"]:
+            raise RescoreError(f"{p}:{line_no}: missing field 'completions' (a list of strings)")
+        if row.get("gold") in (None, ""):
+            raise RescoreError(f"{p}:{line_no}: missing field 'gold'")
+        row["gold"] = str(row["gold"])
+        row.setdefault("id", f"row-{line_no}")
+        records.append(row)
     if not records:
         raise RescoreError(f"rescore: {p} holds no records")
     return records

@@ -63,21 +63,15 @@ def write_rows(path: str | Path, rows: list[ProblemResult]) -> Path:
 
 def read_rows(path: str | Path) -> list[ProblemResult]:
     """Rows of a ``heldout/step_*.jsonl`` file or of ``mgrpo eval``'s ``problems.jsonl``."""
+    from mgrpo_cli.loaders import json_lines
+
     p = Path(path)
     rows: list[ProblemResult] = []
     seen: set[str] = set()
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise RowsError(f"{p}: cannot read ({e.strerror})") from None
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RowsError(f"{p}:{line_no}: bad JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or "id" not in obj:
+    if not p.is_file():
+        raise RowsError(f"{p}: cannot read (no such file)")
+    for line_no, obj in json_lines(p, RowsError):
+        if "id" not in obj:
             raise RowsError(f"{p}:{line_no}: expected an object with an 'id'")
         if "t1" in obj:
             t1, t2, a1, a2 = obj["t1"], obj.get("t2"), obj.get("t1_answer"), obj.get("t2_answer")

@@ -162,6 +162,22 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield line_no, _BadRow(f"bad JSON ({e.msg} at column {e.colno})")
 
 
+def json_lines(path: Path, error: type[Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file of objects; a line that is not
+    a JSON object raises ``error`` naming ``file:line``."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{line_no}: bad JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{line_no}: not a JSON object")
+            yield line_no, obj
+
+
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
