@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from mgrpo_cli.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
@@ -133,7 +135,7 @@ def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optiona
     path = path or cfg.path
     if path is None:
         if cfg.name != "tiny":
-            raise ValueError(f"model.path is not set for model={cfg.name} (a hub name or a local folder)")
+            raise UserError(f"model.path is not set for model={cfg.name} (a hub name or a local folder)")
         tok = build_byte_tokenizer()
         return build_tiny_model(cfg, tok, seed=seed), tok
     is_local = Path(path).exists()
@@ -201,13 +203,13 @@ def apply_lora(model, cfg: Any):
             p.requires_grad_("lora_" in name)
         return model
     if cfg.export == "adapter" and not _reloadable_base(model):
-        raise ValueError("lora.export=adapter needs a base model with weights on disk or on the hub; this one is "
+        raise UserError("lora.export=adapter needs a base model with weights on disk or on the hub; this one is "
                          "random-initialised or built in-process, so an adapter alone could not be reloaded "
                          "(use lora.export=merged)")
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     targets = [t for t in cfg.target_modules if t in names]
     if not targets:
-        raise ValueError(f"lora.target_modules: none of {list(cfg.target_modules)} are modules of this model")
+        raise UserError(f"lora.target_modules: none of {list(cfg.target_modules)} are modules of this model")
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
