@@ -17,8 +17,9 @@ commands:
   report  compare the runs of a sweep, with intervals (mgrpo report outputs/train/multiruns/<sweep>)
 
 examples:
-  mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~8 min on 2 CPU cores
+  mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~5 min on 2 CPU cores
   mgrpo train -m layer=grpo,mgrpo seed=0,1     # a sweep: 4 runs
+  mgrpo train resume=outputs/train/runs/<run>  # continue a stopped run exactly
   mgrpo train --cfg job                        # print the composed config
   mgrpo eval dataset=math500 checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt
   mgrpo eval rescore=outputs/eval/runs/<run>/problems.jsonl
