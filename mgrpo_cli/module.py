@@ -207,7 +207,7 @@ class MGRPOModule(L.LightningModule):
         metrics: dict[str, float] = {}
         results: list[LayerResult] = []
         pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
-        updated = True  # no optimizer step of this training step was skipped
+        updated = True  # no optimizer step of this training step was skipped as non-finite
         opt.zero_grad(set_to_none=True)
         for spec in self.layers:
             if not inputs:
@@ -218,9 +218,7 @@ class MGRPOModule(L.LightningModule):
                                        weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps)
             pending.append((spec, layer, sampled.metrics))
             if self.optim.step_per_layer:
-                layer_metrics, ok = self._update(opt, pending)
-                metrics.update(layer_metrics)
-                updated &= ok
+                updated &= self._update(opt, pending, metrics)
                 pending = []
             results.append(result)
             chosen = chosen_after(sampled.rounds[0], spec, self.rng)
@@ -228,15 +226,8 @@ class MGRPOModule(L.LightningModule):
             if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
                 spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
         if pending:
-            layer_metrics, ok = self._update(opt, pending)
-            metrics.update(layer_metrics)
-            updated &= ok
-        self.guard.observe(updated)
-        metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
-        metrics["train/nonfinite_steps"] = float(self.guard.total)
-        metrics["train/step_time"] = time.perf_counter() - start
-        self.batches_done += 1
-        self._log_step(distributed.mean_over_ranks(metrics), len(batch))
+            updated &= self._update(opt, pending, metrics)
+        self._end_step(metrics, updated, time.perf_counter() - start, len(batch))
         self._maybe_log_samples(results, problems)
         if self.guard.exhausted:
             raise UserError(
@@ -270,10 +261,20 @@ class MGRPOModule(L.LightningModule):
 
         return fill_layer(run, inputs, draw, spec, self.loss, self.tokenizer.pad_token_id or 0)
 
-    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]]) -> tuple[dict[str, float], bool]:
-        """``num_iterations`` optimizer steps, each after one loss pass over every pending layer; the
-        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed), and
-        whether every step updated the weights (none was skipped as non-finite)."""
+    def _end_step(self, metrics: dict[str, float], updated: bool, seconds: float, batch_size: int) -> None:
+        """The guard's count, the grader's and the step's own metrics; logged (averaged over ranks)."""
+        self.guard.observe(updated)
+        metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
+        metrics["train/nonfinite_steps"] = float(self.guard.total)
+        metrics["train/step_time"] = seconds
+        self.batches_done += 1
+        self._log_step(distributed.mean_over_ranks(metrics), batch_size)
+
+    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]],
+                metrics: dict[str, float]) -> bool:
+        """``num_iterations`` optimizer steps, each after one loss pass over every pending layer; adds the
+        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed) to ``metrics``
+        and says whether every step updated the weights (none was skipped as non-finite)."""
         totals: list[dict[str, float]] = [{} for _ in pending]
         updated = True
         for _ in range(self.loss.num_iterations):
@@ -284,14 +285,13 @@ class MGRPOModule(L.LightningModule):
                 for k, v in stats.items():
                     total[k] = total.get(k, 0.0) + v
             updated &= self._step_optimizer(opt, loss)
-        out: dict[str, float] = {}
         mu = self.loss.num_iterations
         for (spec, layer, sampled), total in zip(pending, totals):
             passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
             for k in TOKEN_COUNTS:
                 passes[k] += layer.stats.get(k, 0.0)
-            out.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
-        return out, updated
+            metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
+        return updated
 
     def _log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         self.log_dict(metrics, on_step=True, batch_size=batch_size)
