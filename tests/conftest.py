@@ -1,7 +1,9 @@
 """Shared fixtures: the REAL conf/ composed and shrunk (CPU, few steps, tmp paths)."""
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +55,13 @@ def requires_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> list[str]:
+    """Overrides for a 40-row file data set a random tiny model can learn a little: "d+0=" -> d."""
+    path = tmp_path_factory.mktemp("digits") / "digits.jsonl"
+    rng = random.Random(0)
+    rows = [{"question": f"{a}+0=", "answer": str(a)} for a in (rng.randint(0, 9) for _ in range(40))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ["dataset.kind=file", "dataset.name=digits", f"dataset.train_path={path}", f"dataset.test_path={path}"]

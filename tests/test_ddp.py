@@ -52,15 +52,6 @@ def test_collectives_average_metrics_gather_rows_and_gradients(tmp_path):
     assert r0["p"] == [1.5] * 3 and r0["q"] == [0.5] * 2
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> list[str]:
-    path = tmp_path_factory.mktemp("digits") / "digits.jsonl"
-    rng = random.Random(0)
-    rows = [{"question": f"{a}+0=", "answer": str(a)} for a in (rng.randint(0, 9) for _ in range(40))]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ["dataset.kind=file", "dataset.name=digits", f"dataset.train_path={path}", f"dataset.test_path={path}"]
-
-
 def load_file(path: Path) -> dict:
     from safetensors.torch import load_file as load
 

@@ -32,15 +32,6 @@ RUN = ["debug=fast", "warmup.enabled=false", "trainer.threads=1", "reward.last_n
        f"trainer.checkpoint_every={EVERY}", "trainer.val_every=1"]  # every step: a stop always lands on a validation
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> list[str]:
-    path = tmp_path_factory.mktemp("digits") / "digits.jsonl"
-    rng = random.Random(0)
-    rows = [{"question": f"{a}+0=", "answer": str(a)} for a in (rng.randint(0, 9) for _ in range(40))]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ["dataset.kind=file", "dataset.name=digits", f"dataset.train_path={path}", f"dataset.test_path={path}"]
-
-
 def _train(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     res = run_cli("train", *args, f"paths.outputs={out}", f"hydra.run.dir={out / 'run'}", timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
