@@ -47,7 +47,6 @@ Combine = _choice("Combine", "sum", "sequential")
 LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
 ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
 ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence")
-Engine = _choice("Engine", "hf")
 LoraExport = _choice("LoraExport", "merged", "adapter")
 
 
@@ -269,11 +268,6 @@ class EvalConfig:
 
 
 @dataclass
-class RolloutConfig:
-    engine: Engine = Engine.hf
-
-
-@dataclass
 class PathsConfig:
     outputs: str = "outputs"
 
@@ -290,7 +284,6 @@ class TrainAppConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"
     seed: int = 0
