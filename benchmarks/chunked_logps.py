@@ -4,7 +4,7 @@ A random-initialised Qwen2 with Qwen2.5's vocabulary (151,936) and a small body 
 makes the (tokens x vocabulary) logits the largest tensor by far, as they are at 1.5B. Each variant
 runs in a fresh subprocess: ``--rows`` completions of ``--tokens`` tokens after a 16-token prompt
 (one group per row, so one sequence each), policy log-probs with gradients through
-:func:`mgrpo_cli.loss.completion_logps` (``chunked=True`` or ``False``) and backward; the child
+:func:`mgrpo_cli.algo.loss.completion_logps` (``chunked=True`` or ``False``) and backward; the child
 reports its peak resident memory above what it held before the pass, and the pass's median time.
 
     python benchmarks/chunked_logps.py [--rows 8] [--tokens 128] [--repeats 3]
@@ -29,8 +29,8 @@ def child(chunked: bool, rows: int, tokens: int, repeats: int) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mgrpo_cli.loss import completion_logps
-    from mgrpo_cli.rollout import Rollout
+    from mgrpo_cli.algo.loss import completion_logps
+    from mgrpo_cli.rollout.engine import Rollout
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

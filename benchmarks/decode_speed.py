@@ -32,7 +32,7 @@ def _load_copy(package: str, sources: dict[str, str]):
     pkg.__path__ = []
     sys.modules[package] = pkg
     for name in FILES:
-        src = sources[name].replace("from mgrpo_cli.decode import", f"from {package}.decode import")
+        src = sources[name].replace("from mgrpo_cli.rollout.decode import", f"from {package}.decode import")
         module = types.ModuleType(f"{package}.{name}")
         sys.modules[module.__name__] = module
         exec(compile(src, f"{package}/{name}.py", "exec"), module.__dict__)
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from mgrpo_cli.config import ModelConfig
-    from mgrpo_cli.modeling import load_policy
-    from mgrpo_cli.warmup import SHIPPED
+    from mgrpo_cli.config.schema import ModelConfig
+    from mgrpo_cli.data.models import load_policy
+    from mgrpo_cli.training.warmup import SHIPPED
 
     torch.set_num_threads(1)
     base = _load_copy("decode_base", _sources(args.base))

@@ -46,10 +46,10 @@ def main() -> None:
     from conftest import compose
     from transformers.utils import logging as hf_logging
 
-    from mgrpo_cli import build
-    from mgrpo_cli.loaders import load_problems
-    from mgrpo_cli.rollout import HFEngine
-    from mgrpo_cli.solve import SolveSpec, solve
+    from mgrpo_cli.algo.solve import SolveSpec, solve
+    from mgrpo_cli.config import build
+    from mgrpo_cli.data.loaders import load_problems
+    from mgrpo_cli.rollout.engine import HFEngine
 
     hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never stops it
     cfg = compose("eval", ["dataset=gsm8k", "logger=none"] + ([f"model.path={args.model_dir}"] if args.model_dir else []))

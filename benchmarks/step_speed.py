@@ -109,9 +109,9 @@ def ours(args) -> None:
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
-    from mgrpo_cli import build
-    from mgrpo_cli.config import conf_dir, register_configs
-    from mgrpo_cli.data import Problem
+    from mgrpo_cli.config import build
+    from mgrpo_cli.config.schema import conf_dir, register_configs
+    from mgrpo_cli.data.problems import Problem
 
     common = ["logger=none", f"layer={args.layer}", f"trainer.max_steps={args.steps}",
               f"trainer.accelerator={args.accelerator}", "trainer.precision=32-true",
@@ -309,9 +309,9 @@ def _warm_start_note(outputs: str) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
-    from mgrpo_cli.build import warmup_spec
-    from mgrpo_cli.config import conf_dir, register_configs
-    from mgrpo_cli.warmup import SHIPPED, cache_key
+    from mgrpo_cli.config.build import warmup_spec
+    from mgrpo_cli.config.schema import conf_dir, register_configs
+    from mgrpo_cli.training.warmup import SHIPPED, cache_key
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

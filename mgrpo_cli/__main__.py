@@ -26,7 +26,7 @@ examples:
   mgrpo report outputs/train/multiruns/<sweep>  # report.md/.html: groups, 95% intervals, verdicts
 """
 
-COMMANDS = {"train": "mgrpo_cli.train", "eval": "mgrpo_cli.evaluate", "report": "mgrpo_cli.report"}
+COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.reporting.report"}
 # Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
 # mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
 # command travels to them in this variable (they also get LOCAL_RANK).
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int | None:
     for arg in argv[2:]:  # Hydra makes the run folder before the command runs: check where it goes first
         key, _, value = arg.partition("=")
         if key in ("paths.outputs", "++paths.outputs") and value and "," not in value:
-            from mgrpo_cli.build import check_writable
-            from mgrpo_cli.errors import UserError
+            from mgrpo_cli.config.build import check_writable
+            from mgrpo_cli.config.errors import UserError
 
             try:
                 check_writable(value, "paths.outputs")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int | None:
     # a runnable argv[0] (the console script, or this file under -m) lets the DDP launcher start the other ranks
     sys.argv = [argv[0] if os.path.isfile(argv[0]) else f"mgrpo {command}", *argv[2:]]
     module.main()
-    from mgrpo_cli.errors import report_failed_jobs
+    from mgrpo_cli.config.errors import report_failed_jobs
 
     return report_failed_jobs()  # a sweep whose jobs failed ends with their list and exit code 1
 

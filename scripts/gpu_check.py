@@ -9,17 +9,17 @@ that would start after it.
 ``decode``
     B = ``--prompts`` x ``--n`` completions of exactly ``--new-tokens`` tokens (no EOS) after random
     prompts of ``--prompt-len`` tokens, sampled at temperature 1: our decoder
-    (:func:`mgrpo_cli.rollout.sample`, which prefills each prompt once) and the library anchor,
+    (:func:`mgrpo_cli.rollout.engine.sample`, which prefills each prompt once) and the library anchor,
     transformers' ``generate`` with ``cache_implementation="static"`` (``num_return_sequences=n``;
     on CUDA generate compiles its decode step itself, ``--generate eager`` also times it with
     ``disable_compile``). Each is given as generated tokens/s and as a fraction of the bound of
-    :func:`mgrpo_cli.perf.generation_bound` (bytes over the GPU's bandwidth, FLOPs over its peak).
+    :func:`mgrpo_cli.reporting.perf.generation_bound` (bytes over the GPU's bandwidth, FLOPs over its peak).
 ``loss``
     One micro-batch of the loss pass as a training step runs it (:func:`completion_logps`: policy
     forward + backward, reference forward), ``--loss-groups`` x ``--n`` rows of ``--prompt-len`` +
     ``--loss-completion-len`` tokens, in bf16, with gradient checkpointing (the 1.5B configs' default)
     and without, on the chunked log-prob path (the default at this vocabulary) and on the whole
-    logits (``+whole``); its model FLOPs (:func:`mgrpo_cli.perf.loss_pass_flops`: recomputation by
+    logits (``+whole``); its model FLOPs (:func:`mgrpo_cli.reporting.perf.loss_pass_flops`: recomputation by
     checkpointing and the chunked path's second lm_head matmul not counted) over the time and the
     dense bf16 peak give the MFU, and the peak memory shows what chunking saves.
 ``steps``
@@ -167,7 +167,7 @@ def random_model(shape: dict, device, dtype):
 
 def hardware(a, device) -> dict:
     """The GPU's bandwidth and peak (table or flags); nominal placeholders on the CPU."""
-    from mgrpo_cli import perf
+    from mgrpo_cli.reporting import perf
 
     if device.type == "cuda":
         import torch
@@ -196,7 +196,7 @@ def _prompts(a, vocab: int, device):
 def time_ours(model, ids, mask, a, device, static: bool, compiled: bool = False) -> dict:
     """Our decoder on the whole job (warm-up: the same job with 8 new tokens, or the whole job when
     the step is compiled, as the buffers' shapes follow the number of new tokens)."""
-    from mgrpo_cli.rollout import sample
+    from mgrpo_cli.rollout.engine import sample
 
     kw = dict(n=a.n, eos_token_id=-1, pad_token_id=0, temperature=1.0, top_p=1.0, static=static)
     with compiled_step() if compiled else _nothing() as info:
@@ -230,7 +230,7 @@ class compiled_step:
     def __enter__(self):
         import torch
 
-        from mgrpo_cli import decode
+        from mgrpo_cli.rollout import decode
 
         self.decode, self.original = decode, decode.LeanDecoder.step
         step = torch.compile(self.original, mode="reduce-overhead", dynamic=False)
@@ -285,7 +285,7 @@ def time_generate(model, ids, mask, a, device, compiled: bool) -> dict:
 
 
 def part_decode(a, shape: dict, device, dtype, hw: dict, result: dict, save, clock: Clock) -> None:
-    from mgrpo_cli import perf
+    from mgrpo_cli.reporting import perf
 
     model = random_model(shape, device, dtype)
     ids, mask = _prompts(a, shape["vocab_size"], device)
@@ -330,7 +330,7 @@ def synthetic_rollout(groups: int, n: int, prompt_len: int, completion_len: int,
     """A full-length rollout of random ids: ``groups`` prompts, ``n`` completions each, no padding."""
     import torch
 
-    from mgrpo_cli.rollout import Rollout
+    from mgrpo_cli.rollout.engine import Rollout
 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, vocab, (groups, prompt_len), generator=g).repeat_interleave(n, 0).to(device)
@@ -343,7 +343,7 @@ def loss_pass(policy, reference, rollout, rows, chunked=None) -> None:
     ``chunked``: the log-prob path (None: completion_logps's default for the vocabulary)."""
     import torch
 
-    from mgrpo_cli.loss import completion_logps
+    from mgrpo_cli.algo.loss import completion_logps
 
     with torch.no_grad():
         ref = completion_logps(reference, rollout, rows, temperature=1.0, chunked=chunked)
@@ -357,8 +357,8 @@ def part_loss(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> No
     sequence per row) and without (each prompt once for its group), on the chunked or whole-logits path."""
     import torch
 
-    from mgrpo_cli import perf
-    from mgrpo_cli.loss import CHUNKED_VOCAB
+    from mgrpo_cli.algo.loss import CHUNKED_VOCAB
+    from mgrpo_cli.reporting import perf
 
     policy = random_model(shape, device, dtype)
     policy.train()
@@ -417,7 +417,7 @@ def compose_step_config(model: str, precision: str, a, workdir: Path, gpu: bool)
     ``workdir``), at ``precision``."""
     from hydra import compose, initialize_config_dir
 
-    from mgrpo_cli.config import conf_dir, register_configs
+    from mgrpo_cli.config.schema import conf_dir, register_configs
 
     tiny_model = model == "tiny"
     new_tokens = 32 if tiny_model else a.steps_1p5b_new_tokens
@@ -441,10 +441,10 @@ def compose_step_config(model: str, precision: str, a, workdir: Path, gpu: bool)
 
 
 def build_step_module(cfg, device):
-    """(module, reward_fn, train dataloader) as ``mgrpo train`` builds them (through ``mgrpo_cli.build``),
+    """(module, reward_fn, train dataloader) as ``mgrpo train`` builds them (through ``mgrpo_cli.config.build``),
     on random weights: the tiny model without its warm start, or the random 1.5B shapes."""
-    from mgrpo_cli import build
-    from mgrpo_cli.modeling import build_byte_tokenizer
+    from mgrpo_cli.config import build
+    from mgrpo_cli.data.models import build_byte_tokenizer
 
     if cfg.model.path is not None:
         build_byte_tokenizer().save_pretrained(cfg.model.path)
@@ -481,7 +481,7 @@ def time_steps(cfg, steps: int, device, cudnn_sdp: bool) -> dict:
     import lightning as L
     import torch
 
-    from mgrpo_cli import build
+    from mgrpo_cli.config import build
 
     build.check(cfg, "train")
     build.setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, cuDNN attention off on CUDA

@@ -21,7 +21,7 @@ def compose(config_name: str = "train", overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from mgrpo_cli.config import conf_dir, register_configs
+    from mgrpo_cli.config.schema import conf_dir, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

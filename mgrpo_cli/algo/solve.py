@@ -1,0 +1,73 @@
+"""The two-pass (t1, t2) answer of a problem set: shared by validation, ``mgrpo eval`` and the warm-up.
+
+t1 = the model's answer to each question (greedy, or n samples at a temperature); t2 = one
+correction of the first t1 answer, prompted with a fixed guiding phrase (SCoRe's protocol, which the
+MGRPO paper reports). Prompts are sorted by length and generated ``batch_size`` at a time.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mgrpo_cli.rollout.engine import RolloutEngine
+from mgrpo_cli.rollout.prompts import PromptRenderer
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """How problems are answered: budgets of t1 and t2, batch size, samples, and the t2 phrase."""
+
+    max_new_tokens: int  # t1's budget
+    max_new_tokens_t2: int  # the correction's budget
+    batch_size: int = 64
+    n: int = 1  # t1 samples per problem; 1 = greedy
+    temperature: float = 0.0  # used when n > 1
+    phrase: Optional[str] = None  # t2's guiding phrase; None = t1 only
+
+
+@dataclass
+class Solved:
+    """Answers of every problem: t1 and, when two-pass, t2 on t1."""
+
+    t1_texts: list[list[str]]  # per problem, n completions
+    t1_correct: list[list[Optional[bool]]]
+    t2_texts: Optional[list[str]] = None  # per problem, the correction of the first t1 completion
+    t2_correct: Optional[list[Optional[bool]]] = None
+    prompts: list[str] = field(default_factory=list)
+    t2_prompts: Optional[list[str]] = None
+
+
+def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, questions: Sequence[str],
+          golds: Sequence[str], spec: SolveSpec, progress: Optional[Callable[[int], None]] = None) -> Solved:
+    """Answer every question (t1) and, when ``spec.phrase`` is set, correct the first answer once (t2).
+
+    ``grader_correct`` is the grader's ``correct(completions, golds)``; ``progress(k)`` is told of
+    every k problems answered.
+    """
+    def generate_all(prompts: list[str], k: int, temp: float, max_new: int) -> list[list[str]]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts: list[Optional[list[str]]] = [None] * len(prompts)
+        per_batch = max(1, spec.batch_size // k)
+        for s in range(0, len(order), per_batch):
+            idx = order[s:s + per_batch]
+            ro = engine.generate([prompts[i] for i in idx], n=k, max_new_tokens=max_new, temperature=temp)
+            for j, i in enumerate(idx):
+                texts[i] = ro.texts[j * k:(j + 1) * k]
+            if progress:
+                progress(len(idx))
+        return texts  # type: ignore[return-value]
+
+    n = spec.n
+    prompts = [renderer.render(q) for q in questions]
+    t1 = generate_all(prompts, n, spec.temperature if n > 1 else 0.0, spec.max_new_tokens)
+    flat = [t for row in t1 for t in row]
+    flat_ok = grader_correct(flat, [g for g in golds for _ in range(n)])
+    t1_correct = [flat_ok[i * n:(i + 1) * n] for i in range(len(questions))]
+    solved = Solved(t1, t1_correct, prompts=prompts)
+    if spec.phrase is not None:
+        t2_prompts = [renderer.render(q, ((row[0], spec.phrase),)) for q, row in zip(questions, t1)]
+        t2 = [row[0] for row in generate_all(t2_prompts, 1, 0.0, spec.max_new_tokens_t2)]
+        solved.t2_texts, solved.t2_prompts = t2, t2_prompts
+        solved.t2_correct = grader_correct(t2, list(golds))
+    return solved

@@ -1,0 +1,219 @@
+"""``mgrpo eval``: generate on a dataset, grade with the training grader, write and log the scores.
+
+t1 = the model's answer (greedy, or n samples with pass@k and maj@k); t2 = one self-correction pass
+on the first t1 answer with the fixed phrase ``layer.eval_phrase`` (Acc@t1, Acc@t2, Δ, Δi→c, Δc→i).
+Outputs in the run folder: ``summary.json``, ``problems.jsonl`` (one record per problem: prompt,
+completions, extracted answers, verdicts, t2) and PNG plots; the same scalars in MLflow under
+``eval/<dataset>/…``. ``rescore=<problems.jsonl>`` re-grades saved completions without a model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from mgrpo_cli.config import build
+from mgrpo_cli.config.errors import UserError, run_command
+from mgrpo_cli.config.schema import conf_dir, register_configs
+
+log = logging.getLogger(__name__)
+
+
+class RescoreError(UserError):
+    """A per-problem file that cannot be re-graded (named with file:line)."""
+
+
+# ---------------------------------------------------------------------------- records and scores
+
+def grade_records(records: list[dict], grader) -> list[dict]:
+    """(Re-)grade every record's completions and t2 completion against its gold, in place."""
+    from mgrpo_cli.grading.rewards import extract_answer
+
+    flat = [(i, c) for i, r in enumerate(records) for c in r["completions"]]
+    verdicts = grader.correct([c for _, c in flat], [records[i]["gold"] for i, _ in flat])
+    for r in records:
+        r["answers"], r["correct"] = [], []
+    for (i, c), v in zip(flat, verdicts):
+        records[i]["answers"].append(extract_answer(c, last_number_fallback=grader.last_number_fallback))
+        records[i]["correct"].append(v)
+    with_t2 = [r for r in records if r.get("t2_completion") is not None]
+    if with_t2:
+        v2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2])
+        for r, v in zip(with_t2, v2):
+            r["t2_answer"] = extract_answer(r["t2_completion"], last_number_fallback=grader.last_number_fallback)
+            r["t2_correct"] = v
+    return records
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """Accuracy (t1 = first completion), pass@k/maj@k when n > 1, t1/t2 metrics, breakdowns."""
+    from mgrpo_cli.reporting.metrics import breakdown, maj_at_k, mean_pass_at_k, self_correction
+
+    if not records:
+        raise RescoreError("no problems to score")
+    t1 = [bool(r["correct"][0]) for r in records]
+    out: dict[str, Any] = {"n": len(records), "acc_t1": sum(t1) / len(t1)}
+    n = min(len(r["completions"]) for r in records)
+    if n > 1:
+        counts = [(n, sum(bool(c) for c in r["correct"][:n])) for r in records]
+        out["mean_acc"] = sum(c for _, c in counts) / (n * len(records))
+        k = 1
+        while k <= n:
+            out[f"pass@{k}"] = mean_pass_at_k(counts, k)
+            k *= 2
+        out[f"maj@{n}"] = sum(maj_at_k(r["answers"], r["correct"], n) for r in records) / len(records)
+    if all(r.get("t2_correct") is not None or r.get("t2_completion") is not None for r in records):
+        out.update(self_correction(t1, [bool(r.get("t2_correct")) for r in records]))
+    rows = [{"correct": ok, "level": r.get("level"), "subject": r.get("subject")} for r, ok in zip(records, t1)]
+    for key in ("level", "subject"):
+        if any(r.get(key) is not None for r in records):
+            out[f"by_{key}"] = breakdown(rows, key)
+    return out
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A per-problem JSONL (ours, or another tool's with ``gold`` and ``completions``/``completion``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RescoreError(f"rescore: no such file {p}")
+    from mgrpo_cli.data.loaders import json_lines
+
+    records = []
+    for line_no, row in json_lines(p, RescoreError):
+        if "completions" not in row and "completion" in row:
+            row["completions"] = [row["completion"]]
+        if not isinstance(row.get("completions"), list) or not row["completions"]:
+            raise RescoreError(f"{p}:{line_no}: missing field 'completions' (a list of strings)")
+        if row.get("gold") in (None, ""):
+            raise RescoreError(f"{p}:{line_no}: missing field 'gold'")
+        row["gold"] = str(row["gold"])
+        row.setdefault("id", f"row-{line_no}")
+        records.append(row)
+    if not records:
+        raise RescoreError(f"rescore: {p} holds no records")
+    return records
+
+
+def write_outputs(out: Path, name: str, records: list[dict], summary: dict) -> list[Path]:
+    from mgrpo_cli.reporting.plots import plot_breakdown, plot_transitions
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "problems.jsonl").open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    files = [out / "summary.json", out / "problems.jsonl"]
+    if "acc_t2" in summary:
+        files.append(plot_transitions(summary, out / "transitions.png"))
+    groups = {k[3:]: v for k, v in summary.items() if k.startswith("by_")}
+    if groups:
+        files.append(plot_breakdown(groups, out / "breakdown.png", f"{name}: accuracy at t1"))
+    return files
+
+
+def scalars(summary: dict, prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------------------- the model side
+
+def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict], float]:
+    """Answer ``problems`` (t1, and t2 when ``eval.two_pass``) with a progress bar; one record each."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mgrpo_cli.algo.solve import solve
+
+    spec = build.solve_spec(cfg, command="eval")
+    renderer, engine = build.renderer(cfg, tok), build.engine(cfg, policy, tok)
+    total = len(problems) * (2 if spec.phrase is not None else 1)
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("eval", total=total, rate="")
+
+        def advance(k: int) -> None:
+            bar.advance(task, k)
+            done = bar.tasks[0].completed
+            bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f} problems/s")
+
+        solved = solve(engine, renderer, grader.correct, [p.question for p in problems], [p.answer for p in problems],
+                       spec, progress=advance)
+    seconds = time.perf_counter() - start
+    records = []
+    for i, p in enumerate(problems):
+        r = {"id": p.id, "question": p.question, "gold": p.answer, "subject": p.meta.get("subject"),
+             "level": p.meta.get("level"), "prompt": solved.prompts[i], "completions": solved.t1_texts[i]}
+        if solved.t2_texts is not None:
+            r["t2_prompt"], r["t2_completion"] = solved.t2_prompts[i], solved.t2_texts[i]
+        records.append(r)
+    return records, len(problems) / max(seconds, 1e-9)
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    build.check(cfg, "eval")
+    build.setup_runtime(cfg)
+    from mgrpo_cli.data.models import device_for, export
+    from mgrpo_cli.reporting.tracking import run_resources
+
+    out = build.run_dir(cfg)
+    reward_fn = build.reward(cfg)
+    grader = reward_fn.grader
+    with run_resources(reward_fn) as scope:
+        if cfg.export_to:
+            policy, tok, source = build.scored_policy(cfg, build.warm_start(cfg, reward_fn))
+            folder = export(policy, tok, cfg.export_to, merge_lora=cfg.lora.export == "merged")
+            log.info("exported %s to %s", source, folder)
+            return {"export": str(folder)}
+        skipped, rate = 0, None
+        if cfg.rescore:
+            records = read_records(cfg.rescore)
+        else:
+            loaded = build.held_out(cfg, seed=cfg.seed)
+            problems, skipped = loaded.problems, loaded.skipped
+            policy, tok, source = build.scored_policy(cfg, build.warm_start(cfg, reward_fn))
+            policy.eval().to(device_for(cfg.trainer.accelerator))  # trainer=gpu scores on the GPU
+            log.info("scoring %s on %d problems", source, len(problems))
+            records, rate = generate_records(cfg, policy, tok, problems, grader)
+        name = cfg.dataset.name
+        grade_records(records, grader)
+        summary = summarize(records)
+        summary["skipped_rows"] = skipped
+        if rate is not None:
+            summary["problems_per_s"] = rate
+        summary["grader"] = grader.stats()
+        files = write_outputs(out, name, records, summary)
+        run_logger = scope.run_logger = build.run_logger(cfg, run_name=f"eval-{name}-{out.name}", run_folder=out)
+        if run_logger:
+            run_logger.log_metrics(scalars(summary, f"eval/{name}"))
+            for f in files:
+                run_logger.log_file(f)
+        _print(name, summary, out)
+        return summary
+
+
+def _print(name: str, summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{name}: {summary['n']} problems")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}" if k == "problems_per_s" else f"{100 * v:.1f}%")
+    Console().print(table)
+    Console().print(f"results: {out}")
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    result = run_command(run_eval, cfg)
+    return result.get("acc_t1") if result else None

@@ -1,0 +1,236 @@
+"""``mgrpo train``: build everything from the config, evaluate the start, train, evaluate the end.
+
+``run_train(cfg)`` is the task function (tests call it with a composed config); ``main`` checks a
+``resume=<run folder>`` command line (``resume.prepare_argv``) and runs the thin ``@hydra.main``
+wrapper that adds the command line, multirun, run folders and one-line errors.
+
+Every job ends in a known state, in ``<run>/status.json`` and in its MLflow run
+(``lifecycle``, ``tracking``): FINISHED when training, the end evaluation and the export are done;
+FAILED with the one-line error when anything raised (the MLflow run is made first, before the
+config is checked or a model loads); KILLED when SIGTERM, SIGUSR1 or Ctrl+C stopped it, after the
+running step and a checkpoint (exit code ``lifecycle.EXIT_PREEMPTED``, 75; a second Ctrl+C stops at
+once, exit 130). ``mgrpo train resume=<run>`` continues a run in its folder and its MLflow run
+(docs/resume.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from mgrpo_cli.config import build
+from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError, one_line, run_command
+from mgrpo_cli.config.schema import conf_dir, register_configs
+from mgrpo_cli.training import resume
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ["acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i"]
+
+
+def _global_rank() -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def run_train(cfg: DictConfig) -> dict[str, float]:
+    """Train per ``cfg``; returns the start and end held-out metrics. Stopped by a signal, it exits
+    (``SystemExit``) with ``lifecycle.EXIT_PREEMPTED`` or ``EXIT_INTERRUPTED`` after recording KILLED."""
+    from mgrpo_cli.training import lifecycle  # (imports Lightning: not at module level, so command-line errors are fast)
+
+    out = build.run_dir(cfg)
+    zero = _global_rank() == 0
+    previous = None
+    if cfg.get("resume"):
+        given = build.overrides()
+        cfg = resume.resumed_config(cfg, given, is_global_zero=zero)
+        previous = lifecycle.read_status(out) or {}
+        if previous.get("status") == "FINISHED" and not {"trainer.max_steps", "trainer.max_time"} & {
+                resume.key_of(o) for o in given}:
+            raise UserError(f"resume={cfg.resume}: this run has finished; give trainer.max_steps=<more than "
+                            f"{cfg.trainer.max_steps}> (or a longer trainer.max_time) to train it further")
+    requests = lifecycle.StopRequests()
+    requests.install()
+    run_logger, status, error, exit_code = None, "FAILED", None, None
+    try:
+        if not cfg.warmup.only:  # the MLflow run first: a job that fails from here on shows as FAILED
+            run_logger = build.run_logger(cfg, run_name=f"{cfg.task_name}-{out.name}", run_folder=out,
+                                          run_id=(previous or {}).get("mlflow_run_id"))
+        if zero:
+            lifecycle.write_status(out, "RUNNING", None, run_logger.run_id if run_logger else None)
+        result, stopped = _train(cfg, out, run_logger, requests)
+        status = "KILLED" if stopped else "FINISHED"
+        exit_code = lifecycle.EXIT_PREEMPTED if stopped else None
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not (requests.requested or isinstance(e, KeyboardInterrupt)):
+            error = one_line(e)
+            raise
+        # a second Ctrl+C (Lightning turns it into sys.exit(1)), or Lightning's own SIGTERM exit
+        status = "KILLED"
+        exit_code = lifecycle.EXIT_INTERRUPTED if requests.interrupted or isinstance(e, KeyboardInterrupt) \
+            else lifecycle.EXIT_PREEMPTED
+    except BaseException as e:
+        error = one_line(e)
+        raise
+    finally:
+        requests.restore()
+        _record_end(out, zero, run_logger, status, error)
+    if exit_code is not None:
+        log.warning("stopped by %s (%s); continue with: mgrpo train resume=%s", requests.name or "Ctrl+C",
+                    status, out)
+        # the other ranks exit cleanly: Lightning's launcher kills rank 0 when a rank it started fails
+        sys.exit(exit_code if zero else 0)
+    return result
+
+
+def _record_end(out: Path, zero: bool, run_logger, status: str, error: Optional[str]) -> None:
+    """The job's end in MLflow and in status.json; a failure to record never hides the job's own error."""
+    from mgrpo_cli.training import lifecycle
+
+    run_id = None
+    try:
+        if run_logger:
+            run_id = run_logger.run_id
+            run_logger.end(status, error)
+    except Exception as e:
+        log.error("could not record the end of MLflow run %s: %s", run_id, one_line(e))
+    if zero:
+        lifecycle.write_status(out, status, error, run_id)
+
+
+def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, float], bool]:
+    """The run itself: (start and end held-out metrics, whether a stop request, ``requests``
+    (``lifecycle.StopRequests``), ended it early)."""
+    from mgrpo_cli.training import lifecycle
+
+    build.check(cfg, "train")
+    build.setup_runtime(cfg)
+    from mgrpo_cli.training.distributed import weight_checksums_callback
+
+    reward_fn = build.reward(cfg)
+    try:
+        problems = build.data(cfg) if not cfg.warmup.only else None
+        start_from = build.warm_start(cfg, reward_fn)
+        if cfg.warmup.only:
+            log.info("warm start ready: %s", start_from)
+            return {}, False
+        setup = build.training(cfg, reward_fn, problems, start_from)
+        module = setup.module
+        module.run_logger = run_logger
+        module.run_dir = out
+        last = out / resume.CHECKPOINT
+        stopper = lifecycle.StopAndCheckpoint(requests, last, every_minutes=cfg.trainer.checkpoint_every_minutes,
+                                              every_steps=cfg.trainer.checkpoint_every)
+        callbacks = [stopper] + ([weight_checksums_callback(out)] if cfg.trainer.weight_checksums else [])
+        trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks)
+        log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
+        start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}
+        if not start and not requests.requested:
+            start = _validate(trainer, module, setup.val_loader)
+        module.start_val = start
+        log.info("held-out before training: %s", _fmt(start))
+        if requests.requested:
+            return {}, True
+        try:
+            trainer.fit(module, train_dataloaders=setup.train_loader, val_dataloaders=setup.val_loader,
+                        ckpt_path=cfg.ckpt_path)
+        except lifecycle.StopRequested:
+            return {}, True
+        if stopper.stop_pending:  # the request came during the last step
+            return {}, True
+        end = _validate(trainer, module, setup.val_loader)
+        log.info("held-out after training:  %s", _fmt(end))
+        result = {f"start/{k}": v for k, v in start.items()} | {f"end/{k}": v for k, v in end.items()}
+        export_policy(cfg, module.policy, module.tokenizer, out / "export", trainer.is_global_zero, start_from)
+        if trainer.is_global_zero:
+            (out / "result.json").write_text(json.dumps(result, indent=1))
+            if run_logger:
+                run_logger.log_metrics(result, step=trainer.global_step)
+                run_logger.set_tags({"checkpoint": str(last.resolve()) if last.is_file() else "(none)",
+                                     "run_dir": str(out.resolve())})
+                if cfg.logger.log_export:
+                    run_logger.log_folder(out / "export", "export")
+            _print_summary(start, end, out)
+        return result, False
+    finally:
+        reward_fn.close()
+
+
+def _saved_start(checkpoint: str) -> dict[str, float]:
+    """The start-of-run held-out metrics a checkpoint of this run carries ({} if none)."""
+    import torch
+
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}
+    return dict(saved.get("mgrpo", {}).get("start_val", {})) if isinstance(saved, dict) else {}
+
+
+def export_policy(cfg: Any, policy, tok, folder: Path, is_global_zero: bool, start_from: Optional[str]) -> None:
+    """Rank 0 saves the policy (``modeling.export``; LoRA merged unless ``lora.export=adapter``).
+
+    A sharded policy (trainer=fsdp) is gathered first, with every rank taking part, into a fresh
+    unsharded copy on rank 0's CPU.
+    """
+    from mgrpo_cli.data.models import export
+    from mgrpo_cli.training import distributed
+
+    if distributed.is_sharded(policy):
+        state = distributed.full_state_dict(policy)  # collective; the full weights land on rank 0
+        if not is_global_zero:
+            return
+        policy, _, _ = build.policy(cfg, start_from)
+        policy.load_state_dict(state)
+    if is_global_zero:
+        export(policy, tok, folder, merge_lora=cfg.lora.export == "merged")
+
+
+def _validate(trainer, module, val_dl) -> dict[str, float]:
+    trainer.validate(module, dataloaders=val_dl, verbose=False)
+    return dict(module.last_val)
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {m[k]:.3f}" for k in SUMMARY_KEYS if k in m)
+
+
+def _print_summary(start: dict, end: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out ({int(end.get('n', 0))} problems)")
+    table.add_column("metric")
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    for k in SUMMARY_KEYS:
+        if k in end:
+            table.add_row(k, f"{100 * start.get(k, float('nan')):.1f}", f"{100 * end[k]:.1f}")
+    Console().print(table)
+    Console().print(f"run folder: {out}")
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    result = run_command(run_train, cfg)
+    return result.get("end/acc_t1") if result else None
+
+
+def main() -> None:
+    """The ``mgrpo train`` command: a ``resume=`` command line is checked and pointed at its run
+    folder (one line and exit 2 when it cannot be resumed), then Hydra runs the task."""
+    try:
+        sys.argv = [sys.argv[0], *resume.prepare_argv(sys.argv[1:])]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    _hydra_main()

@@ -1,0 +1,391 @@
+"""Load a data set's problems: the embedded ``arith`` task, a JSON Lines / Parquet file, or a hub set.
+
+``load_problems(cfg.dataset, split)`` maps each row's fields through ``cfg.fields`` and reads the
+gold answer by ``cfg.answer_format``:
+
+- ``answer``: the answer field as is (stripped);
+- ``gsm8k``: the text after ``####`` of the answer field, commas removed (``rewards.extract_gold_gsm8k``);
+- ``boxed``: the answer field when mapped and present, else the last ``\\boxed{}`` of the solution;
+- ``list``: a list, or a Python-style list in a string, such as OlympiadBench's ``final_answer``
+  (``['$x=3$', '$y=4$']``; read with ``ast.literal_eval``, never ``eval``): ``$`` delimiters removed,
+  several answers (items, or ``$a$,$b$`` inside one item) joined with ``", "``.
+
+A malformed row (bad JSON, not an object, blank question, no gold answer) raises :class:`DataError`
+naming ``file:line`` under ``on_bad_row=error``, or is logged and counted under ``on_bad_row=skip``.
+Left out: streaming (files are read whole), answer normalisation (the grader's job), and any
+download; ``kind: hub`` needs the optional ``datasets`` package and a network or a local cache.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import logging
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Optional
+
+from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.data.problems import ArithTask, Problem
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ARITH_TRAIN_DEFAULT = 10_000
+# a list-valued gold longer than this is refused rather than parsed (it is data, but keep it bounded)
+LIST_MAX_CHARS = 4_000
+
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+_DOLLAR_COMMA = re.compile(r"(?<!\\)\$\s*,\s*\$")
+_LEVEL_NUMBER = re.compile(r"(?:level\s*)?(-?\d+)", re.IGNORECASE)
+
+
+class DataError(UserError):
+    """A data set cannot be read: the message names the file (and line) or config key at fault."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The problems of one split, how many rows were skipped, and where they came from."""
+
+    problems: list[Problem]
+    skipped: int  # rows skipped under on_bad_row=skip (each logged with file:line and why)
+    source: str  # file path, "<hub name>:<split>" or "arith:<split>"
+
+
+class _BadRow(Exception):
+    """A row that cannot become a Problem; the message is the reason (without file:line)."""
+
+
+def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None,
+                  seed: Optional[int] = None) -> Loaded:
+    """The problems of ``split`` ("train" or "test"; arith also "valid") of the data set ``cfg``.
+
+    ``cfg`` is a ``DatasetConfig`` (dataclass or OmegaConf node). ``limit`` keeps the first N usable
+    rows, or with ``seed`` a seeded random sample of N (kept in file order).
+    """
+    name = str(_get(cfg, "name", "dataset"))
+    kind = _get(cfg, "kind", "arith")
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit!r}")
+    if kind == "arith":
+        return _load_arith(cfg, split, limit, seed)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test' for dataset {name!r} (kind {kind!r}), got {split!r}")
+    answer_format = _get(cfg, "answer_format", "answer")  # the schema's closed sets: answer|gsm8k|boxed|list,
+    on_bad_row = _get(cfg, "on_bad_row", "error")  # error|skip, arith|file|hub
+    fields = _field_map(cfg, answer_format)
+
+    if kind == "file":
+        key = f"{split}_path"
+        path = _resolve_path(_get(cfg, key), key, name)
+        source, rows = str(path), _read_file(path)
+    else:
+        hub_name = _get(cfg, "hub_name")
+        if not hub_name:
+            raise DataError(f"dataset.hub_name is not set for {name}")
+        hub_split = _get(cfg, f"{split}_split", split)
+        source, rows = f"{hub_name}:{hub_split}", _read_hub(hub_name, _get(cfg, "hub_config"), hub_split)
+
+    problems, skipped, seen = [], 0, 0
+    for line, row in rows:
+        seen += 1
+        try:
+            problems.append(_problem(row, fields, answer_format, f"{name}-{split}-{line}"))
+        except _BadRow as e:
+            if on_bad_row == "error":
+                raise DataError(f"{source}:{line}: {e}") from None
+            log.warning("%s:%d: %s; row skipped (dataset.on_bad_row=skip)", source, line, e)
+            skipped += 1
+    if seen == 0:
+        raise DataError(f"{source}: no rows (empty data set)")
+    if not problems:
+        raise DataError(f"{source}: no usable rows, all {skipped} skipped")
+    if skipped:
+        log.warning("%s: skipped %d of %d rows", source, skipped, seen)
+    return Loaded(problems=_take(problems, limit, seed), skipped=skipped, source=source)
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+def _load_arith(cfg: Any, split: str, limit: Optional[int], seed: Optional[int]) -> Loaded:
+    params = _to_dict(_get(cfg, "arith")) or {}
+    try:
+        task = ArithTask(**params)  # dataset seed stays 0: the held-out sets never move
+    except TypeError as e:
+        raise DataError(f"dataset.arith: {e}") from None
+    if split == "train":
+        n = ARITH_TRAIN_DEFAULT if limit is None else limit
+        problems = list(islice(task.train_stream(seed), n))
+    elif split in ("test", "valid"):
+        problems = _take(list(getattr(task, split)), limit, seed)
+    else:
+        raise DataError(f"split must be 'train', 'test' or 'valid' for dataset arith, got {split!r}")
+    return Loaded(problems=problems, skipped=0, source=f"arith:{split}")
+
+
+def _resolve_path(value: Optional[str], key: str, name: str) -> Path:
+    if value is None or str(value).strip() == "":
+        raise DataError(f"dataset.{key} is not set for {name}")
+    path = Path(str(value)).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = ", ".join(str(c) for c in candidates)
+    raise DataError(f"dataset.{key}: file not found: {str(value)!r} (looked at {looked})")
+
+
+def _read_file(path: Path) -> Iterator[tuple[int, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json (JSON Lines) or .parquet")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or _BadRow) per non-blank line."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                yield line_no, _BadRow(f"bad JSON ({e.msg} at column {e.colno})")
+
+
+def json_lines(path: Path, error: type[Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file of objects; a line that is not
+    a JSON object raises ``error`` naming ``file:line``."""
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{line_no}: bad JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{line_no}: not a JSON object")
+            yield line_no, obj
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read Parquet: {e}") from None
+    return enumerate(table.to_pylist(), start=1)
+
+
+def _read_hub(hub_name: str, hub_config: Optional[str], split: str) -> Iterator[tuple[int, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"dataset.kind=hub ({hub_name!r}) needs the 'datasets' package, which is not "
+                        "installed; install it, or download the set and use kind=file") from None
+    try:
+        ds = datasets.load_dataset(hub_name, hub_config, split=split)
+    except Exception as e:  # network, unknown name, unknown split: all user-facing
+        raise DataError(f"cannot load hub dataset {hub_name!r} (config {hub_config!r}, split "
+                        f"{split!r}): {e}") from None
+    return enumerate(ds, start=1)
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+@dataclass(frozen=True)
+class _Fields:
+    question: str
+    answer: Optional[str]
+    solution: Optional[str]
+    subject: Optional[str]
+    level: Optional[str]
+    id: Optional[str]
+
+
+def _field_map(cfg: Any, answer_format: str) -> _Fields:
+    raw = _to_dict(_get(cfg, "fields")) or {}
+    fields = _Fields(**{f.name: raw.get(f.name) for f in dataclasses.fields(_Fields)})
+    if not fields.question:
+        raise DataError(f"dataset.fields.question must name a field, got {fields.question!r}")
+    if answer_format in ("answer", "gsm8k", "list") and not fields.answer:
+        raise DataError(f"dataset.fields.answer must name a field for answer_format={answer_format}, "
+                        f"got {fields.answer!r}")
+    if answer_format == "boxed" and not (fields.answer or fields.solution):
+        raise DataError("dataset.fields.answer or dataset.fields.solution must name a field for "
+                        "answer_format=boxed")
+    return fields
+
+
+def _problem(row: Any, fields: _Fields, answer_format: str, default_id: str) -> Problem:
+    if isinstance(row, _BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise _BadRow(f"not a JSON object (got {type(row).__name__})")
+    question = _text(row, fields.question, required=True)
+    solution = _text(row, fields.solution) if fields.solution else None
+    answer = _gold(row, fields, answer_format, solution)
+
+    meta: dict[str, Any] = {}
+    if fields.subject and row.get(fields.subject) is not None:
+        meta["subject"] = str(row[fields.subject])
+    if fields.level and row.get(fields.level) is not None:
+        meta["level"] = _level(row[fields.level])
+    raw_id = row.get(fields.id) if fields.id else None
+    if raw_id is not None:
+        meta["id"] = raw_id
+    mapped = {getattr(fields, f.name) for f in dataclasses.fields(_Fields)}
+    extra = {k: v for k, v in row.items() if k not in mapped}
+    return Problem(id=default_id if raw_id is None else str(raw_id), question=question,
+                   answer=answer, solution=solution, meta=meta, extra=extra)
+
+
+def _text(row: dict, key: str, *, required: bool = False) -> Optional[str]:
+    """The field as text (a list of strings, as OlympiadBench's solution, joined by blank lines)."""
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _BadRow(f"missing field {key!r}")
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = "\n\n".join(value)
+    if not isinstance(value, str):
+        raise _BadRow(f"field {key!r} is not text (got {type(value).__name__})")
+    text = value
+    if required and not text.strip():
+        raise _BadRow(f"blank field {key!r}")
+    return text
+
+
+def _gold(row: dict, fields: _Fields, answer_format: str, solution: Optional[str]) -> str:
+    if answer_format == "answer":
+        gold = _scalar(row, fields.answer)
+    elif answer_format == "gsm8k":
+        gold = _gsm8k_gold(row, fields.answer)
+    elif answer_format == "boxed":
+        gold = _boxed_gold(row, fields, solution)
+    else:
+        gold = _list_gold(row, fields.answer)
+    if not gold.strip():
+        raise _BadRow(f"blank gold answer in field {fields.answer or fields.solution!r}")
+    return gold.strip()
+
+
+def _scalar(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise _BadRow(f"missing field {key!r}")
+    if isinstance(value, (dict, list, tuple)):
+        raise _BadRow(f"field {key!r} is a {type(value).__name__}, expected a string")
+    if not str(value).strip():
+        raise _BadRow(f"blank field {key!r}")
+    return str(value)
+
+
+def _gsm8k_gold(row: dict, key: str) -> str:
+    from mgrpo_cli.grading.rewards import extract_gold_gsm8k
+
+    try:
+        return extract_gold_gsm8k(_scalar(row, key))
+    except ValueError:  # no "####", or nothing after it
+        raise _BadRow(f"field {key!r} has no '#### <answer>' line") from None
+
+
+def _boxed_gold(row: dict, fields: _Fields, solution: Optional[str]) -> str:
+    from mgrpo_cli.grading.rewards import last_boxed
+
+    if fields.answer:
+        value = row.get(fields.answer)
+        if value is not None and not isinstance(value, (dict, list, tuple)) and str(value).strip():
+            return str(value)
+        if not fields.solution:
+            return _scalar(row, fields.answer)  # raises: missing, blank or not a string
+    if solution is None:
+        where = f"field {fields.answer!r} or " if fields.answer else ""
+        raise _BadRow(f"missing gold: no {where}field {fields.solution!r}")
+    boxed = last_boxed(solution)
+    if boxed is None or not boxed.strip():
+        raise _BadRow(f"missing gold: no \\boxed{{}} answer in field {fields.solution!r}")
+    return boxed
+
+
+def _list_gold(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise _BadRow(f"missing field {key!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise _BadRow(f"blank field {key!r}")
+        if text.startswith(("[", "(")):
+            if len(text) > LIST_MAX_CHARS:
+                raise _BadRow(f"field {key!r} is {len(text)} characters, over {LIST_MAX_CHARS}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise _BadRow(f"field {key!r} is not a list literal: {text[:80]!r}") from None
+        else:
+            value = [text]  # a bare answer string: one answer
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    # OlympiadBench packs several answers into one element as "$69$,$84$": split them there
+    pieces = [p for v in value if v is not None for p in _DOLLAR_COMMA.split(str(v))]
+    answers = [_UNESCAPED_DOLLAR.sub("", p).strip() for p in pieces]
+    answers = [a for a in answers if a]
+    if not answers:
+        raise _BadRow(f"field {key!r} holds no answer: {value!r}")
+    return ", ".join(answers)
+
+
+def _level(value: Any) -> Any:
+    """``3`` and ``"Level 3"`` -> 3; anything else (``"Level ?"``) is kept as is."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    match = _LEVEL_NUMBER.fullmatch(str(value).strip())
+    return int(match.group(1)) if match else value
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _take(problems: list[Problem], limit: Optional[int], seed: Optional[int]) -> list[Problem]:
+    if limit is None or limit >= len(problems):
+        return problems
+    if seed is None:
+        return problems[:limit]
+    keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
+    return [problems[i] for i in keep]
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    if node is None:
+        return default
+    if isinstance(node, dict):
+        return node.get(key, default)
+    return getattr(node, key, default)
+
+
+def _to_dict(node: Any) -> Optional[dict]:
+    if node is None or isinstance(node, dict):
+        return node
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return dataclasses.asdict(node)
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    raise DataError(f"expected a mapping, got {type(node).__name__}: {node!r}")

@@ -1,0 +1,304 @@
+"""Loading policies and tokenizers: a hub name or local folder, or the embedded tiny model.
+
+The tiny model is a Qwen2-architecture causal LM built from a config, with a byte-level tokenizer
+the project makes itself: one token per byte (256 byte symbols, no merges) plus pad/bos/eos/unk.
+It is laid out as a byte-level BPE with no merges, so transformers' ``AutoTokenizer`` (which always
+rebuilds ``Qwen2Tokenizer`` for ``model_type="qwen2"``, see ``../shared/STACK.md``) loads it back
+unchanged, spaces and newlines included. Also here: LoRA wrapping, the reference policy for the KL
+term, export with ``save_pretrained``, and weight checksums (multi-process runs compare them).
+
+Real models (``conf/model/qwen*.yaml``) load from a hub name or a local folder, in the configured
+dtype (``auto``: bf16 on GPU, fp32 on CPU). A folder holding a LoRA adapter (``adapter_config.json``,
+as ``lora.export=adapter`` writes it) loads its base model and the adapter on top.
+``model.random_init_layers`` builds a random-initialised model with the folder's architecture and
+that many layers, without reading weights (offline tests of the real configs).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mgrpo_cli.config.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# user/assistant turns for the tiny model when a layer-2 prompt asks for a new turn
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable symbol table (space -> 'Ġ', newline -> 'Ċ')."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def build_byte_tokenizer():
+    """A 260-token byte-level tokenizer that survives ``AutoTokenizer`` round trips."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    b2u = _bytes_to_unicode()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in range(256):
+        vocab[b2u[b]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        unk_token="<|unk|>", padding_side="left", model_max_length=4096,
+    )
+    hf.chat_template = TINY_CHAT_TEMPLATE
+    return hf
+
+
+def build_tiny_model(cfg: Any, tokenizer, seed: int = 0):
+    """Random-initialised Qwen2 causal LM with the tiny config's sizes."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=1024,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config._attn_implementation = cfg.attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return model
+
+
+def device_for(accelerator: str) -> torch.device:
+    """cuda when ``trainer.accelerator`` asks for a GPU (gpu, cuda, or auto with one present), else cpu."""
+    gpu = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def resolve_dtype(name: str, accelerator: str = "cpu") -> torch.dtype:
+    """``model.dtype``: auto = bf16 on a GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device_for(accelerator).type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype: expected auto|float32|bfloat16|float16, got {name!r}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optional[str] = None):
+    """(model, tokenizer) from ``path`` (or ``cfg.path``): a hub name or folder; tiny if both unset.
+
+    ``cfg.random_init_layers`` builds a random-initialised model (seeded with ``seed``) with the same
+    architecture and that many layers (offline tests of the real model configs; no weights are read).
+    A folder with ``adapter_config.json`` is a LoRA adapter: its base model is loaded, then the adapter.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = path or cfg.path
+    if path is None:
+        if cfg.name != "tiny":
+            raise UserError(f"model.path is not set for model={cfg.name} (a hub name or a local folder)")
+        tok = build_byte_tokenizer()
+        return build_tiny_model(cfg, tok, seed=seed), tok
+    is_local = Path(path).exists()
+    if is_local:
+        path = str(Path(path).resolve())  # recorded as the base of a LoRA adapter export
+    elif "/" not in path:
+        raise ValueError(f"model.path: {path!r} is neither a local folder nor a hub name (org/name)")
+    dtype = resolve_dtype(cfg.dtype, accelerator)
+    if is_local and (Path(path) / "adapter_config.json").is_file():
+        model = _load_adapter(cfg, path, dtype)
+    elif cfg.random_init_layers:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        config.num_hidden_layers = cfg.random_init_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: cfg.random_init_layers]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        model._mgrpo_random_init = True  # no weights behind config._name_or_path: no adapter-only export
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    tok = load_tokenizer(path, cfg.trust_remote_code)
+    _align_special_tokens(model, tok)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing also back-propagates through frozen inputs (LoRA needs that)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tok
+
+
+def _load_adapter(cfg: Any, path: str, dtype: torch.dtype):
+    """A LoRA adapter folder: its base model (hub name or folder) with the adapter on top, trainable."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"model.path={path}: adapter_config.json names no base_model_name_or_path")
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    return PeftModel.from_pretrained(model, path, is_trainable=True)
+
+
+def _align_special_tokens(model, tok) -> None:
+    """Generation stops and pads with the tokenizer's ids (a hub config may name other ones)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tok.pad_token_id
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tok.eos_token_id
+
+
+def apply_lora(model, cfg: Any):
+    """Wrap ``model`` with a peft LoRA adapter (only adapter weights train).
+
+    A model that already carries an adapter (loaded from an adapter export) keeps it, trainable.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if is_peft(model):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+    if cfg.export == "adapter" and not _reloadable_base(model):
+        raise UserError("lora.export=adapter needs a base model with weights on disk or on the hub; this one is "
+                         "random-initialised or built in-process, so an adapter alone could not be reloaded "
+                         "(use lora.export=merged)")
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in names]
+    if not targets:
+        raise UserError(f"lora.target_modules: none of {list(cfg.target_modules)} are modules of this model")
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def _reloadable_base(model) -> bool:
+    return bool(getattr(model.config, "_name_or_path", "")) and not getattr(model, "_mgrpo_random_init", False)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def frozen_reference(model):
+    """A frozen copy of ``model`` for the KL term (full fine-tuning with beta > 0)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def reference_policy(policy, beta: float):
+    """The KL term's reference policy: none when ``beta`` is 0; none for a LoRA policy either (the
+    reference is the same model with its adapter disabled, no second copy); else a frozen copy."""
+    if beta <= 0 or is_peft(policy):
+        return None
+    return frozen_reference(policy)
+
+
+def export(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """``save_pretrained`` the policy with its tokenizer: LoRA merged into the weights (default), or
+    the adapter alone (``merge_lora=False``; ``adapter_config.json`` names the base to load it on).
+
+    Either folder loads with ``mgrpo eval model.path=<folder>`` and with
+    ``AutoModelForCausalLM.from_pretrained(<folder>)`` (transformers loads an adapter's base itself).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if is_peft(model) and merge_lora:
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("exported %s to %s", "the LoRA adapter" if is_peft(to_save) else "the model", out)
+    return out
+
+
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def rotary_frequencies(model) -> dict[str, torch.Tensor]:
+    """float32 copies of the model's rotary inverse frequencies, by module path (see :func:`restore_rotary`)."""
+    return {f"{name}.{b}": buf.detach().float().clone() for name, module in model.named_modules()
+            for b, buf in module.named_buffers(recurse=False) if b in ROTARY_BUFFERS}
+
+
+def restore_rotary(model, saved: dict[str, torch.Tensor]) -> None:
+    """Put the float32 rotary frequencies back after a whole-module dtype cast.
+
+    Lightning's ``bf16-true``/``16-true`` precisions (``trainer=gpu``'s default) call ``module.to(bf16)``,
+    which also casts these non-persistent buffers. transformers keeps them in float32 when it loads a
+    model in bf16, because bf16 keeps 8 bits of mantissa: an inverse frequency of 0.87 moves by up to
+    0.002, so the rotation angle at position 1000 moves by up to ~2 radians.
+    """
+    for key, value in saved.items():
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        setattr(module, name, value.to(getattr(module, name).device))
+
+
+def param_checksums(model, trainable_only: bool = False) -> dict[str, str]:
+    """sha256 of every parameter's bytes (name -> hex) plus ``"__all__"`` over all of them, in name order.
+
+    Equal checksums on every rank of a data-parallel run mean the replicas hold identical weights.
+    Sharded parameters (DTensor) are gathered first: a collective, so every rank must call this.
+    """
+    import hashlib
+
+    total = hashlib.sha256()
+    out: dict[str, str] = {}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if trainable_only and not p.requires_grad:
+            continue
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out[name] = hashlib.sha256(data).hexdigest()
+        total.update(name.encode())
+        total.update(data)
+    out["__all__"] = total.hexdigest()
+    return out

@@ -1,0 +1,263 @@
+"""Batched sampling with a KV cache, and the rollout engine interface.
+
+``sample`` prefills each distinct prompt once, repeats its cache n times, then decodes one token per
+step for every row of the batch; rows that have emitted EOS write padding. Every ``check_every``
+steps the loop looks at how many rows still run (the only host synchronisation of the loop: on a
+GPU the steps in between are queued without waiting) and stops when none does, or shrinks the batch
+to the smallest of a few fixed sizes that holds the running rows (:func:`batch_buckets`: the first
+batch size and the powers of two and three halves of powers of two below it), filled up with
+finished rows. So a step costs about what the still-running rows cost, the cache is copied only at
+those few sizes, and the decode step sees few distinct shapes (what compiled or captured steps need).
+Greedy when temperature is 0. It never calls ``model.generate``: the test suite checks that its greedy
+tokens equal ``model.generate``'s.
+
+A ``Rollout`` also marks the rows its budget cut off (``truncated``: no EOS at the end); ``groups``
+and ``concat_rollouts`` pick groups out of rollouts and put rollouts together (dynamic sampling).
+
+Engines: ``HFEngine`` (this loop on the training policy itself). Another engine (e.g. vLLM) would
+implement the same ``RolloutEngine.generate`` signature.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from mgrpo_cli.algo.grpo import truncated_rows
+from mgrpo_cli.rollout.decode import LeanDecoder, lean_supported
+
+
+@dataclass
+class Rollout:
+    """n completions for each of several prompts, rows grouped by prompt (prompt i -> rows i*n..i*n+n-1)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C) right-padded with pad
+    completion_mask: torch.Tensor  # (B, C) 1 for generated tokens, EOS included
+    texts: list[str]  # decoded completions, special tokens removed
+    n: int  # completions per prompt (the group size)
+    truncated: Optional[torch.Tensor] = None  # (B,) bool: cut off by the token budget (no EOS); None = none
+
+    def __post_init__(self) -> None:
+        if self.truncated is None:
+            self.truncated = torch.zeros(self.completion_ids.shape[0], dtype=torch.bool,
+                                         device=self.completion_ids.device)
+
+    @property
+    def num_groups(self) -> int:
+        return self.prompt_ids.shape[0] // self.n
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+    def groups(self, keep: Sequence[int]) -> Rollout:
+        """The rows of groups ``keep`` (in that order), padding shared by all of them trimmed."""
+        rows = torch.tensor([g * self.n + i for g in keep for i in range(self.n)], dtype=torch.long,
+                            device=self.prompt_ids.device)
+        prompt_mask, comp_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        left = int((prompt_mask.sum(0) == 0).sum()) if len(rows) else 0
+        width = int(comp_mask.sum(-1).max()) if len(rows) else 0
+        return Rollout(self.prompt_ids[rows][:, left:], prompt_mask[:, left:], self.completion_ids[rows][:, :width],
+                       comp_mask[:, :width], [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
+    """The rows of rollouts of one group size, in order: prompts left-padded and completions right-padded
+    to the widest part with ``pad_token_id`` (masked out)."""
+    if len({r.n for r in parts}) != 1:
+        raise ValueError(f"concat_rollouts: parts have different group sizes {[r.n for r in parts]}")
+    p_width = max(r.prompt_ids.shape[1] for r in parts)
+    c_width = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(t: torch.Tensor, width: int, left: bool, value: int) -> torch.Tensor:
+        extra = t.new_full((t.shape[0], width - t.shape[1]), value)
+        return torch.cat([extra, t] if left else [t, extra], 1)
+
+    return Rollout(torch.cat([pad(r.prompt_ids, p_width, True, pad_token_id) for r in parts]),
+                   torch.cat([pad(r.prompt_mask, p_width, True, 0) for r in parts]),
+                   torch.cat([pad(r.completion_ids, c_width, False, pad_token_id) for r in parts]),
+                   torch.cat([pad(r.completion_mask, c_width, False, 0) for r in parts]),
+                   [t for r in parts for t in r.texts], parts[0].n, torch.cat([r.truncated for r in parts]))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), draws i with probability p_i
+    # (torch.multinomial does the same, with a slower exponential sampler on CPU)
+    noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
+    return (probs / noise).argmax(-1)
+
+
+# steps between looks at the finished rows on an asynchronous device (each look waits for the GPU);
+# on the CPU every step looks, as waiting costs nothing there
+CHECK_EVERY = 8
+
+
+def batch_buckets(rows: int) -> list[int]:
+    """The batch sizes decoding may shrink to, largest first: ``rows`` and every 2^k and 3 * 2^(k-1)
+    below it (so a drop leaves at least three quarters of the batch, as each drop copies the cache)."""
+    sizes = {rows}
+    k = 1
+    while k < rows:
+        sizes.add(k)
+        if k * 3 // 2 < rows and k > 1:
+            sizes.add(k * 3 // 2)
+        k *= 2
+    return sorted(sizes, reverse=True)
+
+
+def bucket_for(running: int, buckets: list[int]) -> int:
+    """The smallest of ``buckets`` that holds ``running`` rows."""
+    return min(b for b in buckets if b >= running)
+
+
+class _ModelDecoder:
+    """Decode steps through the model's own forward and a transformers ``DynamicCache`` (any model)."""
+
+    def __init__(self, model, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int):
+        self.model, self.cache = model, cache
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        self.width = prompt_mask.shape[1]
+        self.mask = None  # every step's attention mask at once: step t reads the first width + t + 1 columns
+        if not bool(prompt_mask.all()):  # without padding no step needs an attention mask
+            rows = prompt_mask.shape[0] * n
+            self.mask = torch.cat([prompt_mask.repeat_interleave(n, 0), prompt_mask.new_ones(rows, max_new_tokens)], 1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
+        mask = None if self.mask is None else self.mask[:, :self.width + t + 1]
+        out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=positions.unsqueeze(-1),
+                         cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1,
+           max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+           top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+           lean: bool = True, check_every: Optional[int] = None,
+           static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
+
+    ``lean``: decode with :class:`~mgrpo_cli.rollout.decode.LeanDecoder` where the model supports it (``static``:
+    its fixed-shape step, see there). ``check_every``: steps between looks at the finished rows
+    (default: 1 on the CPU, :data:`CHECK_EVERY` elsewhere)."""
+    from transformers import DynamicCache
+
+    device = prompt_ids.device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    cache = DynamicCache(config=model.config)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=None if bool(prompt_mask.all()) else prompt_mask,
+                position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].repeat_interleave(n, 0)  # (U*n, V)
+    next_pos = position_ids[:, -1].repeat_interleave(n, 0) + 1  # (B,)
+    if lean and lean_supported(model):
+        decoder = LeanDecoder(model, cache, prompt_mask, n, max_new_tokens, int(next_pos.max()) + max_new_tokens,
+                              static=static)
+    else:
+        decoder = _ModelDecoder(model, cache, prompt_mask, n, max_new_tokens)
+    rows = prompt_ids.shape[0] * n
+    buckets = batch_buckets(rows)
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)  # which output rows the batch rows are
+    running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted EOS
+    length = lengths.clone()  # (b,) completion length of each batch row (max_new_tokens while running)
+    for t in range(max_new_tokens):
+        nxt = _pick(logits, temperature, top_p, generator)  # (b,)
+        finished = running & (nxt == eos_token_id)
+        nxt = torch.where(running, nxt, pad_token_id)  # finished rows write padding
+        tokens[live, t] = nxt
+        # looking at every step (the CPU), only a step where a row finished changes anything
+        changed = check_every > 1 or bool(finished.any())
+        if changed:
+            length.masked_fill_(finished, t + 1)
+            running.logical_xor_(finished)  # finished rows were running: this clears them
+        if t == max_new_tokens - 1:
+            break
+        if changed and (t + 1) % check_every == 0:
+            still = int(running.sum())
+            if still == 0:
+                break
+            size = bucket_for(still, buckets)
+            if size < running.numel():  # running rows first, then finished ones up to the bucket's size
+                keep = torch.argsort((~running).to(torch.uint8), stable=True)[:size].sort().values
+                lengths[live] = length
+                live, nxt, next_pos, running, length = live[keep], nxt[keep], next_pos[keep], running[keep], length[keep]
+                decoder.select(keep)
+        logits = decoder.step(nxt, next_pos, t)
+        next_pos = next_pos + 1
+    lengths[live] = length
+    width = int(lengths.max().item()) if rows else 0
+    tokens = tokens[:, :width]
+    completion_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return tokens, completion_mask
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0) -> Rollout: ...
+
+    def reseed(self, seed: int) -> None: ...
+
+
+class HFEngine:
+    """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
+
+    def __init__(self, model, tokenizer, *, max_prompt_length: int = 4096, seed: int = 0, stop_at_eos: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_prompt_length = max_prompt_length
+        # False: every completion runs to max_new_tokens (benchmarks compare equal lengths)
+        self.eos_token_id = tokenizer.eos_token_id if stop_at_eos else -1
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling noise from ``seed`` (on CUDA the noise comes from torch's global CUDA
+        generator, which :func:`mgrpo_cli.training.seeding.seed_step` seeds)."""
+        self.generator.manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # over-long prompts lose their start, never the generation prompt at their end
+        self.tokenizer.truncation_side = "left"
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False,
+                             truncation=True, max_length=self.max_prompt_length)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def generate(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0) -> Rollout:
+        prompt_ids, prompt_mask = self.encode(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            gen = self.generator if self.device.type == "cpu" else None
+            ids, mask = sample(self.model, prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
+                               eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               temperature=temperature, top_p=top_p, generator=gen)
+        finally:
+            self.model.train(was_training)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
+                       ids, mask, texts, n, truncated_rows(ids, mask, self.eos_token_id))

@@ -1,0 +1,166 @@
+"""A training run's life outside the math: its status file, stop signals, checkpoints on request.
+
+Status file: ``<run folder>/status.json`` = ``{"status", "error", "mlflow_run_id"}``. It says
+``RUNNING`` from the start of the job, and at the end of every job ``FINISHED`` (the command
+completed), ``FAILED`` (``error`` = the one-line error) or ``KILLED`` (stopped by a signal). A run
+killed with SIGKILL (or a crash of the machine) keeps ``RUNNING``: nothing runs after SIGKILL.
+
+Stop signals (:class:`StopRequests`): SIGTERM, SIGUSR1 (what SLURM sends ahead of a time limit with
+``--signal=USR1@<seconds>``) and a first Ctrl+C (SIGINT) only record the request; the running
+training step finishes, every rank agrees on stopping after that same step (one all-reduce per
+step), a checkpoint is written (:class:`StopAndCheckpoint`), and ``mgrpo train`` marks the MLflow
+run KILLED and exits with :data:`EXIT_PREEMPTED`. A second Ctrl+C stops at once (KILLED, no
+checkpoint, exit :data:`EXIT_INTERRUPTED`). A request that comes while the run is still setting up
+or evaluating its start is acted on before the first training step.
+
+Time-based checkpoints (``trainer.checkpoint_every_minutes``): :class:`StopAndCheckpoint` also
+writes ``last.ckpt`` after any step that ends more than that many minutes after the last
+checkpoint, so a preempted run with long steps loses little; and once more when training ends, so
+``last.ckpt`` always holds the final weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume= continues it
+EXIT_INTERRUPTED = 130  # a second Ctrl+C: stopped at once, resume= continues from the last checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+
+
+def write_status(folder: str | Path, status: str, error: Optional[str] = None,
+                 mlflow_run_id: Optional[str] = None) -> None:
+    """Write ``<folder>/status.json`` atomically (a reader never sees half a file)."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    path = Path(folder) / "status.json"
+    tmp = path.with_name(f".status.json.{os.getpid()}")
+    tmp.write_text(json.dumps({"status": status, "error": error, "mlflow_run_id": mlflow_run_id}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(folder: str | Path) -> Optional[dict]:
+    """The run's status file, or None when it has none (or an unreadable one)."""
+    try:
+        data = json.loads((Path(folder) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class StopRequests:
+    """Handlers of :data:`STOP_SIGNALS` that record a stop request (see the module docstring).
+
+    ``install`` may be called again (Lightning puts its own SIGTERM handler in place at the start of
+    every ``fit``/``validate``; the :class:`StopAndCheckpoint` callback puts this one back); ``restore``
+    puts back the handlers found by the first ``install``."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None  # the first stop signal received
+        self.interrupted = False  # a second Ctrl+C: stop at once
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. a test runner's worker)
+        for sig in STOP_SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            hint = " (Ctrl+C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else ""
+            log.warning("received %s: stopping after the current training step, with a checkpoint%s",
+                        signal.Signals(signum).name, hint)
+
+
+class StopRequested(Exception):
+    """Raised out of ``trainer.fit`` after the checkpoint of a stop request, when the next step
+    would start. ``Trainer.should_stop`` would run an unscheduled validation first; raising in
+    ``on_train_batch_end`` would lose that step's metrics, which Lightning hands to the logger after
+    that hook. A validation scheduled at the stopped step still runs: a resumed run would not run it
+    (Lightning restarts past it), and the checkpoint is written before it."""
+
+
+class StopAndCheckpoint(Callback):
+    """After each training step: on a stop request (on any rank), or when ``every_minutes`` have
+    passed since the last checkpoint, write ``path``; on a stop request, leave ``fit`` after that
+    step and its scheduled validation, if any (:class:`StopRequested`; ``stop_pending`` says so when
+    it was the last step). When training ends, write ``path`` if its last step is not in it.
+
+    ``every_steps``: the step-based ``ModelCheckpoint``'s interval; at those steps it writes the
+    checkpoint and this callback does not write a second one."""
+
+    def __init__(self, requests: StopRequests, path: str | Path, *, every_minutes: Optional[float] = None,
+                 every_steps: Optional[int] = None):
+        self.requests, self.path = requests, Path(path)
+        self.every_s = every_minutes * 60 if every_minutes else None
+        self.every_steps = every_steps
+        self._last = time.monotonic()
+        self._saved_step: Optional[int] = None
+        self.stop_pending = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requests.install()
+        self._last = time.monotonic()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.requests.install()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stop_pending:
+            raise StopRequested(f"stopped after step {trainer.global_step}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from mgrpo_cli.training import distributed
+
+        now = time.monotonic()
+        due = self.every_s is not None and now - self._last >= self.every_s
+        vote = distributed.max_over_ranks(2 * int(self.requests.requested) + int(due))  # every rank, every step
+        step_checkpoint = bool(self.every_steps) and trainer.global_step % self.every_steps == 0
+        if step_checkpoint:
+            self._last, self._saved_step = now, trainer.global_step
+        if vote == 0:
+            return
+        if not step_checkpoint:
+            self._save(trainer)
+            self._last = now
+        if vote >= 2:
+            self.stop_pending = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._saved_step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes (atomically)
+        self._saved_step = trainer.global_step
+        log.info("checkpoint at step %d: %s", trainer.global_step, self.path)

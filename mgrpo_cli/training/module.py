@@ -1,0 +1,359 @@
+"""The Lightning module: one ``training_step`` runs every GRPO layer of MGRPO on the same policy.
+
+``training_step`` loops over the layers' :class:`~mgrpo_cli.algo.layers.LayerSpec`: each layer runs the
+same rollout -> grade -> advantage path (``layers.run_layer``; with dynamic sampling
+``layers.fill_layer``, refilling the batch with groups whose rewards vary) and prepares the same loss
+(``loss.prepare_layer_loss``), then hands the responses its spec selects, each with a guiding
+phrase, to the next layer. Layer losses are summed (L1 + lambda * L2: each of the
+``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
+``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
+two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
+and the optimizer step. The module takes plain objects made by ``mgrpo_cli.config.build``, never the config.
+On several processes (``mgrpo_cli.training.distributed``): each rank draws its own prompts, DDP gradients are
+averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
+between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
+
+Every training step starts by seeding every random generator from (seed, step, rank)
+(``seeding.seed_step``: Python, NumPy, torch CPU and CUDA, the rollout engine, the module's ``rng``),
+so a run resumed from a checkpoint draws what the uninterrupted run drew. A step whose loss or
+gradient is not finite (on any rank) does not update the weights (``guard``): its gradients are
+dropped, the skip is counted (``train/nonfinite_steps``), and after ``max_nonfinite_steps`` such
+steps in a row the step raises a ``UserError``. The checkpoint carries the steps done, the guard's
+counts and the start-of-run held-out metrics (``on_save_checkpoint``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from mgrpo_cli.algo.layers import (
+    LayerInput,
+    LayerResult,
+    LayerSpec,
+    Sampled,
+    chosen_after,
+    fill_layer,
+    first_inputs,
+    inputs_after,
+    run_layer,
+    unused_responses,
+)
+from mgrpo_cli.algo.loss import TOKEN_COUNTS, LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
+from mgrpo_cli.algo.solve import SolveSpec, solve
+from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.data.models import is_peft, restore_rotary, rotary_frequencies
+from mgrpo_cli.data.problems import Problem
+from mgrpo_cli.grading.rewards import extract_answer
+from mgrpo_cli.reporting import heldout
+from mgrpo_cli.reporting.metrics import self_correction
+from mgrpo_cli.rollout.engine import Rollout, RolloutEngine
+from mgrpo_cli.rollout.prompts import PromptRenderer
+from mgrpo_cli.training import distributed
+from mgrpo_cli.training.guard import NonFiniteGuard, finite, grads_finite
+from mgrpo_cli.training.seeding import seed_step, step_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    step_per_layer: bool  # layer.combine=sequential: an optimizer step after each layer
+
+
+@dataclass(frozen=True)
+class SamplesSpec:
+    """Which sampled completions are logged as artifacts: every ``every`` steps (0 = never), ``n`` per layer."""
+
+    every: int = 0
+    n: int = 16
+
+
+class MGRPOModule(L.LightningModule):
+    def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
+                 layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
+                 samples: SamplesSpec = SamplesSpec(), seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
+                 shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
+                 refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.engine, self.renderer, self.reward_fn = engine, renderer, reward_fn
+        self.layers, self.loss, self.optim = list(layers), loss, optim
+        self.validation, self.samples = validation, samples
+        self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
+        self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
+        self.seed = seed
+        self.rng = random.Random(seed)  # reseeded at every training step
+        # dynamic sampling's more problems for layer 1: refill(step, rank, round, n) (ProblemStream.refill)
+        self.refill = refill
+        self.batches_done = 0  # training batches consumed: where the problem stream continues on resume
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.start_val: dict[str, float] = {}  # held-out metrics before training, kept in the checkpoint
+        self.last_val: dict[str, float] = {}
+        self._val_rows: list[dict] = []
+        self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
+        self.run_dir = None  # rank 0 writes heldout/step_<step>.jsonl here (heldout.py); set by the train task
+        self._rotary = rotary_frequencies(policy)  # restored after Lightning's precision cast (on_fit_start)
+        if hparams is not None:
+            self.save_hyperparameters({"config": hparams})
+
+    # ------------------------------------------------------------------ set-up
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+
+    def setup(self, stage: str) -> None:
+        ref = self._reference[0]
+        if ref is not None:
+            ref.to(self.device)
+
+    def configure_model(self) -> None:
+        """Sharded strategies: ranks must run the same number of forward/backward passes (each one is a
+        collective), and under ``trainer=fsdp`` (FSDP2) the policy is sharded here and every rollout
+        runs on its gathered full parameters (:class:`distributed.FullParamsEngine`)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
+            return
+        self.loss = dataclasses.replace(self.loss, lockstep=distributed.max_over_ranks)
+        if isinstance(strategy, ModelParallelStrategy) and not distributed.is_sharded(self.policy):
+            distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"], param_dtype=self.shard_param_dtype)
+            self.engine = distributed.FullParamsEngine(self.engine, self.policy)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mgrpo"] = {"batches_done": self.batches_done, "nonfinite": self.guard.state_dict(),
+                               "start_val": dict(self.start_val)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mgrpo", {})
+        self.batches_done = saved.get("batches_done", 0)
+        if "nonfinite" in saved:
+            self.guard.load_state_dict(saved["nonfinite"])
+        # start_val stays this run's: resume= reads it from the checkpoint before fit (train._saved_start)
+
+    def on_fit_start(self) -> None:
+        restore_rotary(self.policy, self._rotary)
+
+    def on_train_start(self) -> None:
+        self.policy.train()  # rollouts switch to eval mode and back; validation leaves it in eval mode
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # problems are text; tensors are made on the device by the rollout
+
+    def _ref_logps(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs: the LoRA model with its adapter disabled, else the frozen copy."""
+        with torch.no_grad():
+            if is_peft(self.policy):
+                with self.policy.disable_adapter():  # sharded: one forward call, as every rank makes
+                    return completion_logps(self.policy, rollout, rows, self.loss.temperature,
+                                            share_prompts=self.loss.lockstep is None)
+            return completion_logps(self._reference[0], rollout, rows, self.loss.temperature)
+
+    # ------------------------------------------------------------------ training
+    def manual_backward(self, loss, *args, **kwargs) -> None:
+        """Backward without DDP's all-reduce: ranks may run different numbers of micro-batches, so
+        gradients are averaged once per optimizer step, in :meth:`_step_optimizer`."""
+        with distributed.no_backward_sync(self.trainer.strategy.model):
+            super().manual_backward(loss, *args, **kwargs)
+
+    def _step_optimizer(self, opt, loss: float) -> bool:
+        """Average the gradients (DDP), then clip and step, unless the loss or a gradient is not finite
+        on any rank: then the gradients are dropped and ``opt.step()`` finds none, so neither the
+        weights nor the optimizer's state change (Lightning still counts the step). Whether it updated."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            distributed.all_reduce_grads(params)
+        bad = int(not (finite(loss) and grads_finite(params)))
+        if self.trainer.world_size > 1:
+            bad = distributed.max_over_ranks(bad)  # sharded gradients: each rank saw its own shard
+        if bad:
+            opt.zero_grad(set_to_none=True)
+        else:
+            self.clip_gradients(opt, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return not bad
+
+    def _seed_step(self) -> None:
+        """Every random draw of this step from (seed, step, rank) alone (see the module docstring)."""
+        s = seed_step(self.seed, self.batches_done, self.global_rank)
+        self.engine.reseed(s)
+        self.rng = random.Random(step_seed(self.seed, self.batches_done, self.global_rank, "module"))
+
+    def training_step(self, batch: list[Problem], batch_idx: int):
+        """Every layer samples (with dynamic sampling, refilling its batch) and prepares its loss; then
+        ``num_iterations`` optimizer steps, each a pass over every layer's batch (layer.combine=sum), or
+        that many per layer before the next layer samples (sequential)."""
+        start = time.perf_counter()
+        self._seed_step()
+        self.reward_fn.grader.pop_stats()  # the grader's counts since the last step (validation's) are not this step's
+        opt = self.optimizers()
+        problems = list(batch)  # dynamic sampling appends layer 1's refills
+        inputs, spare = first_inputs(len(problems)), []
+        metrics: dict[str, float] = {}
+        results: list[LayerResult] = []
+        pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
+        updated = True  # no optimizer step of this training step was skipped as non-finite
+        opt.zero_grad(set_to_none=True)
+        for spec in self.layers:
+            if not inputs:
+                break
+            sampled = self._sample(spec, problems, inputs, spare)
+            result = sampled.train
+            layer = prepare_layer_loss(self.policy, result.rollout, result.advantages.reshape(-1), self.loss,
+                                       weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps)
+            pending.append((spec, layer, sampled.metrics))
+            if self.optim.step_per_layer:
+                updated &= self._update(opt, pending, metrics)
+                pending = []
+            results.append(result)
+            chosen = chosen_after(sampled.rounds[0], spec, self.rng)
+            inputs = inputs_after(sampled.rounds[0], spec, self.rng, chosen)
+            if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
+                spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
+        if pending:
+            updated &= self._update(opt, pending, metrics)
+        self._end_step(metrics, updated, time.perf_counter() - start, len(batch))
+        self._maybe_log_samples(results, problems)
+        if self.guard.exhausted:
+            raise UserError(
+                f"trainer.max_nonfinite_steps={self.guard.limit}: the last {self.guard.in_a_row} training steps "
+                f"(up to step {self.batches_done}) had a non-finite loss or gradient, so none of them changed the "
+                "weights; the run's last checkpoint holds good weights: lower grpo.lr or grpo.max_grad_norm and "
+                "start from it with ckpt_path=")
+
+    def _sample(self, spec: LayerSpec, problems: list[Problem], inputs: list[LayerInput],
+                spare: list[LayerInput]) -> Sampled:
+        """The layer's rollout(s): one, or with dynamic sampling as many as fill its batch with groups
+        whose rewards vary; layer 1 draws more problems (``refill``, a pure function of the step), a
+        correction layer more of the layer before's responses (``spare``)."""
+        def run(xs: list[LayerInput]) -> LayerResult:
+            return run_layer(self.engine, self.renderer, self.reward_fn, problems, xs, spec, self.loss)
+
+        if not spec.dynamic_sampling:
+            result = run(inputs)
+            return Sampled(result, [result], result.metrics)
+
+        def draw(n: int, round_: int) -> list[LayerInput]:
+            if spec.depth > 1:
+                taken = spare[:n]
+                del spare[:n]
+                return taken
+            if self.refill is None:
+                return []
+            first = len(problems)
+            problems.extend(self.refill(self.batches_done, self.global_rank, round_, n))
+            return first_inputs(len(problems))[first:]
+
+        return fill_layer(run, inputs, draw, spec, self.loss, self.tokenizer.pad_token_id or 0)
+
+    def _end_step(self, metrics: dict[str, float], updated: bool, seconds: float, batch_size: int) -> None:
+        """The guard's count, the grader's and the step's own metrics; logged (averaged over ranks)."""
+        self.guard.observe(updated)
+        metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
+        metrics["train/nonfinite_steps"] = float(self.guard.total)
+        metrics["train/step_time"] = seconds
+        self.batches_done += 1
+        self._log_step(distributed.mean_over_ranks(metrics), batch_size)
+
+    def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]],
+                metrics: dict[str, float]) -> bool:
+        """``num_iterations`` optimizer steps, each after one loss pass over every pending layer; adds the
+        layers' metrics (loss, KL and clip fractions averaged over the passes, tokens summed) to ``metrics``
+        and says whether every step updated the weights (none was skipped as non-finite)."""
+        totals: list[dict[str, float]] = [{} for _ in pending]
+        updated = True
+        for _ in range(self.loss.num_iterations):
+            loss = 0.0
+            for (_, layer, _), total in zip(pending, totals):
+                stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps)
+                loss += stats["loss"]
+                for k, v in stats.items():
+                    total[k] = total.get(k, 0.0) + v
+            updated &= self._step_optimizer(opt, loss)
+        mu = self.loss.num_iterations
+        for (spec, layer, sampled), total in zip(pending, totals):
+            passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
+            for k in TOKEN_COUNTS:
+                passes[k] += layer.stats.get(k, 0.0)
+            metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
+        return updated
+
+    def _log_step(self, metrics: dict[str, float], batch_size: int) -> None:
+        self.log_dict(metrics, on_step=True, batch_size=batch_size)
+        self.log("reward", metrics["train/layer1/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)
+        if "train/layer2/accuracy" in metrics:
+            self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def _maybe_log_samples(self, results: list[LayerResult], problems: list[Problem]) -> None:
+        """Every ``samples.every`` training steps: up to ``samples.n`` completions per layer, as trained
+        on, appended to the run's MLflow table ``samples.json`` (step, layer, question, gold, turns,
+        completion, reward, advantage)."""
+        every = self.samples.every
+        if not every or (self.batches_done - 1) % every != 0 or self.run_logger is None:
+            return
+        rows = []
+        for spec, res in zip(self.layers, results):
+            n = res.rollout.n
+            rewards, advantages = res.rewards.reshape(-1), res.advantages.reshape(-1)
+            for j, text in enumerate(res.rollout.texts[: self.samples.n]):
+                x = res.inputs[j // n]
+                reward = rewards[j].item()
+                rows.append({"step": self.global_step, "layer": spec.depth, "question": problems[x.problem].question,
+                             "gold": problems[x.problem].answer, "turns": [list(t) for t in x.turns],
+                             "completion": text, "reward": None if reward != reward else reward,
+                             "advantage": advantages[j].item()})
+        if rows:
+            self.run_logger.log_table(rows, "samples.json")
+
+    # ------------------------------------------------------------------ validation: two-pass t1/t2
+    def validation_step(self, batch: list[Problem], batch_idx: int):
+        """Each rank answers every world_size-th problem of the batch; rows are gathered at epoch end."""
+        mine = batch[self.global_rank::self.trainer.world_size]
+        with distributed.full_params(self.policy):  # collective: entered by every rank, even with no problems
+            if not mine:
+                return
+            solved = solve(self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
+                           [p.answer for p in mine], self.validation)
+        fallback = self.reward_fn.grader.last_number_fallback
+        for i, p in enumerate(mine):
+            t2 = solved.t2_texts[i] if solved.t2_texts else None
+            self._val_rows.append({
+                "id": p.id, "t1": bool(solved.t1_correct[i][0]),
+                "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None,
+                "t1_answer": extract_answer(solved.t1_texts[i][0], last_number_fallback=fallback),
+                "t2_answer": None if t2 is None else extract_answer(t2, last_number_fallback=fallback)})
+
+    def on_validation_epoch_end(self) -> None:
+        rows, self._val_rows = distributed.gather(self._val_rows), []
+        if not rows:
+            return
+        t1 = [r["t1"] for r in rows]
+        if rows[0]["t2"] is None:
+            out = {"acc_t1": sum(t1) / len(t1), "n": float(len(t1))}
+        else:
+            out = self_correction(t1, [r["t2"] for r in rows])
+        self.last_val = {k: float(v) for k, v in out.items()}
+        if self.run_dir is not None and self.trainer.is_global_zero:
+            path = heldout.write_rows(heldout.step_file(self.run_dir, self.global_step),
+                                      [heldout.ProblemResult(**r) for r in rows])
+            if self.run_logger is not None:
+                self.run_logger.log_file(path, heldout.FOLDER)
+        # every rank holds the same numbers; sync_dist keeps Lightning's epoch-level bookkeeping consistent
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows),
+                      sync_dist=self.trainer.world_size > 1)

@@ -1,0 +1,410 @@
+"""GRPO math on literal tensors with hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from mgrpo_cli.algo import grpo
+
+NAN = float("nan")
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    adv = grpo.group_advantages(r, "group", eps=0.0)
+    # group 1: mean 0.5, unbiased std sqrt(1/3)
+    s1 = math.sqrt(1 / 3)
+    assert torch.allclose(adv[0], torch.tensor([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1]))
+    # group 2: mean 0.25, unbiased std 0.5
+    assert torch.allclose(adv[1], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+
+
+def test_zero_variance_group_gets_zero_advantage():
+    r = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = grpo.group_advantages(r, "group")
+    assert torch.equal(adv[0], torch.zeros(3)) and torch.equal(adv[1], torch.zeros(3))
+    assert grpo.zero_variance_share(r) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_flat_groups_of_any_reward_value_get_exactly_zero(dtype, scale, eps):
+    # float32 0.1 x 8: mean(r) != 0.1 in floating point (r - mean was ~7e-5 before the division by eps)
+    r = torch.tensor([[0.1] * 8, [1.1] * 8, [0.3, NAN, 0.3, 0.3, NAN, 0.3, 0.3, 0.3],
+                      [2.7, NAN, NAN, NAN, NAN, NAN, NAN, NAN], [1.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
+                     dtype=dtype)
+    adv = grpo.group_advantages(r, scale, eps=eps)
+    assert adv.dtype == dtype
+    assert torch.equal(adv[:4], torch.zeros(4, 8, dtype=dtype))  # exactly 0, never NaN
+    # the one group with a spread: mean 0.225, deviations 0.875 and -0.125, unbiased std sqrt(0.125)
+    centred = torch.tensor([0.875] + [-0.125] * 7, dtype=torch.float64)
+    if scale == "group":
+        centred = centred / (0.125 ** 0.5 + eps)
+    elif scale == "batch":
+        valid = r[~torch.isnan(r)].double()
+        centred = centred / (valid.std() + eps)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(adv[4].double(), centred, rtol=tol, atol=tol)
+
+
+def test_only_flat_groups_with_zero_eps_are_zero_not_nan():
+    for scale in ("group", "batch", "none"):
+        adv = grpo.group_advantages(torch.tensor([[0.1, 0.1], [0.1, 0.1]]), scale, eps=0.0)
+        assert torch.equal(adv, torch.zeros(2, 2))
+
+
+def test_ungradable_left_out_of_group_statistics():
+    r = torch.tensor([[1.0, NAN, 0.0]])
+    adv = grpo.group_advantages(r, "group", eps=0.0)
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    assert torch.allclose(adv, torch.tensor([[0.5 / s, 0.0, -0.5 / s]]))
+    assert grpo.zero_variance_share(torch.tensor([[1.0, NAN, NAN]])) == 1.0
+
+
+def test_batch_and_no_scaling():
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    none = grpo.group_advantages(r, "none")
+    assert torch.allclose(none, torch.tensor([[0.5, -0.5], [0.0, 0.0]]))
+    batch = grpo.group_advantages(r, "batch", eps=0.0)
+    std = torch.tensor([1.0, 0.0, 1.0, 1.0]).std()
+    assert torch.allclose(batch, none / std)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo.group_advantages(r, "groups")
+
+
+def test_k3_kl_values():
+    logp = torch.tensor([math.log(0.5), math.log(0.2)])
+    ref = torch.tensor([math.log(0.5), math.log(0.4)])
+    kl = grpo.k3_kl(logp, ref)
+    assert kl[0].item() == pytest.approx(0.0)
+    assert kl[1].item() == pytest.approx(2.0 - math.log(2.0) - 1.0)
+
+
+def test_clipped_surrogate_clips_both_sides():
+    log_ratio = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    sur = grpo.clipped_surrogate(log_ratio, torch.tensor([1.0]), 0.2, 0.2)
+    # A > 0: ratio 1.5 clipped to 1.2; ratio 0.5 not clipped (min picks 0.5); 1.1 inside
+    assert torch.allclose(sur.loss, -torch.tensor([[1.2, 0.5, 1.1]]))
+    assert sur.high.tolist() == [[True, False, False]] and not sur.low.any()
+    assert sur.region.tolist() == [[True, False, False]]
+    neg = grpo.clipped_surrogate(log_ratio, torch.tensor([-1.0]), 0.2, 0.2)
+    # A < 0: min(-r, -clip(r)) -> 0.5 clipped to 0.8, 1.5 stays
+    assert torch.allclose(neg.loss, torch.tensor([[1.5, 0.8, 1.1]]))
+    assert neg.low.tolist() == [[False, True, False]] and not neg.high.any()
+
+
+def test_delta_caps_the_ratio_of_negative_advantages_only():
+    log_ratio = torch.log(torch.tensor([[3.0, 1.5, 0.5]]))
+    # A < 0: without delta the loss grows with the ratio (3.0); delta = 2 caps it there
+    neg = grpo.clipped_surrogate(log_ratio, torch.tensor([-2.0]), 0.2, 0.2, delta=2.0)
+    assert torch.allclose(neg.loss, torch.tensor([[4.0, 3.0, 1.6]]))
+    assert torch.allclose(grpo.clipped_surrogate(log_ratio, torch.tensor([-2.0]), 0.2, 0.2).loss,
+                          torch.tensor([[6.0, 3.0, 1.6]]))
+    # A > 0: the clip range binds first (1.2 < delta), so delta changes nothing
+    pos, plain = (grpo.clipped_surrogate(log_ratio, torch.tensor([1.0]), 0.2, 0.2, delta=d) for d in (2.0, None))
+    assert torch.equal(pos.loss, plain.loss)
+
+
+def test_sequence_ratio_is_exp_of_the_mean_token_log_ratio():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.4, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -3.4], [-0.5, -0.6, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    x = grpo.sequence_log_ratio(logp, old, mask)
+    means = [(0.2 - 0.1 + 0.4) / 3, (0.0 + 0.2) / 2]  # padding (row 2, token 3) left out
+    assert torch.allclose(torch.exp(x), torch.exp(torch.tensor(means)).unsqueeze(-1).expand(2, 3))
+    # stop-gradient form: d x_it / d logp_it' = 1 if t == t' (each token carries its own gradient)
+    x[0, 1].backward()
+    assert logp.grad.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert grpo.policy_loss("sequence").log_ratio is grpo.sequence_log_ratio
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo.policy_loss("tokens")
+
+
+def test_sequence_level_gradient_is_gspo():
+    """Per-sequence token means of the GSPO loss: d/dlogp_t = -exp(s) * A / |y| inside the clip range."""
+    logp = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
+    old = torch.tensor([[-1.05, -1.95, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = grpo.policy_loss("sequence")(logp, torch.tensor([2.0]), mask, old_logp=old)
+    loss = grpo.sequence_terms(out.loss, mask, "grpo").sum() / grpo.loss_normalizer(mask, "grpo", 3)
+    loss.backward()
+    s = math.exp((0.05 - 0.05) / 2)
+    assert torch.allclose(logp.grad, torch.tensor([[-s * 2.0 / 2, -s * 2.0 / 2, 0.0]]))
+
+
+def _toy_logp(theta: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A 'policy' whose logits are the parameter itself: (B, T, V) logits -> (B, T) log-probs of tokens."""
+    return torch.log_softmax(theta, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def test_one_iteration_with_stored_old_logps_equals_the_detached_ratio():
+    """num_iterations = 1: pi_old from a no-grad pass of the same weights gives today's gradient exactly."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, 4, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (3, 4))
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([1.5, -0.5, 0.7])
+    grads = []
+    for stored in (False, True):
+        with torch.no_grad():
+            old = _toy_logp(theta, tokens) if stored else None
+        theta.grad = None
+        out = grpo.policy_loss()(_toy_logp(theta, tokens), adv, mask, old_logp=old)
+        (grpo.sequence_terms(out.loss, mask, "grpo").sum() / 3).backward()
+        grads.append(theta.grad.clone())
+        assert not out.low.any() and not out.high.any()
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_second_iteration_clips():
+    """num_iterations = 2: the first pass moves the policy (ratio 1 -> 1.76 for A > 0), so the second
+    pass is clipped at 1 + eps and gives no gradient."""
+    theta = torch.zeros(1, 1, 2, requires_grad=True)  # p(token 0) = 0.5
+    tokens, mask, adv = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), torch.tensor([1.0])
+    loss_fn = grpo.policy_loss(epsilon=0.2)
+    with torch.no_grad():
+        old = _toy_logp(theta, tokens)
+    seen = []
+    for _ in range(2):
+        theta.grad = None
+        out = loss_fn(_toy_logp(theta, tokens), adv, mask, old_logp=old)
+        out.loss.sum().backward()
+        seen.append((out.loss.item(), out.high.item(), theta.grad.clone()))
+        with torch.no_grad():
+            theta -= 2.0 * theta.grad  # SGD, lr 2
+    (loss1, high1, grad1), (loss2, high2, grad2) = seen
+    # pass 1: ratio 1, d(-ratio)/dtheta = -(1 - p, -p) = (-0.5, 0.5)
+    assert loss1 == pytest.approx(-1.0) and not high1 and torch.allclose(grad1, torch.tensor([[[-0.5, 0.5]]]))
+    # pass 2: theta = (1, -1), p = sigmoid(2) = 0.881, ratio 1.76 > 1.2: clipped, flat
+    assert loss2 == pytest.approx(-1.2) and high2 and torch.equal(grad2, torch.zeros(1, 1, 2))
+
+
+def test_truncated_row_adds_nothing_to_the_loss():
+    eos = 9
+    ids = torch.tensor([[3, 9, 0], [4, 5, 6], [7, 8, 9], [1, 0, 0]])  # budget 3: row 1 ran out, row 2 ended on EOS
+    cmask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    truncated = grpo.truncated_rows(ids, cmask, eos)
+    assert truncated.tolist() == [False, True, False, True]  # row 3: one token, no EOS
+    assert not grpo.truncated_rows(ids[:, :0], cmask[:, :0], eos).any()  # empty rows
+    logp = torch.full((4, 3), -1.0, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    mask = cmask.float() * (~truncated).float().unsqueeze(-1)
+    out = grpo.policy_loss()(logp, adv, mask)
+    terms = grpo.sequence_terms(out.loss, mask, "grpo")
+    assert terms.tolist() == [-1.0, 0.0, -0.5, 0.0]
+    terms.sum().backward()
+    assert logp.grad[1].abs().sum() == 0 and logp.grad[3].abs().sum() == 0 and logp.grad[0].abs().sum() > 0
+
+
+def test_token_entropy():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    assert torch.allclose(grpo.token_entropy(logits), torch.tensor([[math.log(4), 0.0]]), atol=1e-6)
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 7) * 3
+    p = torch.softmax(logits, -1)
+    want = -(p * p.log()).sum(-1)
+    assert torch.allclose(grpo.token_entropy(logits, chunk_rows=2), want, atol=1e-5)
+    half = grpo.token_entropy(logits.bfloat16())
+    assert half.dtype == torch.float32 and torch.allclose(half, want, atol=5e-2)
+
+
+def test_top_entropy_mask_keeps_the_batch_quantile():
+    ent = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # 5.0 is padding: not in the quantile, not kept
+    # the 0.6-quantile of (0.1, 0.3, 0.5, 0.7, 0.9) is 0.58: the top 40% are 0.7 and 0.9
+    assert grpo.top_entropy_mask(ent, mask, 0.4).tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    assert torch.equal(grpo.top_entropy_mask(ent, mask, 1.0), mask)
+    # the mask multiplies the policy term; the KL term stays on every token
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    out = grpo.policy_loss(beta=0.5)(logp, torch.tensor([1.0, 1.0]), mask,
+                                     ref_logp=logp - 1.0, token_mask=grpo.top_entropy_mask(ent, mask, 0.4))
+    kl = math.exp(-1.0) + 1.0 - 1.0
+    assert torch.allclose(out.loss, torch.tensor([[0.5 * kl, 0.5 * kl, -1 + 0.5 * kl], [0.5 * kl, -1 + 0.5 * kl, 0.5 * kl]]))
+
+
+def test_length_stats():
+    stats = grpo.length_stats(torch.tensor([3, 8, 5, 8]), torch.tensor([False, True, False, True]))
+    assert stats == {"completion_length": 6.0, "completion_length_min": 3.0, "completion_length_max": 8.0,
+                     "terminated_length": 4.0, "clipped_ratio": 0.5}
+    assert grpo.length_stats(torch.tensor([8]), torch.tensor([True]))["terminated_length"] == 0.0
+
+
+def test_varied_groups():
+    r = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, NAN, NAN], [1.0, NAN, 0.0]])
+    assert grpo.varied_groups(r).tolist() == [False, True, False, True]
+
+
+def test_loss_aggregation_variants_on_masks():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    grpo_terms = grpo.sequence_terms(per_token, mask, "grpo")
+    assert grpo_terms.tolist() == [2.0, 4.0]
+    assert grpo_terms.sum() / grpo.loss_normalizer(mask, "grpo", 3) == pytest.approx(3.0)
+    dapo = grpo.sequence_terms(per_token, mask, "dapo").sum() / grpo.loss_normalizer(mask, "dapo", 3)
+    assert dapo.item() == pytest.approx(10.0 / 4.0)
+    dr = grpo.sequence_terms(per_token, mask, "dr_grpo").sum() / grpo.loss_normalizer(mask, "dr_grpo", 5)
+    assert dr.item() == pytest.approx(10.0 / 10.0)
+    assert set(grpo.AGGREGATIONS) == {"grpo", "dapo", "dr_grpo"}  # the schema's LossType
+
+
+def test_grpo_loss_gradient_is_policy_gradient():
+    # one update per rollout: ratio = 1, so dL/dlogp_t = -A / |o| for each valid token (grpo aggregation)
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss = grpo.grpo_loss(logp, adv, mask)
+    loss.backward()
+    expected = torch.tensor([[-2.0 / 2 / 2, -2.0 / 2 / 2], [1.0 / 1 / 2, 0.0]])
+    assert torch.allclose(logp.grad, expected)
+    assert loss.item() == pytest.approx(-(2.0 + -1.0) / 2)
+
+
+def test_kl_term_enters_loss_only_with_beta():
+    logp = torch.tensor([[-1.0]])
+    ref = torch.tensor([[-2.0]])
+    mask = torch.ones(1, 1)
+    adv = torch.zeros(1)
+    assert grpo.grpo_loss(logp, adv, mask, ref_logp=ref, beta=0.0).item() == pytest.approx(0.0)
+    kl = math.exp(-1.0) + 1.0 - 1.0
+    assert grpo.grpo_loss(logp, adv, mask, ref_logp=ref, beta=0.1).item() == pytest.approx(0.1 * kl)
+
+
+def test_selective_log_softmax_matches_full_and_half_precision():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11)
+    idx = torch.randint(0, 11, (2, 3))
+    full = torch.log_softmax(logits, -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(grpo.selective_log_softmax(logits, idx), full, atol=1e-6)
+    half = grpo.selective_log_softmax(logits.bfloat16(), idx)
+    assert half.dtype == torch.float32 and torch.allclose(half, full, atol=5e-2)
+
+
+def test_chunked_log_softmax_by_hand():
+    """Two tokens, vocabulary 3: logits [[1, 0, 0], [0, 2, 0]] at temperature 1, targets 0 and 2."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    got = grpo.chunked_selective_log_softmax(hidden, weight, torch.tensor([0, 2]), chunk_tokens=1)
+    want = [1 - math.log(math.e + 2), -math.log(2 + math.exp(2))]
+    assert torch.allclose(got, torch.tensor(want))
+    got.sum().backward()
+    # token 0: d/d logits = onehot(0) - softmax = [1 - e/(e+2), -1/(e+2), -1/(e+2)]; d logits / d hidden = weight
+    p0 = torch.tensor([math.e, 1.0, 1.0]) / (math.e + 2)
+    assert torch.allclose(hidden.grad[0], (torch.tensor([1.0, 0, 0]) - p0) @ weight.detach())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_softmax_equals_the_whole_logits_path(chunk, temperature):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 11, (2, 4), generator=g)
+    grad_out = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    got = grpo.chunked_selective_log_softmax(hidden, weight, index, temperature, chunk_tokens=chunk)
+    want = grpo.selective_log_softmax(hidden @ weight.T / temperature, index)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-12)
+    g_got = torch.autograd.grad(got, (hidden, weight), grad_out)
+    g_want = torch.autograd.grad(want, (hidden, weight), grad_out)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_got, g_want))
+
+
+def test_chunked_log_softmax_passes_gradcheck_and_skips_a_frozen_weight():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (5,), generator=g)
+
+    assert torch.autograd.gradcheck(lambda h, w: grpo._ChunkedLinearLogProb.apply(h, w, index, 1 / 0.7, 2, True)[0],
+                                    (hidden, weight))
+    frozen = weight.detach()
+    out = grpo.chunked_selective_log_softmax(hidden, frozen, index, chunk_tokens=2)
+    (gh,) = torch.autograd.grad(out.sum(), hidden)
+    want = grpo.selective_log_softmax(hidden @ frozen.T, index)
+    assert torch.allclose(gh, torch.autograd.grad(want.sum(), hidden)[0], atol=1e-6)
+
+
+def _qwen2(vocab: int, seed: int, dtype=torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).to(dtype)
+
+
+@pytest.mark.parametrize("vocab", [260, 32000])  # the tiny model's byte vocabulary, and a larger one
+def test_chunked_log_softmax_through_a_model_gives_its_log_probs_and_gradients(vocab):
+    """Hidden states of a random-init Qwen2 (tied embeddings: the lm_head gradient lands on the embedding),
+    through the chunked path and through lm_head + the whole logits: equal log-probs and parameter gradients."""
+    model = _qwen2(vocab, seed=0)
+    ids = torch.randint(0, vocab, (3, 20), generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(3, 19, generator=torch.Generator().manual_seed(1))  # stands in for advantages x mask
+    params = list(model.parameters())
+    results = []
+    for chunked in (True, False):
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # position t predicts token t + 1
+        if chunked:
+            logps = grpo.chunked_selective_log_softmax(hidden, model.lm_head.weight, ids[:, 1:], 0.7, chunk_tokens=8)
+        else:
+            logps = grpo.selective_log_softmax(model.lm_head(hidden) / 0.7, ids[:, 1:])
+        results.append((logps, torch.autograd.grad((logps * weights).sum(), params)))
+    (got, g_got), (want, g_want) = results
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_got, g_want))
+
+
+def test_chunked_log_softmax_never_keeps_the_whole_logits():
+    """What autograd keeps for backward: the whole (tokens x vocabulary) logits on the plain path, at
+    most the hidden states and the weight on the chunked one."""
+    model = _qwen2(32000, seed=0)
+    ids = torch.randint(0, 32000, (2, 65), generator=torch.Generator().manual_seed(0))
+    biggest = []
+
+    def keep(t):
+        biggest[-1] = max(biggest[-1], t.numel())
+        return t
+
+    for chunked in (True, False):
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].detach().requires_grad_()
+        biggest.append(0)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if chunked:
+                grpo.chunked_selective_log_softmax(hidden, model.lm_head.weight, ids[:, 1:], chunk_tokens=8)
+            else:
+                grpo.selective_log_softmax(model.lm_head(hidden), ids[:, 1:])
+    assert biggest == [32000 * 64, 2 * 64 * 32000]  # the weight (half the logits' size); the logits
+
+
+def test_chunked_log_softmax_in_bf16_is_the_plain_path_within_rounding():
+    model = _qwen2(32000, seed=0, dtype=torch.bfloat16)
+    ids = torch.randint(0, 32000, (2, 17), generator=torch.Generator().manual_seed(0))
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].detach().requires_grad_()
+    weight = model.lm_head.weight
+    got = grpo.chunked_selective_log_softmax(hidden, weight, ids[:, 1:], chunk_tokens=5)
+    want = grpo.selective_log_softmax(model.lm_head(hidden), ids[:, 1:])
+    assert got.dtype == want.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05  # |log-probs| ~ 10: one bf16 step of a logit is 0.0078-0.0625
+    g_got = torch.autograd.grad(got.sum(), (hidden, weight))
+    g_want = torch.autograd.grad(want.sum(), (hidden, weight))
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.bfloat16
+        assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), 0) > 0.999
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_entropy_equals_the_whole_logits_entropy(temperature):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64)
+    index = torch.randint(0, 9, (2, 5))
+    logps, ent = grpo.chunked_log_probs_and_entropy(hidden, weight, index, temperature, chunk_tokens=3)
+    logits = hidden.detach() @ weight.T / temperature
+    assert torch.allclose(ent.double(), grpo.token_entropy(logits).double(), atol=1e-5)
+    assert not ent.requires_grad
+    logps.sum().backward()
+    with_entropy = hidden.grad.clone()
+    hidden.grad = None
+    grpo.chunked_selective_log_softmax(hidden, weight, index, temperature, chunk_tokens=3).sum().backward()
+    assert torch.equal(hidden.grad, with_entropy)  # asking for the entropy changes no gradient
+    assert grpo.chunked_log_probs_and_entropy(hidden, weight, index, entropy=False)[1] is None

@@ -1,0 +1,367 @@
+"""Tests for ``mgrpo_cli.data.loaders``: malformed rows, skip mode, formats, and the four real data sets."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mgrpo_cli.config.schema import ArithConfig, DatasetConfig, FieldMap
+from mgrpo_cli.data.loaders import PROJECT_ROOT, DataError, Loaded, load_problems
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def file_cfg(path: Path, **overrides) -> DatasetConfig:
+    return DatasetConfig(**{"name": "toy", "kind": "file", "test_path": str(path), **overrides})
+
+
+GOOD = json.dumps({"question": "1+1?", "answer": "2"})
+
+
+# ---------------------------------------------------------------------------- malformed rows
+
+MALFORMED = [
+    ("{\"question\": ", "bad JSON (Expecting value at column 14)"),
+    ("[1, 2]", "not a JSON object (got list)"),
+    ("\"text\"", "not a JSON object (got str)"),
+    (json.dumps({"answer": "2"}), "missing field 'question'"),
+    (json.dumps({"question": None, "answer": "2"}), "missing field 'question'"),
+    (json.dumps({"question": "   ", "answer": "2"}), "blank field 'question'"),
+    (json.dumps({"question": "q"}), "missing field 'answer'"),
+    (json.dumps({"question": "q", "answer": " "}), "blank field 'answer'"),
+    (json.dumps({"question": "q", "answer": ["2"]}), "field 'answer' is a list, expected a string"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", MALFORMED)
+def test_malformed_row_error_names_file_and_line(tmp_path, bad, reason):
+    path = write_jsonl(tmp_path / "test.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError) as info:
+        load_problems(file_cfg(path), "test")
+    assert str(info.value) == f"{path}:3: {reason}"
+
+
+def test_malformed_row_is_a_value_error(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", ["nope"])
+    with pytest.raises(ValueError, match=r"test\.jsonl:1: bad JSON"):
+        load_problems(file_cfg(path), "test")
+
+
+@pytest.mark.parametrize("fmt,row,reason", [
+    ("gsm8k", {"question": "q", "answer": "it is 4"}, "field 'answer' has no '#### <answer>' line"),
+    ("gsm8k", {"question": "q", "answer": "it is 4\n####  "}, "field 'answer' has no '#### <answer>' line"),
+    ("boxed", {"problem": "q", "solution": "it is 4"},
+     "missing gold: no \\boxed{} answer in field 'solution'"),
+    ("boxed", {"problem": "q"}, "missing gold: no field 'solution'"),
+    ("list", {"problem": "q", "final_answer": "['2'"}, "field 'final_answer' is not a list literal: \"['2'\""),
+    ("list", {"problem": "q", "final_answer": "[]"}, "field 'final_answer' holds no answer: []"),
+    ("list", {"problem": "q"}, "missing field 'final_answer'"),
+])
+def test_malformed_gold_per_format(tmp_path, fmt, row, reason):
+    fields = {
+        "gsm8k": FieldMap(question="question", answer="answer"),
+        "boxed": FieldMap(question="problem", answer=None, solution="solution"),
+        "list": FieldMap(question="problem", answer="final_answer"),
+    }[fmt]
+    first = {"question": "q", "answer": "#### 1", "problem": "q", "solution": "\\boxed{1}",
+             "final_answer": ["1"]}
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(first), json.dumps(row)])
+    with pytest.raises(DataError) as info:
+        load_problems(file_cfg(path, fields=fields, answer_format=fmt), "test")
+    assert str(info.value) == f"{path}:2: {reason}"
+
+
+def test_skip_mode_counts_and_logs_each_row(tmp_path, caplog):
+    lines = [GOOD, "{oops", json.dumps({"answer": "3"}), GOOD, "[]", json.dumps({"question": "q", "answer": ""})]
+    path = write_jsonl(tmp_path / "test.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="mgrpo_cli.data.loaders"):
+        loaded = load_problems(file_cfg(path, on_bad_row="skip"), "test")
+    assert isinstance(loaded, Loaded)
+    assert loaded.skipped == 4
+    assert [p.id for p in loaded.problems] == ["toy-test-1", "toy-test-4"]
+    assert loaded.source == str(path)
+    text = caplog.text
+    for line, reason in [(2, "bad JSON"), (3, "missing field 'question'"), (5, "not a JSON object"),
+                         (6, "blank field 'answer'")]:
+        assert f"{path}:{line}: {reason}" in text
+    assert "skipped 4 of 6 rows" in text
+
+
+def test_blank_lines_are_ignored_but_keep_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [GOOD, "", "  ", "{bad"])
+    with pytest.raises(DataError, match=r"test\.jsonl:4: bad JSON"):
+        load_problems(file_cfg(path), "test")
+
+
+def test_empty_file(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [])
+    with pytest.raises(DataError, match=r"test\.jsonl: no rows"):
+        load_problems(file_cfg(path), "test")
+
+
+def test_all_rows_skipped(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", ["{", "["])
+    with pytest.raises(DataError, match="no usable rows, all 2 skipped"):
+        load_problems(file_cfg(path, on_bad_row="skip"), "test")
+
+
+# -------------------------------------------------------------------------- config and paths
+
+
+def test_missing_file_names_key_and_path(tmp_path):
+    cfg = file_cfg(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"dataset\.test_path: file not found: '.*nope\.jsonl'"):
+        load_problems(cfg, "test")
+
+
+def test_unset_split_path():
+    cfg = DatasetConfig(name="math500", kind="file", test_path="x.jsonl")
+    with pytest.raises(DataError, match=r"^dataset\.train_path is not set for math500$"):
+        load_problems(cfg, "train")
+
+
+def test_relative_path_from_cwd_then_project_root(tmp_path, monkeypatch):
+    (tmp_path / "sets").mkdir()
+    write_jsonl(tmp_path / "sets" / "t.jsonl", [GOOD])
+    monkeypatch.chdir(tmp_path)
+    assert len(load_problems(file_cfg(Path("sets/t.jsonl")), "test").problems) == 1
+    # not under cwd: looked up under the project root (conf/ lives there)
+    with pytest.raises(DataError, match=str(PROJECT_ROOT / "other" / "t.jsonl")):
+        load_problems(file_cfg(Path("other/t.jsonl")), "test")
+
+
+def test_bad_split_and_limit(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [GOOD])
+    with pytest.raises(DataError, match="got 'valid'"):
+        load_problems(file_cfg(path), "valid")
+    with pytest.raises(DataError, match="limit must be >= 0, got -1"):
+        load_problems(file_cfg(path), "test", limit=-1)
+
+
+def test_unknown_suffix(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("question,answer\n")
+    with pytest.raises(DataError, match=r"unknown file type '\.csv'"):
+        load_problems(file_cfg(path), "test")
+
+
+def test_hub_without_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    cfg = DatasetConfig(name="gsm8k", kind="hub", hub_name="openai/gsm8k", hub_config="main")
+    with pytest.raises(DataError, match="needs the 'datasets' package, which is not installed"):
+        load_problems(cfg, "test")
+
+
+def test_hub_name_unset():
+    with pytest.raises(DataError, match="dataset.hub_name is not set for x"):
+        load_problems(DatasetConfig(name="x", kind="hub"), "test")
+
+
+# ------------------------------------------------------------------------ mapping and formats
+
+
+def test_field_mapping_meta_and_ids(tmp_path):
+    rows = [
+        {"problem": "p1", "ans": 7, "sol": "s", "topic": "Algebra", "lvl": "Level 3", "uid": "a/1"},
+        {"problem": "p2", "ans": " x ", "lvl": 5},
+        {"problem": "p3", "ans": "y", "lvl": "Level ?", "topic": None},
+    ]
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
+    fields = FieldMap(question="problem", answer="ans", solution="sol", subject="topic", level="lvl", id="uid")
+    cfg = OmegaConf.structured(file_cfg(path, fields=fields))  # an OmegaConf node works as well
+    p1, p2, p3 = load_problems(cfg, "test").problems
+    assert (p1.id, p1.question, p1.answer, p1.solution) == ("a/1", "p1", "7", "s")
+    assert p1.meta == {"subject": "Algebra", "level": 3, "id": "a/1"}
+    assert (p2.id, p2.answer, p2.solution, p2.meta) == ("toy-test-2", "x", None, {"level": 5})
+    assert p3.meta == {"level": "Level ?"}
+    assert (p1.extra, p2.extra) == ({}, {})
+
+
+def test_unmapped_fields_are_kept_as_extra(tmp_path):
+    """Own reward functions get a row's other fields (``Problem.extra``) as read."""
+    rows = [{"problem": "p1", "ans": 7, "hint": "add", "tags": ["a", "b"], "weight": 0.5}]
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
+    (p,) = load_problems(file_cfg(path, fields=FieldMap(question="problem", answer="ans")), "test").problems
+    assert p.extra == {"hint": "add", "tags": ["a", "b"], "weight": 0.5}
+
+
+@pytest.mark.parametrize("value,gold", [
+    ("['2']", "2"),
+    ("['$x=3$', '$y=4$']", "x=3, y=4"),
+    (["$\\frac{1}{2}$"], "\\frac{1}{2}"),
+    (["$69$,$84$"], "69, 84"),
+    ("$5$", "5"),
+    ("('a', 'b')", "a, b"),
+    ("['\\\\$5']", "\\$5"),
+])
+def test_list_gold(tmp_path, value, gold):
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "final_answer": value})])
+    cfg = file_cfg(path, fields=FieldMap(answer="final_answer"), answer_format="list")
+    assert load_problems(cfg, "test").problems[0].answer == gold
+
+
+def test_list_gold_length_cap(tmp_path):
+    value = "['" + "9" * 5000 + "']"
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "final_answer": value})])
+    cfg = file_cfg(path, fields=FieldMap(answer="final_answer"), answer_format="list")
+    with pytest.raises(DataError, match="is 5004 characters, over 4000"):
+        load_problems(cfg, "test")
+
+
+def test_boxed_prefers_answer_field(tmp_path):
+    rows = [{"problem": "q", "answer": "5", "solution": "\\boxed{6}"},
+            {"problem": "q", "solution": "so \\boxed{\\frac{1}{2}} and \\boxed{x^{2}}"}]
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
+    cfg = file_cfg(path, fields=FieldMap(question="problem", answer="answer", solution="solution"),
+                   answer_format="boxed")
+    assert [p.answer for p in load_problems(cfg, "test").problems] == ["5", "x^{2}"]
+
+
+def test_gsm8k_gold_strips_commas(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "answer": "5*2=10\n#### 1,250"})])
+    cfg = file_cfg(path, answer_format="gsm8k")
+    assert load_problems(cfg, "test").problems[0].answer == "1250"
+
+
+def test_limit_and_seeded_sample(tmp_path):
+    lines = [json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(20)]
+    path = write_jsonl(tmp_path / "test.jsonl", lines)
+    cfg = file_cfg(path)
+    assert [p.answer for p in load_problems(cfg, "test", limit=3).problems] == ["0", "1", "2"]
+    a = [p.answer for p in load_problems(cfg, "test", limit=5, seed=1).problems]
+    b = [p.answer for p in load_problems(cfg, "test", limit=5, seed=1).problems]
+    c = [p.answer for p in load_problems(cfg, "test", limit=5, seed=2).problems]
+    assert a == b and a != c and len(a) == 5
+    assert a == sorted(a, key=int)  # the sample keeps file order
+    assert len(load_problems(cfg, "test", limit=50).problems) == 20
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": "p1", "final_answer": ["$3$"], "level": "Level 2", "idx": 10},
+            {"problem": "p2", "final_answer": ["a", "b"], "level": "Level 4", "idx": 11}]
+    path = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = file_cfg(path, fields=FieldMap(question="problem", answer="final_answer", level="level", id="idx"),
+                   answer_format="list")
+    loaded = load_problems(cfg, "test")
+    assert [(p.id, p.question, p.answer, p.meta) for p in loaded.problems] == [
+        ("10", "p1", "3", {"level": 2, "id": 10}),
+        ("11", "p2", "a, b", {"level": 4, "id": 11}),
+    ]
+
+
+def test_parquet_missing_question_names_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "1"}, {"question": None, "answer": "2"}]), path)
+    with pytest.raises(DataError, match=r"test\.parquet:2: missing field 'question'$"):
+        load_problems(file_cfg(path), "test")
+
+
+# ------------------------------------------------------------------------------------- arith
+
+
+def test_arith_splits():
+    cfg = DatasetConfig(arith=ArithConfig(n_test=30, n_valid=10))
+    test, valid = load_problems(cfg, "test"), load_problems(cfg, "valid")
+    assert (len(test.problems), len(valid.problems), test.source) == (30, 10, "arith:test")
+    assert not {p.question for p in test.problems} & {p.question for p in valid.problems}
+    train = load_problems(cfg, "train", limit=50)
+    assert len(train.problems) == 50 and train.skipped == 0
+    held_out = {p.question for p in test.problems + valid.problems}
+    assert not held_out & {p.question for p in train.problems}
+    # a seed moves the training stream, never the held-out sets
+    assert load_problems(cfg, "train", limit=5, seed=3).problems != train.problems[:5]
+    assert load_problems(OmegaConf.structured(cfg), "test").problems == test.problems
+
+
+def test_arith_bad_split():
+    with pytest.raises(DataError, match="got 'dev'"):
+        load_problems(DatasetConfig(), "dev")
+
+
+# --------------------------------------------------------------------------- real data sets
+
+
+def compose_dataset(name: str):
+    from hydra import compose, initialize_config_dir
+
+    from mgrpo_cli.config.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(overrides=[f"+dataset={name}"]).dataset
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "math", "minerva", "olympiadbench"])
+def test_dataset_configs_compose(name):
+    cfg = compose_dataset(name)
+    assert cfg.name == name and cfg.kind == "file"
+
+
+def test_math_config_has_no_paths():
+    cfg = compose_dataset("math")
+    with pytest.raises(DataError, match="^dataset.test_path is not set for math$"):
+        load_problems(cfg, "test")
+
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
+
+
+@needs_data
+@pytest.mark.parametrize("name,n,first", [
+    ("gsm8k", 1319, dict(answer="18", id="gsm8k-test-1", meta={})),
+    ("math500", 500, dict(answer="\\left( 3, \\frac{\\pi}{2} \\right)", id="test/precalculus/807.json",
+                          meta={"subject": "Precalculus", "level": 2, "id": "test/precalculus/807.json"})),
+    ("minerva", 272, dict(answer="1.6", id="0",
+                          meta={"subject": "Introduction to Astronomy (8.282J Spring 2006)", "id": 0})),
+    ("olympiadbench", 675, dict(answer="2", id="1606", meta={"subject": "Combinatorics", "id": 1606})),
+])
+def test_real_test_sets(name, n, first, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative ../shared/data paths resolve from the project root
+    loaded = load_problems(compose_dataset(name), "test")
+    assert (len(loaded.problems), loaded.skipped) == (n, 0)
+    p = loaded.problems[0]
+    assert (p.answer, p.id, p.meta) == (first["answer"], first["id"], first["meta"])
+    assert p.question.strip() and p.solution
+    assert len({q.id for q in loaded.problems}) == n
+    assert all(q.answer.strip() for q in loaded.problems)
+
+
+@needs_data
+def test_real_gsm8k_train_and_details():
+    gsm = load_problems(compose_dataset("gsm8k"), "train")
+    assert len(gsm.problems) == 7473
+    assert all(p.answer.lstrip("-").isdigit() for p in gsm.problems)  # commas stripped, integers
+    assert "####" in gsm.problems[0].solution
+    with pytest.raises(DataError, match="^dataset.train_path is not set for minerva$"):
+        load_problems(compose_dataset("minerva"), "train")
+
+
+@needs_data
+def test_real_olympiadbench_multiple_answers():
+    ob = {p.id: p for p in load_problems(compose_dataset("olympiadbench"), "test").problems}
+    assert ob["1664"].answer == "69, 84"  # stored as ['$69$,$84$']
+    assert ob["1606"].solution.startswith("Sergey can determine")
+    assert not any("$" in p.answer for p in ob.values())
+
+
+@needs_data
+def test_real_math500_levels():
+    levels = {p.meta["level"] for p in load_problems(compose_dataset("math500"), "test").problems}
+    assert levels == {1, 2, 3, 4, 5}

@@ -1,0 +1,239 @@
+"""`mgrpo report` on synthetic runs whose per-problem results are known, checked by hand."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_cli
+
+from mgrpo_cli.reporting.heldout import ProblemResult, read_rows, step_file, write_rows
+from mgrpo_cli.reporting.report import ReportError, make_report
+
+T_975_2 = 4.302653  # Student-t 97.5% quantile, 2 degrees of freedom (three seeds)
+T_975_19 = 2.093024  # 19 degrees of freedom (twenty problems)
+P = 20
+IDS = [f"p{i}" for i in range(P)]
+
+
+def _rows(n_t1: int, n_t2: int) -> list[ProblemResult]:
+    """The first n_t1 problems right at t1, the first n_t2 right at t2."""
+    return [ProblemResult(pid, i < n_t1, i < n_t2, str(i), str(i)) for i, pid in enumerate(IDS)]
+
+
+def _train_run(folder, layer: str, seed: int, end: tuple[int, int], extra: dict | None = None,
+               overrides: list[str] | None = None, finished: bool = True):
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"task_name": "train", "seed": seed, "layer": {"name": layer, "depth": 2 if layer == "mgrpo" else 1},
+              "dataset": {"name": "arith"}, "eval": {"split": "test", "limit": None},
+              "logger": {"enabled": False}, "trainer": {"threads": 1}}
+    for k, v in (extra or {}).items():
+        node = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    overrides = overrides if overrides is not None else [f"layer={layer}", f"seed={seed}", "trainer.threads=1"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    write_rows(step_file(folder, 0), _rows(6, 8))
+    write_rows(step_file(folder, 5), _rows(6, 6))
+    if finished:
+        write_rows(step_file(folder, 10), _rows(*end))
+        (folder / "result.json").write_text("{}")
+
+
+# end (t1 right, t2 right) of 20 problems per seed: GRPO Acc@t2 = 50/60/70%, MGRPO 70/80/90%
+GRPO_END = {0: (8, 10), 1: (8, 12), 2: (8, 14)}
+MGRPO_END = {0: (10, 14), 1: (10, 16), 2: (12, 18)}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    job = 0
+    for layer, ends in (("grpo", GRPO_END), ("mgrpo", MGRPO_END)):
+        for seed, end in ends.items():
+            _train_run(root / str(job), layer, seed, end)
+            job += 1
+    return root
+
+
+def _brute_crossed_bootstrap(d: np.ndarray, n: int = 20_000) -> tuple[float, float]:
+    rng = np.random.default_rng(123)
+    s = rng.integers(0, d.shape[0], (n, d.shape[0]))
+    p = rng.integers(0, d.shape[1], (n, d.shape[1]))
+    stats = d[s[:, :, None], p[:, None, :]].mean(axis=(1, 2))
+    return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
+def test_rows_round_trip_and_eval_rows_are_read(tmp_path):
+    rows = _rows(3, 5)
+    assert read_rows(write_rows(tmp_path / "a.jsonl", rows)) == rows
+    (tmp_path / "problems.jsonl").write_text(json.dumps(
+        {"id": 7, "gold": "3", "completions": ["x"], "answers": ["3"], "correct": [True], "t2_correct": False,
+         "t2_answer": "4"}) + "\n")
+    assert read_rows(tmp_path / "problems.jsonl") == [ProblemResult("7", True, False, "3", "4")]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "t1": true}\n{"id": 1, "t1": false}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: problem id '1' appears twice"):
+        read_rows(tmp_path / "bad.jsonl")
+
+
+def test_report_numbers_match_a_hand_computation(sweep, tmp_path):
+    rep = make_report([str(sweep)], out=tmp_path / "out", log_mlflow=False, n_resamples=4000)
+    an = rep.analysis
+    assert an.grouping.keys == ["layer"] and [g.label for g in an.grouping.groups] == ["grpo", "mgrpo"]
+    assert [g.seeds for g in an.grouping.groups] == [[0, 1, 2], [0, 1, 2]]
+    assert an.steps == (0, 10) and len(an.ids) == P
+    # GRPO Acc@t2 at the end: 0.5, 0.6, 0.7 -> 0.6 ± t(2) * 0.1 / sqrt(3)
+    g = an.end["grpo"]["acc_t2"]
+    half = T_975_2 * 0.1 / math.sqrt(3)
+    assert g.mean == pytest.approx(0.6) and g.low == pytest.approx(0.6 - half, abs=1e-6)
+    assert g.high == pytest.approx(0.6 + half, abs=1e-6) and g.n == 3
+    # MGRPO Acc@t1 at the end: 0.5, 0.5, 0.6 -> mean 16/30, s = 0.0577
+    m = an.end["mgrpo"]["acc_t1"]
+    half = T_975_2 * np.std([0.5, 0.5, 0.6], ddof=1) / math.sqrt(3)
+    assert m.mean == pytest.approx(16 / 30) and m.high - m.mean == pytest.approx(half, abs=1e-6)
+    # GRPO wrong->right: (2, 4, 6) of 20; right->wrong never; the start is the same for all
+    assert an.end["grpo"]["delta_i2c"].mean == pytest.approx(0.2)
+    assert an.end["grpo"]["delta_c2i"].mean == 0.0
+    assert an.start["mgrpo"]["acc_t2"].mean == pytest.approx(0.4)
+    assert an.transitions["mgrpo"]["wr"].mean == pytest.approx((4 + 6 + 6) / 60)
+    # paired difference MGRPO - GRPO in Acc@t2: +4 problems of 20 in every seed -> +0.2
+    diff = next(c for c in an.comparisons if c.metric == "acc_t2")
+    d = np.zeros((3, P))
+    for s in range(3):
+        d[s, GRPO_END[s][1]:MGRPO_END[s][1]] = 1.0
+    assert diff.diff.mean == pytest.approx(d.mean()) == pytest.approx(0.2)
+    low, high = _brute_crossed_bootstrap(d)
+    assert diff.diff.low == pytest.approx(low, abs=0.02) and diff.diff.high == pytest.approx(high, abs=0.02)
+    assert diff.verdict == "better (interval excludes 0)" and diff.diff.low > 0
+    line = diff.line()
+    assert line.startswith("mgrpo Acc@t2 − grpo Acc@t2 = +20.0 [")
+    assert line.endswith(" points (3 seeds × 20 problems): better (interval excludes 0)")
+    # Acc@t1 difference: +2, +2, +4 problems of 20 -> +4/30; Δc→i: none on either side -> 0, no difference
+    assert next(c for c in an.comparisons if c.metric == "acc_t1").diff.mean == pytest.approx(4 / 30)
+    c2i = next(c for c in an.comparisons if c.metric == "delta_c2i")
+    assert c2i.diff.mean == 0 and c2i.verdict.startswith("no detectable difference")
+    # GRPO's change over training in Acc@t2: end 0.5/0.6/0.7 against 0.4 at the start -> +0.2
+    change = next(c for c in an.changes if c.a == "grpo" and c.metric == "acc_t2")
+    d = np.zeros((3, P))
+    for s in range(3):
+        d[s, 8:GRPO_END[s][1]] = 1.0
+    low, high = _brute_crossed_bootstrap(d)
+    assert change.diff.mean == pytest.approx(0.2)
+    assert change.diff.low == pytest.approx(low, abs=0.02) and change.diff.high == pytest.approx(high, abs=0.02)
+    assert change.verdict == ("grew (interval excludes 0)" if change.diff.low > 0 else
+                              "no detectable change (interval includes 0)")
+
+    out = tmp_path / "out"
+    md = (out / "report.md").read_text()
+    assert line in md and "## Paired differences" in md and "60.0 ± 24.8" in md
+    assert "(n = 3 seeds: 0, 1, 2)" in md and "`trainer.threads`" not in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page  # held-out curves + transitions
+    assert (out / "heldout.png").stat().st_size > 0 and (out / "transitions.png").stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["groups"]["grpo"]["end"]["acc_t2"]["mean"] == pytest.approx(0.6)
+
+
+def test_unfinished_runs_are_listed_and_left_out(sweep, tmp_path):
+    _train_run(sweep / "6", "grpo", 3, (0, 0), finished=False)
+    (sweep / "7" / ".hydra").mkdir(parents=True)
+    (sweep / "7" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": "train", "seed": 4}))
+    (sweep / "7" / "status.json").write_text(json.dumps({"status": "FAILED", "error": "CUDA out of memory",
+                                                         "mlflow_run_id": None}))
+    rep = make_report([str(sweep)], out=tmp_path / "o", log_mlflow=False, n_resamples=500)
+    assert [g.seeds for g in rep.analysis.grouping.groups] == [[0, 1, 2], [0, 1, 2]]
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "`multirun/6`: not finished (no status.json, no result.json)" in md
+    assert "`multirun/7`: FAILED: CUDA out of memory" in md
+
+
+def test_eval_runs_get_intervals_over_problems(tmp_path):
+    root = tmp_path / "evals"
+    for job, (model, n_right) in enumerate((("/runs/A/export", 12), ("/runs/B/export", 16))):
+        folder = root / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"task_name": "eval", "seed": 0, "rescore": None, "model": {"name": "tiny", "path": model},
+             "dataset": {"name": "gsm8k"}, "eval": {"split": "test"}, "logger": {"enabled": False}}))
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"model.path={model}"]))
+        (folder / "summary.json").write_text("{}")
+        (folder / "problems.jsonl").write_text("".join(
+            json.dumps({"id": pid, "correct": [i < n_right], "t2_correct": i < n_right + 1, "answers": ["1"]}) + "\n"
+            for i, pid in enumerate(IDS)))
+    rep = make_report([str(root)], out=tmp_path / "o", log_mlflow=False, n_resamples=2000)
+    an = rep.analysis
+    assert [g.label for g in an.grouping.groups] == ["A/export", "B/export"]  # paths cut to what tells them apart
+    a = an.end["A/export"]["acc_t1"]  # one run: t-interval over its 20 problems, 12 right
+    half = T_975_19 * math.sqrt(0.6 * 0.4 * 20 / 19) / math.sqrt(20)
+    assert a.mean == pytest.approx(0.6) and a.n == P and a.high - a.mean == pytest.approx(half, abs=1e-6)
+    diff = next(c for c in an.comparisons if c.metric == "acc_t1")
+    assert diff.diff.mean == pytest.approx(0.2) and diff.n_seeds == 1 and not an.changes
+    assert diff.line().startswith("B/export Acc@t1 − A/export Acc@t1 = +20.0 [")
+
+
+def test_groups_differing_in_two_keys_are_not_comparable(tmp_path):
+    root = tmp_path / "m"
+    _train_run(root / "0", "grpo", 0, (4, 5), extra={"grpo.lr": 0.1}, overrides=["layer=grpo", "grpo.lr=0.1"])
+    _train_run(root / "1", "mgrpo", 0, (4, 5), extra={"grpo.lr": 0.2}, overrides=["layer=mgrpo", "grpo.lr=0.2"])
+    with pytest.raises(ReportError, match="share no comparable key"):
+        make_report([str(root)], out=tmp_path / "o", log_mlflow=False)
+
+
+def test_cli_errors_are_one_line(tmp_path, sweep):
+    unfinished = tmp_path / "unfinished"
+    _train_run(unfinished / "0", "grpo", 0, (0, 0), finished=False)
+    _train_run(unfinished / "1", "mgrpo", 0, (0, 0), finished=False)
+    other_data = tmp_path / "datasets"
+    _train_run(other_data / "0", "grpo", 0, (4, 5), extra={"dataset.name": "gsm8k"},
+               overrides=["layer=grpo", "dataset=gsm8k"])
+    _train_run(other_data / "1", "grpo", 0, (4, 5), overrides=["layer=grpo", "dataset=arith"])
+    cases = [((str(unfinished),), "no finished runs with per-problem results"),
+             ((str(other_data),), "runs evaluate different problem sets (dataset = arith, gsm8k)"),
+             ((str(tmp_path / "empty-nope"), "--tracking-uri", f"sqlite:///{tmp_path}/none.db"), "no MLflow store"),
+             ((str(sweep / "0" / "result.json"),), "not a folder")]
+    for args, needle in cases:
+        res = run_cli("report", *args, "--no-mlflow", timeout=120)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_report_from_an_mlflow_experiment_logs_to_the_sweeps_parent_run(tmp_path):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("study", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(exp, tags={"mgrpo.kind": "sweep"}).info.run_id
+    for layer, ends in (("grpo", GRPO_END), ("mgrpo", MGRPO_END)):
+        for seed in (0, 1):
+            run = client.create_run(exp, tags={"mlflow.parentRunId": parent,
+                                               "overrides": f"layer={layer} seed={seed}"}).info.run_id
+            for k, v in {"task_name": "train", "seed": seed, "layer.name": layer, "dataset.name": "arith",
+                         "eval.split": "test", "eval.limit": None}.items():
+                client.log_param(run, k, v)
+            depths = (1, 2) if layer == "mgrpo" else (1,)
+            client.log_batch(run, metrics=[Metric(f"train/layer{d}/{m}", 0.1 * d + 0.01 * step + 0.05 * seed, 0, step)
+                                           for d in depths for m in ("reward_mean", "kl") for step in range(1, 11)])
+            folder = tmp_path / "files" / run
+            for step, rows in ((0, _rows(6, 8)), (10, _rows(*ends[seed]))):
+                client.log_artifact(run, str(write_rows(step_file(folder, step), rows)), "heldout")
+            client.set_terminated(run)
+    failed = client.create_run(exp).info.run_id
+    client.set_terminated(failed, "FAILED")
+
+    rep = make_report(["study"], out=tmp_path / "out", tracking_uri=uri, n_resamples=500)
+    an = rep.analysis
+    assert [(g.label, g.seeds) for g in an.grouping.groups] == [("grpo", [0, 1]), ("mgrpo", [0, 1])]
+    assert an.end["grpo"]["acc_t2"].mean == pytest.approx(0.55)
+    half = 12.706205 * (0.1 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * s / sqrt(n), s of (0.5, 0.6)
+    assert an.end["grpo"]["acc_t2"].high == pytest.approx(0.55 + half, abs=1e-5)
+    assert (tmp_path / "out" / "training.png").stat().st_size > 0
+    assert f"`{failed}`: FAILED" in (tmp_path / "out" / "report.md").read_text()
+    assert rep.mlflow.endswith(f"parent run {parent}, artifacts report/")
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/report.html", "report/training.png"} <= logged
