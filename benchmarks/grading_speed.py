@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from mgrpo_cli.grading.rewards import Grader, extract_gold_gsm8k
+from mgrpo_cli.grading.extract import extract_gold_gsm8k
+from mgrpo_cli.grading.grader import Grader
 
 NUMERIC_TARGET_PER_S = 5_000
 ORACLE_TARGET_S = 10.0

@@ -26,7 +26,7 @@ examples:
   mgrpo report outputs/train/multiruns/<sweep>  # report.md/.html: groups, 95% intervals, verdicts
 """
 
-COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.reporting.report"}
+COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.cli.report"}
 # Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
 # mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
 # command travels to them in this variable (they also get LOCAL_RANK).

@@ -32,7 +32,7 @@ class RescoreError(UserError):
 
 def grade_records(records: list[dict], grader) -> list[dict]:
     """(Re-)grade every record's completions and t2 completion against its gold, in place."""
-    from mgrpo_cli.grading.rewards import extract_answer
+    from mgrpo_cli.grading.extract import extract_answer
 
     flat = [(i, c) for i, r in enumerate(records) for c in r["completions"]]
     verdicts = grader.correct([c for _, c in flat], [records[i]["gold"] for i, _ in flat])
@@ -100,7 +100,7 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def write_outputs(out: Path, name: str, records: list[dict], summary: dict) -> list[Path]:
-    from mgrpo_cli.reporting.plots import plot_breakdown, plot_transitions
+    from mgrpo_cli.reporting.figures import plot_breakdown, plot_transitions
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "problems.jsonl").open("w", encoding="utf-8") as f:

@@ -42,7 +42,8 @@ def _global_rank() -> int:
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train per ``cfg``; returns the start and end held-out metrics. Stopped by a signal, it exits
     (``SystemExit``) with ``lifecycle.EXIT_PREEMPTED`` or ``EXIT_INTERRUPTED`` after recording KILLED."""
-    from mgrpo_cli.training import lifecycle  # (imports Lightning: not at module level, so command-line errors are fast)
+    # lifecycle imports Lightning: not at module level, so command-line errors are fast
+    from mgrpo_cli.training import lifecycle
 
     out = build.run_dir(cfg)
     zero = _global_rank() == 0

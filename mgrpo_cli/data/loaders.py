@@ -4,7 +4,7 @@
 gold answer by ``cfg.answer_format``:
 
 - ``answer``: the answer field as is (stripped);
-- ``gsm8k``: the text after ``####`` of the answer field, commas removed (``rewards.extract_gold_gsm8k``);
+- ``gsm8k``: the text after ``####`` of the answer field, commas removed (``grading.extract.extract_gold_gsm8k``);
 - ``boxed``: the answer field when mapped and present, else the last ``\\boxed{}`` of the solution;
 - ``list``: a list, or a Python-style list in a string, such as OlympiadBench's ``final_answer``
   (``['$x=3$', '$y=4$']``; read with ``ast.literal_eval``, never ``eval``): ``$`` delimiters removed,
@@ -295,7 +295,7 @@ def _scalar(row: dict, key: str) -> str:
 
 
 def _gsm8k_gold(row: dict, key: str) -> str:
-    from mgrpo_cli.grading.rewards import extract_gold_gsm8k
+    from mgrpo_cli.grading.extract import extract_gold_gsm8k
 
     try:
         return extract_gold_gsm8k(_scalar(row, key))
@@ -304,7 +304,7 @@ def _gsm8k_gold(row: dict, key: str) -> str:
 
 
 def _boxed_gold(row: dict, fields: _Fields, solution: Optional[str]) -> str:
-    from mgrpo_cli.grading.rewards import last_boxed
+    from mgrpo_cli.grading.extract import last_boxed
 
     if fields.answer:
         value = row.get(fields.answer)

@@ -4,9 +4,7 @@ A ``reward.terms`` entry may name ``package.module:function`` instead of a built
 imported when the reward is built (the working directory is importable, as for ``python -m``) and
 called like TRL's ``reward_funcs``: ``f(completions, golds, **row_fields) -> list[float | None]``.
 A bad path, a function that raises, or a result that is not one finite number (or None) per
-completion is a ``RewardTermError``: a one-line ``UserError`` naming the term. Kept apart from
-``rewards`` so that the grader's worker process, which loads ``rewards`` by path, imports nothing of
-the package.
+completion is a ``RewardTermError``: a one-line ``UserError`` naming the term.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ from mgrpo_cli.algo.solve import SolveSpec, solve
 from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.data.models import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.data.problems import Problem
-from mgrpo_cli.grading.rewards import extract_answer
+from mgrpo_cli.grading.extract import extract_answer
 from mgrpo_cli.reporting import heldout
 from mgrpo_cli.reporting.metrics import self_correction
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine

@@ -20,7 +20,7 @@ def _rescore(tmp_path, dataset, rows):
 
 def test_rescoring_reference_solutions_gsm8k_is_100_percent(tmp_path):
     path = requires_data("gsm8k", "test.jsonl")
-    from mgrpo_cli.grading.rewards import extract_gold_gsm8k
+    from mgrpo_cli.grading.extract import extract_gold_gsm8k
 
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):

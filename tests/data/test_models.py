@@ -25,7 +25,8 @@ from mgrpo_cli.data.models import (
     load_policy,
     reference_policy,
 )
-from mgrpo_cli.grading.rewards import Grader, Scored
+from mgrpo_cli.grading.grader import Grader
+from mgrpo_cli.grading.rewards import Scored
 from mgrpo_cli.rollout.engine import HFEngine
 
 # config.json of each hub model, the numbers that fix its architecture

@@ -1,4 +1,4 @@
-"""Answer extraction, grading, time limits, injection safety and rewards (mgrpo_cli/rewards.py)."""
+"""Answer extraction, grading, time limits, injection safety and rewards (mgrpo_cli/grading: extract, grader, worker, rewards)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,11 @@ from omegaconf import OmegaConf
 
 from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.config.schema import RewardConfig
-from mgrpo_cli.grading import rewards
-from mgrpo_cli.grading.rewards import (
-    Grader,
-    RewardFunction,
-    accuracy_reward,
-    build_reward,
-    extract_answer,
-    extract_gold_gsm8k,
-    format_reward,
-    is_correct,
-    last_boxed,
-)
+from mgrpo_cli.grading.extract import extract_answer, extract_gold_gsm8k, last_boxed
+from mgrpo_cli.grading.grader import Grader, is_correct
+from mgrpo_cli.grading.rewards import RewardFunction, accuracy_reward, build_reward, format_reward
 from mgrpo_cli.grading.terms import RewardTermError
+from mgrpo_cli.grading.worker import Worker
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = next((p for p in (REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data") if p.is_dir()), None)
@@ -174,7 +166,7 @@ def test_injection_executes_nothing(payload, fallback, grader, fallback_grader, 
 
 def test_parent_imports_neither_torch_nor_math_verify():
     code = (
-        "import sys; from mgrpo_cli.grading.rewards import Grader;"
+        "import sys; from mgrpo_cli.grading.grader import Grader;"
         "g = Grader(); assert g.correct(['\\\\boxed{1,000}'], ['1000']) == [True];"
         "assert not {'torch', 'math_verify', 'sympy'} & set(sys.modules), sorted(sys.modules)"
     )
@@ -239,7 +231,7 @@ def test_hostile_inputs_are_wrong_within_the_limit():
 
 
 def test_hard_limit_kills_a_stuck_worker_off_the_main_thread(monkeypatch):
-    monkeypatch.setattr(rewards._Worker, "soft_fraction", 1000.0)  # the worker's own timer never fires
+    monkeypatch.setattr(Worker, "soft_fraction", 1000.0)  # the worker's own timer never fires
     limit, out = 1.0, {}
 
     def grade(g: Grader) -> None:
@@ -278,7 +270,7 @@ class _KillOnSend:
 
 def _kill_on_next_sends(monkeypatch, grader: Grader, times: int) -> None:
     """SIGKILL the grader's worker at its next ``times`` batches (restarted workers included)."""
-    worker, start = grader._worker, rewards._Worker._start
+    worker, start = grader._worker, Worker._start
     left = [times]
 
     def arm() -> None:
@@ -291,7 +283,7 @@ def _kill_on_next_sends(monkeypatch, grader: Grader, times: int) -> None:
         if self is worker:
             arm()
 
-    monkeypatch.setattr(rewards._Worker, "_start", start_and_arm)
+    monkeypatch.setattr(Worker, "_start", start_and_arm)
     arm()
 
 

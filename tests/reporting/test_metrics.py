@@ -1,4 +1,4 @@
-"""Tests for ``mgrpo_cli.reporting.metrics`` and ``mgrpo_cli.reporting.plots`` on literal, hand-computed examples."""
+"""Tests for ``mgrpo_cli.reporting.metrics`` and ``mgrpo_cli.reporting.figures`` on literal, hand-computed examples."""
 from __future__ import annotations
 
 import itertools
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from mgrpo_cli.reporting.figures import plot_breakdown, plot_transitions
 from mgrpo_cli.reporting.metrics import breakdown, maj_at_k, mean_pass_at_k, pass_at_k, self_correction
-from mgrpo_cli.reporting.plots import plot_breakdown, plot_transitions
 
 T, F = True, False
 

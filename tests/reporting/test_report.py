@@ -7,8 +7,9 @@ import pytest
 import yaml
 from conftest import run_cli
 
+from mgrpo_cli.cli.report import make_report
 from mgrpo_cli.reporting.heldout import ProblemResult, read_rows, step_file, write_rows
-from mgrpo_cli.reporting.report import ReportError, make_report
+from mgrpo_cli.reporting.load import ReportError
 
 T_975_2 = 4.302653  # Student-t 97.5% quantile, 2 degrees of freedom (three seeds)
 T_975_19 = 2.093024  # 19 degrees of freedom (twenty problems)

@@ -7,7 +7,8 @@ import torch
 
 from mgrpo_cli.config import build
 from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
-from mgrpo_cli.grading.rewards import Grader, Scored
+from mgrpo_cli.grading.grader import Grader
+from mgrpo_cli.grading.rewards import Scored
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,0 +1,263 @@
+"""Grouping, statistics and verdicts of a report's runs.
+
+Runs are grouped by the override keys whose values differ among them; ``seed`` is the replicate
+key. For every group: Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i at the start and the end of training as a
+mean with a 95% t-interval over seeds (over problems for a single run), and the end − start change
+with a bootstrap interval over seeds × problems (``mgrpo_cli.reporting.stats``). For every pair of
+groups that differ in one key: the paired per-problem difference (same seed, same problem) with the
+same bootstrap, and a computed verdict line.
+
+Left out: runs on different problem sets in one report (one problem set per report), multiple-
+comparison corrections.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mgrpo_cli.reporting.heldout import ProblemResult
+from mgrpo_cli.reporting.load import REPLICATE_KEY, Evaluation, ReportError, Run
+from mgrpo_cli.reporting.stats import Interval, crossed_bootstrap, t_interval, verdict
+
+# (key, label, higher is better)
+METRICS = (("acc_t1", "Acc@t1", True), ("acc_t2", "Acc@t2", True), ("delta", "Δ(t1,t2)", True),
+           ("delta_i2c", "Δi→c", True), ("delta_c2i", "Δc→i", False))
+TRANSITIONS = (("rr", "right→right", "#4c9a5b"), ("wr", "wrong→right", "#7fc97f"),
+               ("rw", "right→wrong", "#e0655a"), ("ww", "wrong→wrong", "#9e9e9e"))
+# overrides that change where or how fast a run goes, not what it computes: never a grouping key
+IGNORED_KEYS = ("hydra", "paths", "logger", "trainer.threads", "trainer.checkpoint_every",
+                "trainer.weight_checksums", "ckpt_path", "eval.batch_size")
+# keys that choose the evaluated problems: runs of one report must agree on them
+PROBLEM_SET_KEYS = ("dataset", "eval.split", "eval.limit", "rescore")
+
+
+# ---------------------------------------------------------------------------- groups
+
+@dataclass
+class Group:
+    values: tuple[str, ...]  # one per varying key
+    label: str
+    runs: list[Run]  # one per seed, by seed
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+
+@dataclass
+class Grouping:
+    keys: list[str]  # the varying keys, in order of first appearance
+    groups: list[Group]
+    shared: list[str]  # overrides every run has, with one value
+    pairs: list[tuple[str, Group, Group]]  # (the key that differs, first value's group, second's)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in IGNORED_KEYS)
+
+
+def _short_values(values: list[str]) -> dict[str, str]:
+    """Labels for one key's values: paths shortened to their last parts, as few as keep them apart."""
+    values = list(dict.fromkeys(values))
+    if not all("/" in v for v in values):
+        return {v: v for v in values}
+    for n in range(1, max(len(Path(v).parts) for v in values) + 1):
+        tails = {v: str(Path(*Path(v).parts[-n:])) for v in values}
+        if len(set(tails.values())) == len(values):
+            return tails
+    return {v: v for v in values}
+
+
+def group_runs(runs: list[Run]) -> Grouping:
+    commands = sorted({r.command for r in runs})
+    if len(commands) > 1:
+        raise ReportError("runs mix `mgrpo train` and `mgrpo eval` results: report one command's runs at a time")
+    keys: list[str] = []
+    for r in runs:
+        for k in r.override_keys:
+            if k not in keys and k != REPLICATE_KEY and not _ignored(k):
+                keys.append(k)
+    varying = [k for k in keys if len({r.value(k) for r in runs}) > 1]
+    problem_keys = [k for k in varying if any(k == p or k.startswith(p + ".") for p in PROBLEM_SET_KEYS)]
+    if problem_keys:
+        k = problem_keys[0]
+        raise ReportError(f"runs evaluate different problem sets ({k} = {', '.join(sorted({r.value(k) for r in runs}))}): "
+                          "no comparable key; report one problem set at a time")
+    shared = [f"{k}={runs[0].value(k)}" for k in keys if k not in varying]
+    by_values: dict[tuple[str, ...], list[Run]] = {}
+    for r in runs:
+        by_values.setdefault(tuple(r.value(k) for k in varying), []).append(r)
+    short = [_short_values([v[i] for v in by_values]) for i in range(len(varying))]
+    groups = []
+    for values, members in by_values.items():
+        seeds = [r.seed for r in members]
+        if len(set(seeds)) != len(seeds):
+            dup = sorted({s for s in seeds if seeds.count(s) > 1})
+            names = [Path(r.name).name for r in members if r.seed in dup]
+            raise ReportError(f"runs {', '.join(names)} share every swept key and seed={dup[0]}: "
+                              "no key tells them apart (sweep a key, or report them separately)")
+        shown = [short[i][v] for i, v in enumerate(values)]
+        if len(varying) == 1:
+            label = shown[0]
+        else:
+            label = ", ".join(f"{k}={v}" for k, v in zip(varying, shown)) or "all runs"
+        groups.append(Group(values, label, sorted(members, key=lambda r: r.seed)))
+    pairs = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            differ = [k for k, x, y in zip(varying, a.values, b.values) if x != y]
+            if len(differ) == 1:
+                pairs.append((differ[0], a, b))
+    if len(groups) > 1 and not pairs:
+        raise ReportError(f"runs share no comparable key: every two of the groups ({'; '.join(g.label for g in groups)}) "
+                          "differ in more than one key; sweep one key at a time")
+    return Grouping(varying, groups, shared, pairs)
+
+
+# ---------------------------------------------------------------------------- numbers
+
+def per_problem(rows: dict[str, ProblemResult], ids: list[str], metric: str):
+    """One value per problem whose mean is ``metric`` (``metrics.self_correction``'s definitions)."""
+    import numpy as np
+
+    t1 = np.array([rows[i].t1 for i in ids], dtype=float)
+    if metric == "acc_t1":
+        return t1
+    t2 = np.array([bool(rows[i].t2) for i in ids], dtype=float)
+    return {"acc_t2": t2, "delta": t2 - t1, "delta_i2c": (1 - t1) * t2, "delta_c2i": t1 * (1 - t2),
+            "rr": t1 * t2, "wr": (1 - t1) * t2, "rw": t1 * (1 - t2), "ww": (1 - t1) * (1 - t2)}[metric]
+
+
+def _matrix(evals: list[Evaluation], ids: list[str], metric: str):
+    import numpy as np
+
+    return np.stack([per_problem(e.rows, ids, metric) for e in evals])  # (seeds, problems)
+
+
+def group_interval(evals: list[Evaluation], ids: list[str], metric: str) -> Interval:
+    """Mean over seeds with a t-interval over the per-seed means; one run: over its problems."""
+    m = _matrix(evals, ids, metric)
+    return t_interval(m.mean(axis=1) if len(evals) > 1 else m[0])
+
+
+@dataclass
+class Comparison:
+    title: str
+    metric: str
+    label: str
+    higher_is_better: bool
+    a: str
+    b: str
+    a_mean: float
+    b_mean: float
+    diff: Interval
+    n_seeds: int
+    n_problems: int
+    change: bool  # end − start of one group (else group b − group a)
+
+    @property
+    def verdict(self) -> str:
+        words = ("grew", "fell", "no detectable change") if self.change else ("better", "worse", "no detectable difference")
+        return verdict(self.diff, True if self.change else self.higher_is_better, words)
+
+    def line(self) -> str:
+        d = self.diff
+        ci = f"[{pts(d.low)}, {pts(d.high)}]" if d.defined else "[no interval]"
+        head = (f"{self.a} {self.label} end − start" if self.change
+                else f"{self.b} {self.label} − {self.a} {self.label}")
+        return (f"{head} = {pts(d.mean)} {ci} points "
+                f"({self.n_seeds} seed{'s' * (self.n_seeds != 1)} × {self.n_problems} problems): {self.verdict}")
+
+
+def pts(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def pm(iv: Interval) -> str:
+    if not iv.defined:
+        return f"{100 * iv.mean:.1f}"
+    return f"{100 * iv.mean:.1f} ± {100 * iv.half_width:.1f}"
+
+
+@dataclass
+class Analysis:
+    grouping: Grouping
+    ids: list[str]
+    metrics: list[tuple[str, str, bool]]
+    start: dict[str, dict[str, Interval]]  # group label -> metric -> interval
+    end: dict[str, dict[str, Interval]]
+    transitions: dict[str, dict[str, Interval]]
+    changes: list[Comparison]
+    comparisons: list[Comparison]
+    command: str
+    steps: tuple[Optional[int], Optional[int]]
+    dropped_problems: int
+
+
+def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
+    grouping = group_runs(runs)
+    all_ids = [set(e.rows) for r in runs for e in r.evaluations]
+    ids = sorted(set.intersection(*all_ids))
+    if not ids:
+        raise ReportError("runs share no problem ids: their per-problem results cannot be compared")
+    dropped = len(set.union(*all_ids)) - len(ids)
+    has_t2 = all(e.rows[i].t2 is not None for r in runs for e in r.evaluations for i in ids)
+    metrics = [m for m in METRICS if has_t2 or m[0] == "acc_t1"]
+    command = runs[0].command
+    start, end, transitions = {}, {}, {}
+    changes, comparisons = [], []
+    n_jobs = len(grouping.groups) * len(metrics) * (command == "train") + len(grouping.pairs) * len(metrics)
+    advance = progress(n_jobs) if progress else (lambda: None)
+    for g in grouping.groups:
+        first, last = [r.evaluations[0] for r in g.runs], [r.evaluations[-1] for r in g.runs]
+        start[g.label] = {m: group_interval(first, ids, m) for m, _, _ in metrics}
+        end[g.label] = {m: group_interval(last, ids, m) for m, _, _ in metrics}
+        if has_t2:
+            transitions[g.label] = {t: group_interval(last, ids, t) for t, _, _ in TRANSITIONS}
+        if command != "train":
+            continue
+        for m, label, better in metrics:
+            diff = _matrix(last, ids, m) - _matrix(first, ids, m)
+            changes.append(Comparison(g.label, m, label, better, g.label, g.label, start[g.label][m].mean,
+                                      end[g.label][m].mean, crossed_bootstrap(diff, n_resamples=n_resamples),
+                                      len(g.runs), len(ids), change=True))
+            advance()
+    for key, a, b in grouping.pairs:
+        seeds = sorted(set(a.seeds) & set(b.seeds))
+        if not seeds:
+            for _ in metrics:
+                advance()
+            continue
+        ea = [r.evaluations[-1] for r in a.runs if r.seed in seeds]
+        eb = [r.evaluations[-1] for r in b.runs if r.seed in seeds]
+        for m, label, better in metrics:
+            ma, mb = _matrix(ea, ids, m), _matrix(eb, ids, m)
+            comparisons.append(Comparison(f"{b.label} − {a.label} ({key})", m, label, better, a.label, b.label,
+                                          float(ma.mean()), float(mb.mean()),
+                                          crossed_bootstrap(mb - ma, n_resamples=n_resamples),
+                                          len(seeds), len(ids), change=False))
+            advance()
+    steps = (runs[0].evaluations[0].step, runs[0].evaluations[-1].step)
+    return Analysis(grouping, ids, metrics, start, end, transitions, changes, comparisons, command, steps, dropped)
+
+
+def iv_json(iv: Interval) -> dict:
+    return {"mean": iv.mean, "low": None if math.isnan(iv.low) else iv.low,
+            "high": None if math.isnan(iv.high) else iv.high, "n": iv.n, "method": iv.method}
+
+
+def as_json(an: Analysis) -> dict:
+    return {
+        "keys": an.grouping.keys,
+        "problems": len(an.ids),
+        "groups": {g.label: {"seeds": g.seeds, "runs": [r.name for r in g.runs],
+                             "start": {m: iv_json(iv) for m, iv in an.start[g.label].items()},
+                             "end": {m: iv_json(iv) for m, iv in an.end[g.label].items()}}
+                   for g in an.grouping.groups},
+        "comparisons": [{"title": c.title, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
+                         "line": c.line()} for c in an.comparisons],
+        "changes": [{"group": c.a, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
+                     "line": c.line()} for c in an.changes],
+    }
