@@ -356,8 +356,11 @@ def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
 def warmup_spec(cfg: Any):
     from mgrpo_cli.training.warmup import WarmupSpec
 
+    from mgrpo_cli.config.schema import ArithConfig
+
     w = cfg.warmup
-    return WarmupSpec(model=cfg.model, arith=OmegaConf.to_container(cfg.dataset.arith, enum_to_str=True),
+    arith = OmegaConf.structured(ArithConfig) if w.task == "default" else cfg.dataset.arith
+    return WarmupSpec(model=cfg.model, arith=OmegaConf.to_container(arith, enum_to_str=True),
                       steps=w.steps, batch_size=w.batch_size, lr=w.lr, eval_every=w.eval_every,
                       target_accuracy=w.target_accuracy, correction_share=w.correction_share,
                       cache_dir=str(w.cache_dir), phrases=tuple(cfg.layer.phrases),

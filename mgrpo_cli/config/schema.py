@@ -48,6 +48,7 @@ LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
 ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
 ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence")
 LoraExport = _choice("LoraExport", "merged", "adapter")
+WarmupTask = _choice("WarmupTask", "dataset", "default")
 
 
 @dataclass
@@ -206,6 +207,9 @@ class WarmupConfig:
     correction_share: float = 0.3
     cache_dir: str = "${paths.outputs}/warmstart"
     only: bool = False  # stop after the warm start (to make or refresh it)
+    # the arith task the warm-up trains on: dataset = the run's dataset.arith; default = the default
+    # task (its warm start ships), so a harder variant starts from a model made for easier problems
+    task: WarmupTask = WarmupTask.dataset
 
 
 @dataclass
