@@ -30,7 +30,7 @@ from mgrpo_cli.training import resume
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ["acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i"]
+SUMMARY_KEYS = ["acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "fix_rate", "break_rate"]
 
 
 def _global_rank() -> int:

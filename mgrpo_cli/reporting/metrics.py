@@ -3,7 +3,9 @@
 Self-correction follows SCoRe's definitions, which the MGRPO paper reports: with t1 the layer-1
 answer and t2 the answer after one layer-2 pass,
 ``Acc@t1``, ``Acc@t2``, ``Δ = Acc@t2 − Acc@t1``, ``Δi→c`` (share wrong at t1, right at t2) and
-``Δc→i`` (share right at t1, wrong at t2), so that ``Δ = Δi→c − Δc→i``.
+``Δc→i`` (share right at t1, wrong at t2), so that ``Δ = Δi→c − Δc→i``. Those two are shares of
+*all* problems and so move with Acc@t1; the conditional rates ``fix_rate`` (share of the t1-wrong
+problems right at t2) and ``break_rate`` (share of the t1-right problems wrong at t2) do not.
 ``pass@k`` is the unbiased estimator of Chen et al. 2021, ``1 − C(n−c, k) / C(n, k)``, in its
 product form. No torch, no grading here: callers pass verdicts.
 """
@@ -19,11 +21,13 @@ UNKNOWN = "unknown"
 _SPACE = re.compile(r"\s+")
 
 
-def self_correction(t1: Sequence[bool], t2: Sequence[bool]) -> dict[str, float]:
-    """Accuracy at both turns and the four transition shares (rr, wr, rw, ww: r = right, w = wrong).
+def self_correction(t1: Sequence[bool], t2: Sequence[bool]) -> dict[str, Optional[float]]:
+    """Accuracy at both turns, the four transition shares (rr, wr, rw, ww: r = right, w = wrong) and
+    the conditional rates ``fix_rate`` = wr / (wr + ww) and ``break_rate`` = rw / (rr + rw).
 
     ``delta`` is computed as ``delta_i2c - delta_c2i`` so that identity holds exactly in floating
-    point; it agrees with ``acc_t2 - acc_t1`` to rounding (about 1e-16).
+    point; it agrees with ``acc_t2 - acc_t1`` to rounding (about 1e-16). A conditional rate with no
+    problem in its denominator (no t1-wrong, or no t1-right problem) is ``None``.
     """
     if len(t1) != len(t2):
         raise ValueError(f"self_correction: t1 and t2 differ in length ({len(t1)} vs {len(t2)})")
@@ -44,6 +48,8 @@ def self_correction(t1: Sequence[bool], t2: Sequence[bool]) -> dict[str, float]:
         "wr": n_wr / n,
         "rw": n_rw / n,
         "ww": n_ww / n,
+        "fix_rate": n_wr / (n_wr + n_ww) if n_wr + n_ww else None,
+        "break_rate": n_rw / (n_rr + n_rw) if n_rr + n_rw else None,
         "n": n,
     }
 

@@ -348,7 +348,7 @@ class MGRPOModule(L.LightningModule):
             out = {"acc_t1": sum(t1) / len(t1), "n": float(len(t1))}
         else:
             out = self_correction(t1, [r["t2"] for r in rows])
-        self.last_val = {k: float(v) for k, v in out.items()}
+        self.last_val = {k: float(v) for k, v in out.items() if v is not None}  # a rate with no denominator: not logged
         if self.run_dir is not None and self.trainer.is_global_zero:
             path = heldout.write_rows(heldout.step_file(self.run_dir, self.global_step),
                                       [heldout.ProblemResult(**r) for r in rows])

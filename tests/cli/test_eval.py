@@ -4,7 +4,7 @@ import json
 import pytest
 from conftest import compose, requires_data
 
-from mgrpo_cli.cli.evaluate import RescoreError, read_records, run_eval, summarize
+from mgrpo_cli.cli.evaluate import RescoreError, read_records, run_eval, scalars, summarize
 
 
 def _write(path, rows):
@@ -56,6 +56,9 @@ def test_summary_on_a_literal_table():
     assert s["acc_t2"] == pytest.approx(2 / 3)
     assert s["delta_i2c"] == pytest.approx(1 / 3) and s["delta_c2i"] == pytest.approx(1 / 3)
     assert s["delta"] == pytest.approx(0.0)
+    # one t1-wrong problem, fixed; two t1-right problems, one broken
+    assert s["fix_rate"] == 1.0 and s["break_rate"] == 0.5
+    assert scalars(s, "eval/x")["eval/x/fix_rate"] == 1.0 and scalars(s, "eval/x")["eval/x/break_rate"] == 0.5
     assert s["by_level"]["1"]["acc"] == 1.0 and s["by_level"]["2"]["n"] == 2
     assert s["by_subject"]["Geometry"]["acc"] == 1.0
 

@@ -77,3 +77,16 @@ def test_conf_dir_env_override(monkeypatch, tmp_path):
         conf_dir()
     monkeypatch.delenv("MGRPO_CONF_DIR")
     assert conf_dir() == Path(ROOT / "conf")
+
+
+def test_arith_hard_starts_from_the_shipped_warm_start_of_the_default_task():
+    from mgrpo_cli.config.build import warmup_spec
+    from mgrpo_cli.training.warmup import SHIPPED, cache_key
+
+    shipped = {p.name for p in SHIPPED.iterdir() if (p / "warmup.json").is_file()}
+    hard = compose("train", ["dataset=arith_hard"])
+    assert (hard.dataset.arith.min_operands, hard.dataset.arith.max_operands) == (3, 5)
+    assert cache_key(warmup_spec(hard)) == cache_key(warmup_spec(compose("train"))) and cache_key(warmup_spec(hard)) in shipped
+    # warming up on the run's own task gives another start
+    own = compose("train", ["dataset=arith_hard", "warmup.task=dataset"])
+    assert cache_key(warmup_spec(own)) != cache_key(warmup_spec(hard))

@@ -22,8 +22,9 @@ def test_self_correction_hand_computed():
     # pairs: rr rw rr wr wr ww ww rr ww wr -> rr 3, rw 1, wr 3, ww 3
     sc = self_correction(t1, t2)
     assert sc["n"] == 10
+    # fix_rate = wr / (wr + ww) = 3/6, break_rate = rw / (rr + rw) = 1/4
     expected = dict(acc_t1=0.4, acc_t2=0.6, delta=0.2, delta_i2c=0.3, delta_c2i=0.1,
-                    rr=0.3, wr=0.3, rw=0.1, ww=0.3)
+                    rr=0.3, wr=0.3, rw=0.1, ww=0.3, fix_rate=0.5, break_rate=0.25)
     for key, value in expected.items():
         assert sc[key] == pytest.approx(value, abs=1e-15), key
     assert sc["delta"] == sc["delta_i2c"] - sc["delta_c2i"]
@@ -48,6 +49,21 @@ def test_delta_identity_is_exact_on_many_tables():
         sc = self_correction(t1, t2)
         assert sc["delta"] == sc["delta_i2c"] - sc["delta_c2i"]  # exact, not approx
         assert sc["delta"] == pytest.approx(sc["acc_t2"] - sc["acc_t1"], abs=1e-15)
+
+
+def test_conditional_rates_do_not_move_with_acc_t1():
+    # the same fix and break rates (1/2, 1/4) at Acc@t1 40% and 80%: Δi→c halves, fix_rate stays
+    low = self_correction([T] * 4 + [F] * 6, [T] * 3 + [F] + [T] * 3 + [F] * 3)
+    high = self_correction([T] * 8 + [F] * 2, [T] * 6 + [F] * 2 + [T] + [F])
+    assert (low["fix_rate"], low["break_rate"]) == (high["fix_rate"], high["break_rate"]) == (0.5, 0.25)
+    assert low["delta_i2c"] == 0.3 and high["delta_i2c"] == 0.1
+
+
+def test_conditional_rate_without_a_denominator_is_none():
+    all_right = self_correction([T, T], [T, F])
+    assert all_right["fix_rate"] is None and all_right["break_rate"] == 0.5
+    all_wrong = self_correction([F, F, F], [T, F, F])
+    assert all_wrong["break_rate"] is None and all_wrong["fix_rate"] == pytest.approx(1 / 3)
 
 
 def test_self_correction_rejects_bad_input():
