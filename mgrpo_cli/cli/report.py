@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -22,11 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 from mgrpo_cli.config.errors import EXIT_USER_ERROR
+from mgrpo_cli.reporting import tracking
 from mgrpo_cli.reporting.analysis import Analysis, analyse, as_json
 from mgrpo_cli.reporting.document import build_document
 from mgrpo_cli.reporting.figures import plot_heldout, plot_training, plot_transition_bars
 from mgrpo_cli.reporting.heldout import RowsError
-from mgrpo_cli.reporting.load import ReportError, Run, _client, load_runs
+from mgrpo_cli.reporting.load import ReportError, Run, load_runs
 
 # ---------------------------------------------------------------------------- MLflow output
 
@@ -36,7 +36,7 @@ def log_to_mlflow(runs: list[Run], files: list[Path]) -> Optional[str]:
     refs = [r.mlflow for r in runs if r.mlflow is not None and r.mlflow.run_id]
     if not refs or len({ref.uri for ref in refs}) != 1:
         return None
-    client = _client(refs[0].uri)
+    client = tracking.client(refs[0].uri)
     parents = {ref.parent_id for ref in refs}
     if len(parents) == 1 and None not in parents and len(refs) == len(runs):
         target = parents.pop()
@@ -65,16 +65,12 @@ class Report:
     mlflow: Optional[str]
 
 
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path('outputs') / 'mlflow.db').resolve()}"
-
-
 def make_report(whats: Sequence[str], out: Optional[Path] = None, tracking_uri: Optional[str] = None,
                 log_mlflow: bool = True, n_resamples: int = 10_000) -> Report:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs, excluded, notes = load_runs(whats, tracking_uri or default_tracking_uri(), Path(tmp))
+        runs, excluded, notes = load_runs(whats, tracking_uri or tracking.default_tracking_uri(), Path(tmp))
         with Progress(TextColumn("[bold]report: intervals"), BarColumn(), MofNCompleteColumn(),
                       transient=True) as bar:
             def progress(total: int):
@@ -115,8 +111,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <folder>/report for one folder, else outputs/report/<time>)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store for experiment names and run ids (default: $MLFLOW_TRACKING_URI or "
-                        "sqlite:///outputs/mlflow.db)")
+                   help="MLflow store for experiment names and run ids (default: sqlite:///outputs/mlflow.db, "
+                        "where runs with logger.tracking_uri=null log)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     return p.parse_args(list(argv))

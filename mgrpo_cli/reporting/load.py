@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.reporting import tracking
 from mgrpo_cli.reporting.heldout import FOLDER as HELDOUT
 from mgrpo_cli.reporting.heldout import ProblemResult, read_rows, step_of
 
@@ -80,9 +80,7 @@ def _override_key(override: str) -> str:
 
 
 def _flat_strings(container: Any) -> dict[str, str]:
-    from mgrpo_cli.reporting.tracking import flatten
-
-    return {k: _as_string(v) for k, v in flatten(container).items()}
+    return {k: _as_string(v) for k, v in tracking.flatten(container).items()}
 
 
 def _as_string(v: Any) -> str:
@@ -148,26 +146,13 @@ def load_folder_run(folder: Path) -> Run | str:
     if config.get("logger.enabled") == "True":
         uri = config.get("logger.tracking_uri")
         if uri in (None, "None"):
-            uri = f"sqlite:///{Path(config.get('paths.outputs', 'outputs')).resolve() / 'mlflow.db'}"
+            uri = tracking.default_tracking_uri(config.get("paths.outputs", "outputs"))
         ref = MlflowRef(uri, mlflow_id or "", experiment_id=None)
     return Run(str(folder), command, config, [_override_key(o) for o in overrides], overrides,
                int(config.get(REPLICATE_KEY, 0)), evaluations, mlflow=ref)
 
 
 # ---------------------------------------------------------------------------- MLflow access
-
-def _store_exists(uri: str) -> bool:
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
-
-
-def _client(uri: str):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
 
 def _history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     run = client.get_run(run_id)
@@ -186,11 +171,11 @@ def attach_mlflow(runs: list[Run], notes: list[str]) -> None:
         ref = run.mlflow
         if ref is None or run.history:
             continue
-        if not _store_exists(ref.uri):
+        if not tracking.store_exists(ref.uri):
             notes.append(f"{run.name}: no MLflow store at {ref.uri}; training curves left out")
             run.mlflow = None
             continue
-        client = clients.setdefault(ref.uri, _client(ref.uri))
+        client = clients.setdefault(ref.uri, tracking.client(ref.uri))
         if not ref.run_id:
             experiment = client.get_experiment_by_name(run.config.get("logger.experiment", "mgrpo"))
             found = [] if experiment is None else client.search_runs(
@@ -208,9 +193,9 @@ def attach_mlflow(runs: list[Run], notes: list[str]) -> None:
 
 def load_mlflow_runs(uri: str, what: str, tmp: Path, excluded: list[tuple[str, str]]) -> list[Run]:
     """The runs of an MLflow experiment (by name), or one run (by id), with their artifacts."""
-    if not _store_exists(uri):
+    if not tracking.store_exists(uri):
         raise ReportError(f"{what}: no such folder, and no MLflow store at {uri} (give --tracking-uri)")
-    client = _client(uri)
+    client = tracking.client(uri)
     if _RUN_ID.match(what):
         try:
             found = [client.get_run(what)]

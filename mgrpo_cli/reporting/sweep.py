@@ -103,14 +103,10 @@ class SweepCallback(Callback):
         atexit.register(self._at_exit)
 
     def _start_parent(self, config: DictConfig) -> None:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
+        from mgrpo_cli.reporting import tracking
 
-        from mgrpo_cli.reporting.tracking import default_tracking_uri
-
-        client = MlflowClient(tracking_uri=config.logger.tracking_uri or default_tracking_uri(config.paths.outputs))
+        uri = config.logger.tracking_uri or tracking.default_tracking_uri(config.paths.outputs)
+        client = tracking.client(uri, create=True)
         name = config.logger.experiment
         experiment = client.get_experiment_by_name(name)
         if experiment is None:  # as the jobs' MLFlowLogger would create it

@@ -1,7 +1,12 @@
-"""MLflow through Lightning's ``MLFlowLogger``: the only module that talks to mlflow.
+"""MLflow access: where the store is, the clients, and a training run's logger.
 
-Runs go to a local SQLite store (``sqlite:///<paths.outputs>/mlflow.db``) unless
-``logger.tracking_uri`` says otherwise; open them with ``mlflow ui --backend-store-uri <that uri>``.
+Every MLflow client of the package is made here (:func:`client`), and every store address is
+decided here (:func:`default_tracking_uri`): runs go to a local SQLite store
+(``sqlite:///<paths.outputs>/mlflow.db``) unless ``logger.tracking_uri`` (``mgrpo report
+--tracking-uri``) says otherwise; open them with ``mlflow ui --backend-store-uri <that uri>``.
+A training or eval run writes through :class:`RunLogger` (Lightning's ``MLFlowLogger``); the sweep's
+parent run (``reporting.sweep``) and ``mgrpo report`` (``reporting.load``, ``cli.report``) read and
+write through a :func:`client`.
 A run gets the resolved config as flattened params, the command-line overrides as a tag, per-step
 metrics, text/PNG artifacts, and tables (the sampled completions, ``samples.json``).
 
@@ -24,11 +29,34 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 
-def default_tracking_uri(outputs: str | Path) -> str:
-    """``sqlite:///<outputs>/mlflow.db`` (the folder is made)."""
-    db = Path(outputs).resolve() / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
+SQLITE = "sqlite:///"
+
+
+def default_tracking_uri(outputs: str | Path = "outputs") -> str:
+    """The store of runs whose ``logger.tracking_uri`` is null: ``sqlite:///<outputs>/mlflow.db``."""
+    return f"{SQLITE}{Path(outputs).resolve() / 'mlflow.db'}"
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a SQLite store whose file is not there (other stores are asked when used)."""
+    return not uri.startswith(SQLITE) or Path(uri[len(SQLITE):]).is_file()
+
+
+def _quiet() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the store's "creating tables" lines
+    for name in ("mlflow", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def client(uri: str, *, create: bool = False):
+    """An ``MlflowClient`` of the store ``uri``; ``create`` makes a SQLite store's folder first."""
+    _quiet()
+    if create and uri.startswith(SQLITE):
+        Path(uri[len(SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -75,17 +103,14 @@ class RunLogger:
 
     def __init__(self, uri: str, experiment: str, run_name: str, *, params: dict[str, Any],
                  artifacts: Path, tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not the store's "creating tables" lines
         from lightning.pytorch.utilities import rank_zero_only
-        from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.is_global_zero = getattr(rank_zero_only, "rank", 0) == 0
         if self.is_global_zero:
-            client = MlflowClient(uri)
-            if client.get_experiment_by_name(experiment) is None:  # made here, with its artifact folder
-                client.create_experiment(experiment, artifact_location=artifacts.as_uri())
+            store = client(uri, create=True)
+            if store.get_experiment_by_name(experiment) is None:  # made here, with its artifact folder
+                store.create_experiment(experiment, artifact_location=artifacts.as_uri())
         if run_id is not None and self.is_global_zero and not self._exists(uri, run_id):
             log.warning("MLflow run %s is not in %s: this training run continues in a new MLflow run", run_id, uri)
             run_id = None
@@ -100,18 +125,17 @@ class RunLogger:
                 flat["layer.phrases"] = " | ".join(flat["layer.phrases"])
             self.logger.log_hyperparams({k: str(v)[:6000] if isinstance(v, str) else v for k, v in flat.items()})
         else:
-            client = self.logger.experiment
-            client.update_run(run_id, status="RUNNING")
-            resumes = int(client.get_run(run_id).data.tags.get("resumes", "0")) + 1
+            run_client = self.logger.experiment
+            run_client.update_run(run_id, status="RUNNING")
+            resumes = int(run_client.get_run(run_id).data.tags.get("resumes", "0")) + 1
             self.set_tags({"resumes": str(resumes), f"resume.{resumes}.overrides": (tags or {}).get("overrides", "")})
 
     @staticmethod
     def _exists(uri: str, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         try:
-            return MlflowClient(uri).get_run(run_id).info.lifecycle_stage == "active"
+            return client(uri).get_run(run_id).info.lifecycle_stage == "active"
         except MlflowException:
             return False
 
