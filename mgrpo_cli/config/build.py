@@ -354,9 +354,8 @@ def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
 
 
 def warmup_spec(cfg: Any):
-    from mgrpo_cli.training.warmup import WarmupSpec
-
     from mgrpo_cli.config.schema import ArithConfig
+    from mgrpo_cli.training.warmup import WarmupSpec
 
     w = cfg.warmup
     arith = OmegaConf.structured(ArithConfig) if w.task == "default" else cfg.dataset.arith
