@@ -123,12 +123,11 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
             return {}, False
         setup = build.training(cfg, reward_fn, problems, start_from)
         module = setup.module
-        module.run_logger = run_logger
-        module.run_dir = out
         last = out / resume.CHECKPOINT
         stopper = lifecycle.StopAndCheckpoint(requests, last, every_minutes=cfg.trainer.checkpoint_every_minutes,
                                               every_steps=cfg.trainer.checkpoint_every)
-        callbacks = [stopper] + ([weight_checksums_callback(out)] if cfg.trainer.weight_checksums else [])
+        callbacks = (build.run_callbacks(cfg, out, run_logger) + [stopper]
+                     + ([weight_checksums_callback(out)] if cfg.trainer.weight_checksums else []))
         trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks)
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
         start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}

@@ -487,7 +487,7 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
     import torch
 
     from mgrpo_cli.data.models import reference_policy
-    from mgrpo_cli.training.module import MGRPOModule, OptimSpec, SamplesSpec
+    from mgrpo_cli.training.module import MGRPOModule, OptimSpec
 
     g = cfg.grpo
     bf16_mixed = str(cfg.trainer.precision).startswith("bf16-mixed")
@@ -496,8 +496,7 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
         reward_fn=reward_fn, layers=layer_specs(cfg), loss=loss_spec(cfg),
         optim=OptimSpec(lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,
                         step_per_layer=cfg.layer.combine == "sequential"),
-        validation=solve_spec(cfg), samples=SamplesSpec(cfg.logger.samples_every if cfg.logger.enabled else 0,
-                                                        cfg.logger.samples_n),
+        validation=solve_spec(cfg),
         seed=cfg.seed, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         reference=reference_policy(policy_model, g.beta),
         shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg),
@@ -573,6 +572,17 @@ def strategy(cfg: Any):
         return ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False)
     return t.strategy
+
+
+def run_callbacks(cfg: Any, out: Path, run_logger=None) -> list:
+    """The training run's outputs (``training.callbacks``): the held-out files under ``out`` (and in the
+    MLflow run), and with an MLflow run the samples table every ``logger.samples_every`` steps."""
+    from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable
+
+    found: list = [HeldoutFiles(out, run_logger)]
+    if run_logger is not None and cfg.logger.samples_every:
+        found.append(SamplesTable(run_logger, cfg.logger.samples_every, cfg.logger.samples_n))
+    return found
 
 
 def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):

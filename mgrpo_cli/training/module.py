@@ -8,7 +8,9 @@ phrase, to the next layer. Layer losses are summed (L1 + lambda * L2: each of th
 ``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
 ``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
 two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
-and the optimizer step. The module takes plain objects made by ``mgrpo_cli.config.build``, never the config.
+and the optimizer step. The module takes plain objects made by ``mgrpo_cli.config.build``, never the config, and writes no
+files: the samples table and the held-out files are callbacks' (``training.callbacks``), which read
+the last step's layers (``trained``) and the last validation's rows (``val_rows``).
 On several processes (``mgrpo_cli.training.distributed``): each rank draws its own prompts, DDP gradients are
 averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
 between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
@@ -52,7 +54,6 @@ from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.data.models import is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.data.problems import Problem
 from mgrpo_cli.grading.extract import extract_answer
-from mgrpo_cli.reporting import heldout
 from mgrpo_cli.reporting.metrics import self_correction
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer
@@ -72,17 +73,18 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
-class SamplesSpec:
-    """Which sampled completions are logged as artifacts: every ``every`` steps (0 = never), ``n`` per layer."""
+class TrainedStep:
+    """What the last training step trained on, for callbacks (``callbacks.SamplesTable``): each layer's
+    spec and result, and the step's problems (dynamic sampling's refills included)."""
 
-    every: int = 0
-    n: int = 16
+    layers: list[tuple[LayerSpec, LayerResult]]
+    problems: list[Problem]
 
 
 class MGRPOModule(L.LightningModule):
     def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
                  layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
-                 samples: SamplesSpec = SamplesSpec(), seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
+                 seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
                  shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
                  refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None):
         super().__init__()
@@ -91,7 +93,7 @@ class MGRPOModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.engine, self.renderer, self.reward_fn = engine, renderer, reward_fn
         self.layers, self.loss, self.optim = list(layers), loss, optim
-        self.validation, self.samples = validation, samples
+        self.validation = validation
         self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
         self.seed = seed
@@ -102,9 +104,9 @@ class MGRPOModule(L.LightningModule):
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.start_val: dict[str, float] = {}  # held-out metrics before training, kept in the checkpoint
         self.last_val: dict[str, float] = {}
-        self._val_rows: list[dict] = []
-        self.run_logger = None  # tracking.RunLogger, for artifacts; set by the train task
-        self.run_dir = None  # rank 0 writes heldout/step_<step>.jsonl here (heldout.py); set by the train task
+        self._val_rows: list[dict] = []  # this rank's rows of the running validation
+        self.val_rows: list[dict] = []  # the last validation's rows, every rank's (callbacks.HeldoutFiles)
+        self.trained: Optional[TrainedStep] = None  # the last training step's layers (callbacks.SamplesTable)
         self._rotary = rotary_frequencies(policy)  # restored after Lightning's precision cast (on_fit_start)
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
@@ -206,7 +208,7 @@ class MGRPOModule(L.LightningModule):
         problems = list(batch)  # dynamic sampling appends layer 1's refills
         inputs, spare = first_inputs(len(problems)), []
         metrics: dict[str, float] = {}
-        results: list[LayerResult] = []
+        trained: list[tuple[LayerSpec, LayerResult]] = []
         pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
         updated = True  # no optimizer step of this training step was skipped as non-finite
         opt.zero_grad(set_to_none=True)
@@ -221,15 +223,15 @@ class MGRPOModule(L.LightningModule):
             if self.optim.step_per_layer:
                 updated &= self._update(opt, pending, metrics)
                 pending = []
-            results.append(result)
+            trained.append((spec, result))
             chosen = chosen_after(sampled.rounds[0], spec, self.rng)
             inputs = inputs_after(sampled.rounds[0], spec, self.rng, chosen)
             if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
                 spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
         if pending:
             updated &= self._update(opt, pending, metrics)
+        self.trained = TrainedStep(trained, problems)
         self._end_step(metrics, updated, time.perf_counter() - start, len(batch))
-        self._maybe_log_samples(results, problems)
         if self.guard.exhausted:
             raise UserError(
                 f"trainer.max_nonfinite_steps={self.guard.limit}: the last {self.guard.in_a_row} training steps "
@@ -300,27 +302,6 @@ class MGRPOModule(L.LightningModule):
         if "train/layer2/accuracy" in metrics:
             self.log("acc2", metrics["train/layer2/accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
 
-    def _maybe_log_samples(self, results: list[LayerResult], problems: list[Problem]) -> None:
-        """Every ``samples.every`` training steps: up to ``samples.n`` completions per layer, as trained
-        on, appended to the run's MLflow table ``samples.json`` (step, layer, question, gold, turns,
-        completion, reward, advantage)."""
-        every = self.samples.every
-        if not every or (self.batches_done - 1) % every != 0 or self.run_logger is None:
-            return
-        rows = []
-        for spec, res in zip(self.layers, results):
-            n = res.rollout.n
-            rewards, advantages = res.rewards.reshape(-1), res.advantages.reshape(-1)
-            for j, text in enumerate(res.rollout.texts[: self.samples.n]):
-                x = res.inputs[j // n]
-                reward = rewards[j].item()
-                rows.append({"step": self.global_step, "layer": spec.depth, "question": problems[x.problem].question,
-                             "gold": problems[x.problem].answer, "turns": [list(t) for t in x.turns],
-                             "completion": text, "reward": None if reward != reward else reward,
-                             "advantage": advantages[j].item()})
-        if rows:
-            self.run_logger.log_table(rows, "samples.json")
-
     # ------------------------------------------------------------------ validation: two-pass t1/t2
     def validation_step(self, batch: list[Problem], batch_idx: int):
         """Each rank answers every world_size-th problem of the batch; rows are gathered at epoch end."""
@@ -341,6 +322,7 @@ class MGRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         rows, self._val_rows = distributed.gather(self._val_rows), []
+        self.val_rows = rows
         if not rows:
             return
         t1 = [r["t1"] for r in rows]
@@ -349,11 +331,6 @@ class MGRPOModule(L.LightningModule):
         else:
             out = self_correction(t1, [r["t2"] for r in rows])
         self.last_val = {k: float(v) for k, v in out.items() if v is not None}  # a rate with no denominator: not logged
-        if self.run_dir is not None and self.trainer.is_global_zero:
-            path = heldout.write_rows(heldout.step_file(self.run_dir, self.global_step),
-                                      [heldout.ProblemResult(**r) for r in rows])
-            if self.run_logger is not None:
-                self.run_logger.log_file(path, heldout.FOLDER)
         # every rank holds the same numbers; sync_dist keeps Lightning's epoch-level bookkeeping consistent
         self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows),
                       sync_dist=self.trainer.world_size > 1)

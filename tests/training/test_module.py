@@ -1,5 +1,4 @@
 """One real training_step on the tiny model: MGRPO (depth 2), a depth-3 chain, and GRPO."""
-import dataclasses
 
 import lightning as L
 import pytest
@@ -258,26 +257,6 @@ def _gsm8k_rows():
         path.write(json.dumps({"question": f"{i}+1", "answer": f"#### {i + 1}"}) + "\n")
     path.close()
     return path.name
-
-
-def test_sampled_completions_go_to_an_mlflow_table(small_cfg):
-    tables = []
-
-    class Recorder:
-        def log_table(self, rows, artifact_file):
-            tables.append((artifact_file, rows))
-
-    cfg = small_cfg("model.max_completion_length=6", "logger.samples_n=3")
-    reward = ParityReward()
-    module, train_dl = _module(cfg, reward)
-    module.samples = dataclasses.replace(module.samples, every=1, n=3)
-    module.run_logger = Recorder()
-    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              limit_val_batches=0, enable_model_summary=False).fit(module, train_dataloaders=train_dl)
-    ((name, rows),) = tables
-    assert name == "samples.json" and [r["layer"] for r in rows] == [1, 1, 1, 2, 2, 2]
-    assert set(rows[0]) == {"step", "layer", "question", "gold", "turns", "completion", "reward", "advantage"}
-    assert rows[0]["turns"] == [] and len(rows[3]["turns"]) == 1
 
 
 class ScheduledBadReward(ParityReward):

@@ -1,0 +1,69 @@
+"""A training run's outputs, as Lightning callbacks: the module trains, these write.
+
+- :class:`SamplesTable`: every ``every`` training steps, up to ``n`` completions per layer, as
+  trained on, appended to the run's MLflow table ``samples.json`` (step, layer, question, gold,
+  turns, completion, reward, advantage), from the module's ``trained`` (the last step's layers).
+- :class:`HeldoutFiles`: after each validation, rank 0 writes the per-problem rows the module
+  gathered (``val_rows``) to ``<run folder>/heldout/step_<step>.jsonl`` (``reporting.heldout``) and,
+  with an MLflow run, logs the file under ``heldout/``.
+
+The build layer makes them (``config.build.run_callbacks``); without them the module trains the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+
+from mgrpo_cli.reporting import heldout
+
+
+def sample_rows(trained: Any, step: int, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` completions per layer of a ``module.TrainedStep``, as rows of the samples table."""
+    rows = []
+    problems = trained.problems
+    for spec, res in trained.layers:
+        size = res.rollout.n
+        rewards, advantages = res.rewards.reshape(-1), res.advantages.reshape(-1)
+        for j, text in enumerate(res.rollout.texts[:n]):
+            x = res.inputs[j // size]
+            reward = rewards[j].item()
+            rows.append({"step": step, "layer": spec.depth, "question": problems[x.problem].question,
+                         "gold": problems[x.problem].answer, "turns": [list(t) for t in x.turns],
+                         "completion": text, "reward": None if reward != reward else reward,
+                         "advantage": advantages[j].item()})
+    return rows
+
+
+class SamplesTable(L.Callback):
+    """Sampled completions to the MLflow table ``samples.json`` every ``every`` steps (see the module
+    docstring); ``run_logger`` is a ``tracking.RunLogger``."""
+
+    def __init__(self, run_logger: Any, every: int, n: int):
+        self.run_logger, self.every, self.n = run_logger, every, n
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trained = pl_module.trained
+        if trained is None or (pl_module.batches_done - 1) % self.every != 0:
+            return
+        rows = sample_rows(trained, trainer.global_step, self.n)
+        if rows:
+            self.run_logger.log_table(rows, "samples.json")
+
+
+class HeldoutFiles(L.Callback):
+    """Each validation's per-problem rows to ``<run_dir>/heldout/step_<step>.jsonl`` (rank 0), and
+    to the MLflow run's artifacts when ``run_logger`` is given."""
+
+    def __init__(self, run_dir: str | Path, run_logger: Optional[Any] = None):
+        self.run_dir, self.run_logger = Path(run_dir), run_logger
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        rows = pl_module.val_rows
+        if not rows or not trainer.is_global_zero:
+            return
+        path = heldout.write_rows(heldout.step_file(self.run_dir, trainer.global_step),
+                                  [heldout.ProblemResult(**r) for r in rows])
+        if self.run_logger is not None:
+            self.run_logger.log_file(path, heldout.FOLDER)
