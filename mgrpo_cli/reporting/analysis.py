@@ -7,6 +7,11 @@ with a bootstrap interval over seeds × problems (``mgrpo_cli.reporting.stats``)
 groups that differ in one key: the paired per-problem difference (same seed, same problem) with the
 same bootstrap, and a computed verdict line.
 
+The conditional rates (``RATES``: fix rate = share of the t1-wrong problems right at t2, break rate =
+share of the t1-right problems wrong at t2) are ratios of sums over seeds and problems; their group
+values, differences and changes all come from the seeds × problems bootstrap of the ratio (each
+resample recomputes numerator and denominator sums), since their denominators differ between runs.
+
 Left out: runs on different problem sets in one report (one problem set per report), multiple-
 comparison corrections.
 """
@@ -19,11 +24,22 @@ from typing import Optional
 
 from mgrpo_cli.reporting.heldout import ProblemResult
 from mgrpo_cli.reporting.load import REPLICATE_KEY, Evaluation, ReportError, Run
-from mgrpo_cli.reporting.stats import Interval, crossed_bootstrap, t_interval, verdict
+from mgrpo_cli.reporting.stats import (
+    N_RESAMPLES,
+    Interval,
+    crossed_bootstrap,
+    crossed_bootstrap_ratio,
+    ratio_of_sums,
+    t_interval,
+    verdict,
+)
 
 # (key, label, higher is better)
 METRICS = (("acc_t1", "Acc@t1", True), ("acc_t2", "Acc@t2", True), ("delta", "Δ(t1,t2)", True),
-           ("delta_i2c", "Δi→c", True), ("delta_c2i", "Δc→i", False))
+           ("delta_i2c", "Δi→c", True), ("delta_c2i", "Δc→i", False),
+           ("fix_rate", "fix rate", True), ("break_rate", "break rate", False))
+# the conditional rates as (numerator, denominator) of per-problem values (``per_problem``)
+RATES = {"fix_rate": ("wr", "t1_wrong"), "break_rate": ("rw", "t1_right")}
 TRANSITIONS = (("rr", "right→right", "#4c9a5b"), ("wr", "wrong→right", "#7fc97f"),
                ("rw", "right→wrong", "#e0655a"), ("ww", "wrong→wrong", "#9e9e9e"))
 # overrides that change where or how fast a run goes, not what it computes: never a grouping key
@@ -119,7 +135,8 @@ def group_runs(runs: list[Run]) -> Grouping:
 # ---------------------------------------------------------------------------- numbers
 
 def per_problem(rows: dict[str, ProblemResult], ids: list[str], metric: str):
-    """One value per problem whose mean is ``metric`` (``metrics.self_correction``'s definitions)."""
+    """One value per problem whose mean is ``metric`` (``metrics.self_correction``'s definitions);
+    ``t1_wrong``/``t1_right`` are the conditional rates' denominators (``RATES``)."""
     import numpy as np
 
     t1 = np.array([rows[i].t1 for i in ids], dtype=float)
@@ -127,7 +144,8 @@ def per_problem(rows: dict[str, ProblemResult], ids: list[str], metric: str):
         return t1
     t2 = np.array([bool(rows[i].t2) for i in ids], dtype=float)
     return {"acc_t2": t2, "delta": t2 - t1, "delta_i2c": (1 - t1) * t2, "delta_c2i": t1 * (1 - t2),
-            "rr": t1 * t2, "wr": (1 - t1) * t2, "rw": t1 * (1 - t2), "ww": (1 - t1) * (1 - t2)}[metric]
+            "rr": t1 * t2, "wr": (1 - t1) * t2, "rw": t1 * (1 - t2), "ww": (1 - t1) * (1 - t2),
+            "t1_wrong": 1 - t1, "t1_right": t1}[metric]
 
 
 def _matrix(evals: list[Evaluation], ids: list[str], metric: str):
@@ -136,10 +154,37 @@ def _matrix(evals: list[Evaluation], ids: list[str], metric: str):
     return np.stack([per_problem(e.rows, ids, metric) for e in evals])  # (seeds, problems)
 
 
-def group_interval(evals: list[Evaluation], ids: list[str], metric: str) -> Interval:
-    """Mean over seeds with a t-interval over the per-seed means; one run: over its problems."""
+def _rate_part(w: float, evals: list[Evaluation], ids: list[str], metric: str):
+    num, den = RATES[metric]
+    return (w, _matrix(evals, ids, num), _matrix(evals, ids, den))
+
+
+def group_interval(evals: list[Evaluation], ids: list[str], metric: str, n_resamples: int = N_RESAMPLES) -> Interval:
+    """Mean over seeds with a t-interval over the per-seed means; one run: over its problems. A rate
+    (``RATES``): the ratio of sums over seeds and problems with its seeds × problems bootstrap."""
+    if metric in RATES:
+        return crossed_bootstrap_ratio([_rate_part(1.0, evals, ids, metric)], n_resamples=n_resamples)
     m = _matrix(evals, ids, metric)
     return t_interval(m.mean(axis=1) if len(evals) > 1 else m[0])
+
+
+def value(evals: list[Evaluation], ids: list[str], metric: str) -> float:
+    """The metric over all seeds and problems: the mean, or for a rate the ratio of sums."""
+    if metric in RATES:
+        _, num, den = _rate_part(1.0, evals, ids, metric)
+        return ratio_of_sums(num, den)
+    return float(_matrix(evals, ids, metric).mean())
+
+
+def paired_difference(ea: list[Evaluation], eb: list[Evaluation], ids: list[str], metric: str,
+                      n_resamples: int = N_RESAMPLES) -> Interval:
+    """``metric`` of ``eb`` − ``metric`` of ``ea`` (same seeds in the same order, same problems) with the
+    seeds × problems bootstrap: of the per-problem paired differences, or for a rate of the difference
+    of the two ratios of sums, both recomputed on each resample."""
+    if metric in RATES:
+        return crossed_bootstrap_ratio([_rate_part(1.0, eb, ids, metric), _rate_part(-1.0, ea, ids, metric)],
+                                       n_resamples=n_resamples)
+    return crossed_bootstrap(_matrix(eb, ids, metric) - _matrix(ea, ids, metric), n_resamples=n_resamples)
 
 
 @dataclass
@@ -212,16 +257,15 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
     advance = progress(n_jobs) if progress else (lambda: None)
     for g in grouping.groups:
         first, last = [r.evaluations[0] for r in g.runs], [r.evaluations[-1] for r in g.runs]
-        start[g.label] = {m: group_interval(first, ids, m) for m, _, _ in metrics}
-        end[g.label] = {m: group_interval(last, ids, m) for m, _, _ in metrics}
+        start[g.label] = {m: group_interval(first, ids, m, n_resamples) for m, _, _ in metrics}
+        end[g.label] = {m: group_interval(last, ids, m, n_resamples) for m, _, _ in metrics}
         if has_t2:
             transitions[g.label] = {t: group_interval(last, ids, t) for t, _, _ in TRANSITIONS}
         if command != "train":
             continue
         for m, label, better in metrics:
-            diff = _matrix(last, ids, m) - _matrix(first, ids, m)
             changes.append(Comparison(g.label, m, label, better, g.label, g.label, start[g.label][m].mean,
-                                      end[g.label][m].mean, crossed_bootstrap(diff, n_resamples=n_resamples),
+                                      end[g.label][m].mean, paired_difference(first, last, ids, m, n_resamples),
                                       len(g.runs), len(ids), change=True))
             advance()
     for key, a, b in grouping.pairs:
@@ -233,10 +277,9 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
         ea = [r.evaluations[-1] for r in a.runs if r.seed in seeds]
         eb = [r.evaluations[-1] for r in b.runs if r.seed in seeds]
         for m, label, better in metrics:
-            ma, mb = _matrix(ea, ids, m), _matrix(eb, ids, m)
             comparisons.append(Comparison(f"{b.label} − {a.label} ({key})", m, label, better, a.label, b.label,
-                                          float(ma.mean()), float(mb.mean()),
-                                          crossed_bootstrap(mb - ma, n_resamples=n_resamples),
+                                          value(ea, ids, m), value(eb, ids, m),
+                                          paired_difference(ea, eb, ids, m, n_resamples),
                                           len(seeds), len(ids), change=False))
             advance()
     steps = (runs[0].evaluations[0].step, runs[0].evaluations[-1].step)

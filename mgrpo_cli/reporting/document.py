@@ -112,6 +112,11 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
                  "differences (same seed, same problem) with a 95% percentile bootstrap interval, seeds and problems "
                  "resampled independently (scipy.stats.bootstrap). A verdict says better/worse (or grew/fell) only "
                  "when the interval excludes 0. All numbers in points (%).")
+    if any(m == "fix_rate" for m, _, _ in an.metrics):
+        items.append("fix rate = share of the t1-wrong problems right at t2; break rate = share of the t1-right "
+                     "problems wrong at t2 (ratios of sums over seeds and problems). Their group values, differences "
+                     "and changes come from the seeds × problems bootstrap of the ratio, recomputed on each resample "
+                     "(the denominators differ between runs); Δi→c and Δc→i are the same counts over all problems.")
     doc.ul(items)
     doc.h(2, "Groups")
     for gr in g.groups:

@@ -238,3 +238,92 @@ def test_report_from_an_mlflow_experiment_logs_to_the_sweeps_parent_run(tmp_path
     assert rep.mlflow.endswith(f"parent run {parent}, artifacts report/")
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/report.html", "report/training.png"} <= logged
+
+
+# ----------------------------------------------------------------------- conditional rates, 2 × 2
+
+# end counts per run (right→right, right→wrong, wrong→right, wrong→wrong) of 20 problems; the t1-right
+# and t1-wrong counts (the rates' denominators) differ between runs
+RATE_ENDS = {("grpo", 0): (8, 2, 3, 7), ("grpo", 1): (5, 3, 6, 6),
+             ("mgrpo", 0): (12, 1, 4, 3), ("mgrpo", 1): (9, 0, 5, 6)}
+
+
+def _rows_by_counts(rr: int, rw: int, wr: int, ww: int) -> list[ProblemResult]:
+    pairs = [(True, True)] * rr + [(True, False)] * rw + [(False, True)] * wr + [(False, False)] * ww
+    assert len(pairs) == P
+    return [ProblemResult(pid, a, b, "1", "1") for pid, (a, b) in zip(IDS, pairs)]
+
+
+def _brute_ratio_bootstrap(parts, n: int = 20_000) -> tuple[float, float]:
+    """sum_k w_k · sum(num_k)/sum(den_k) on seeds × problems resamples (the same indices for every part)."""
+    rng = np.random.default_rng(7)
+    n_seeds, n_problems = parts[0][1].shape
+    s = rng.integers(0, n_seeds, (n, n_seeds))[:, :, None]
+    p = rng.integers(0, n_problems, (n, n_problems))[:, None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a denominator: dropped
+        values = sum(w * num[s, p].sum(axis=(1, 2)) / den[s, p].sum(axis=(1, 2)) for w, num, den in parts)
+    values = values[np.isfinite(values)]
+    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+
+
+def _rate_matrices(layer: str, rate: str):
+    num, den = [], []
+    for seed in (0, 1):
+        rows = _rows_by_counts(*RATE_ENDS[(layer, seed)])
+        t1 = np.array([r.t1 for r in rows], dtype=float)
+        t2 = np.array([r.t2 for r in rows], dtype=float)
+        num.append((1 - t1) * t2 if rate == "fix_rate" else t1 * (1 - t2))
+        den.append(1 - t1 if rate == "fix_rate" else t1)
+    return np.stack(num), np.stack(den)
+
+
+def test_fix_and_break_rates_match_counts_by_hand(tmp_path):
+    root = tmp_path / "sweep2x2"
+    for job, ((layer, seed), counts) in enumerate(RATE_ENDS.items()):
+        folder = root / str(job)
+        _train_run(folder, layer, seed, (0, 0))
+        write_rows(step_file(folder, 10), _rows_by_counts(*counts))  # the end, replacing the placeholder
+    rep = make_report([str(root)], out=tmp_path / "out", log_mlflow=False, n_resamples=4000)
+    an = rep.analysis
+    assert [g.seeds for g in an.grouping.groups] == [[0, 1], [0, 1]]
+    # end, pooled over the two seeds: fixed / t1-wrong and broken / t1-right
+    grpo_fix, grpo_break = (3 + 6) / (10 + 12), (2 + 3) / (10 + 8)
+    mgrpo_fix, mgrpo_break = (4 + 5) / (7 + 11), (1 + 0) / (13 + 9)
+    assert an.end["grpo"]["fix_rate"].mean == pytest.approx(grpo_fix, abs=1e-12)
+    assert an.end["grpo"]["break_rate"].mean == pytest.approx(grpo_break, abs=1e-12)
+    assert an.end["mgrpo"]["fix_rate"].mean == pytest.approx(mgrpo_fix, abs=1e-12)
+    assert an.end["mgrpo"]["break_rate"].mean == pytest.approx(mgrpo_break, abs=1e-12)
+    # the start (_rows(6, 8) in every run): 2 of the 14 t1-wrong fixed, none of the 6 t1-right broken
+    assert an.start["grpo"]["fix_rate"].mean == pytest.approx(2 / 14, abs=1e-12)
+    assert an.start["mgrpo"]["break_rate"].mean == 0.0
+    # not the mean of per-seed rates (3/10, 6/12 -> 0.4) nor a per-problem average
+    assert an.end["grpo"]["fix_rate"].mean != pytest.approx(0.4)
+
+    for rate, a, b in (("fix_rate", grpo_fix, mgrpo_fix), ("break_rate", grpo_break, mgrpo_break)):
+        c = next(c for c in an.comparisons if c.metric == rate)
+        assert (c.a_mean, c.b_mean) == (pytest.approx(a, abs=1e-12), pytest.approx(b, abs=1e-12))
+        assert c.diff.mean == pytest.approx(b - a, abs=1e-12) and c.diff.method == "bootstrap"
+        num_a, den_a = _rate_matrices("grpo", rate)
+        num_b, den_b = _rate_matrices("mgrpo", rate)
+        low, high = _brute_ratio_bootstrap([(1.0, num_b, den_b), (-1.0, num_a, den_a)])
+        assert c.diff.low == pytest.approx(low, abs=0.03) and c.diff.high == pytest.approx(high, abs=0.03)
+        g = an.end["grpo"][rate]
+        low, high = _brute_ratio_bootstrap([(1.0, num_a, den_a)])
+        assert g.low == pytest.approx(low, abs=0.03) and g.high == pytest.approx(high, abs=0.03)
+    change = next(c for c in an.changes if c.a == "grpo" and c.metric == "fix_rate")
+    assert change.diff.mean == pytest.approx(grpo_fix - 2 / 14, abs=1e-12)
+    broke = next(c for c in an.comparisons if c.metric == "break_rate")
+    assert broke.line().startswith(f"mgrpo break rate − grpo break rate = {100 * (mgrpo_break - grpo_break):+.1f} [")
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert broke.line() in md and "| fix rate |" in md and "share of the t1-wrong problems right at t2" in md
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["groups"]["mgrpo"]["end"]["fix_rate"]["mean"] == pytest.approx(0.5)
+    assert {c["metric"] for c in saved["comparisons"]} >= {"fix_rate", "break_rate"}
+
+
+def test_ratio_bootstrap_of_a_rate_without_denominator_is_undefined():
+    from mgrpo_cli.reporting.stats import crossed_bootstrap_ratio
+
+    iv = crossed_bootstrap_ratio([(1.0, np.zeros((2, 5)), np.zeros((2, 5)))], n_resamples=100)
+    assert math.isnan(iv.mean) and not iv.defined
