@@ -10,14 +10,18 @@ rho = exp(x):
 where delta (INTELLECT-2) is off by default and m_it keeps the top-entropy share of tokens
 (``top_entropy_mask``; all by default); ``PolicyLoss`` holds the choices, made once. Per-token
 losses are aggregated per sequence then over the batch (``grpo``), over all tokens (``dapo``), or by
-a constant (``dr_grpo``). Ungradable responses carry a NaN reward: they are left out of the group
-statistics and get zero advantage. When each rollout is used for one update, pi_old =
+a constant (``dr_grpo``). The other losses (``LOSS_TYPES``: bnpo, cispo, sapo, luspo, vespo) swap the
+clipped term and/or the aggregation, chosen once by name; the other advantage estimators
+(``ADV_ESTIMATORS``: rloo, reinforce_plus_plus_baseline) replace the group normalisation, and
+``decoupled_advantages`` (GDPO) normalises each reward term before summing. Ungradable responses
+carry a NaN reward: they are left out of the group statistics and get zero advantage. When each rollout is used for one update, pi_old =
 pi_theta.detach(), so rho = 1 in value but carries the policy gradient; with several updates
 (``num_iterations``) pi_old is the log-prob stored before the first.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,6 +77,110 @@ def zero_variance_share(rewards: torch.Tensor) -> float:
     return (~varied_groups(rewards)).float().mean().item()
 
 
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (verl ``adv_estimator=rloo``): A_i = r_i - mean_{j != i} r_j over the gradable rewards of
+    the group, = n / (n - 1) * (r_i - mean r) with n gradable rewards; no scaling. (n_groups, G) ->
+    same shape; ungradable and flat groups (fewer than two gradable rewards, or all equal) get 0."""
+    valid = ~torch.isnan(rewards)
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = valid.sum(-1, keepdim=True)
+    others = (r.sum(-1, keepdim=True) - r) / (n - 1).clamp(min=1)  # mean of the group without row i
+    keep = valid & varied_groups(rewards).unsqueeze(-1)
+    return torch.where(keep, r - others, torch.zeros_like(r))
+
+
+def reinforce_plus_plus_baseline_advantages(rewards: torch.Tensor, lengths: torch.Tensor,
+                                            eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ with a group baseline (verl ``reinforce_plus_plus_baseline``): r_i - mean of its
+    group, then whitened over the whole batch as verl whitens its token-level advantages: mean and
+    unbiased variance over every completion token (a completion counts ``lengths[i]`` times),
+    (x - mean) / sqrt(var + eps). (n_groups, G) rewards and completion lengths -> advantages; ungradable
+    completions, flat groups and empty completions get 0 and stay out of the batch statistics."""
+    valid = ~torch.isnan(rewards)
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = valid.sum(-1, keepdim=True)
+    centred = r - r.sum(-1, keepdim=True) / n.clamp(min=1)
+    keep = valid & varied_groups(rewards).unsqueeze(-1)
+    w = torch.where(valid, lengths.to(r.dtype), torch.zeros_like(r))  # tokens per completion
+    total = w.sum()
+    if total < 2:
+        return torch.zeros_like(r)
+    mean = (centred * w).sum() / total
+    var = ((centred - mean).pow(2) * w).sum() / (total - 1)
+    return torch.where(keep, (centred - mean) / torch.sqrt(var + eps), torch.zeros_like(r))
+
+
+def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's ``normalize_then_sum``: each reward term normalised within its group (as
+    :func:`group_advantages` with ``group`` scaling: a flat term gives 0), the weighted sum, then that
+    sum normalised over the batch, (s - mean) / (std + eps). (n_groups, G, K) term values (NaN =
+    ungradable: the completion gets 0 and stays out of every statistic), (K,) weights -> (n_groups, G)."""
+    valid = ~torch.isnan(terms).any(-1)  # (n_groups, G): every term graded
+    per_term = torch.stack([group_advantages(torch.where(valid, terms[..., k], torch.full_like(valid, float("nan"),
+                                                                                                dtype=terms.dtype)),
+                                             "group", eps) for k in range(terms.shape[-1])], -1)
+    summed = (per_term * weights.to(terms.dtype)).sum(-1)
+    if valid.sum() < 2:
+        return torch.zeros_like(summed)
+    mean = summed[valid].mean()
+    std = summed[valid].std()
+    out = (summed - mean) / (std + eps) if std + eps > 0 else summed - mean
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def _grpo_estimator(scale: str, eps: float):
+    def estimate(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return group_advantages(rewards, scale, eps)
+    return estimate
+
+
+def _rloo_estimator(scale: str, eps: float):
+    return lambda rewards, lengths: rloo_advantages(rewards)
+
+
+def _rf_baseline_estimator(scale: str, eps: float):
+    return lambda rewards, lengths: reinforce_plus_plus_baseline_advantages(rewards, lengths)
+
+
+# grpo.adv_estimator -> (scale_rewards, std_eps) -> f((n_groups, G) rewards, (n_groups, G) lengths) -> advantages
+ADV_ESTIMATORS: dict[str, Callable[[str, float], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "grpo": _grpo_estimator,
+    "rloo": _rloo_estimator,
+    "reinforce_plus_plus_baseline": _rf_baseline_estimator,
+}
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """How a layer's rewards become advantages, chosen once (:func:`advantage_fn`): the estimator of
+    the summed reward, or, with ``decoupled`` (GDPO), :func:`decoupled_advantages` of the reward terms."""
+
+    estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    decoupled: bool = False
+    eps: float = 1e-4
+
+    def __call__(self, rewards: torch.Tensor, lengths: torch.Tensor, terms: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(n_groups, G) summed rewards and completion lengths; with ``decoupled`` the (n_groups, G, K)
+        weighted-sum's terms and their (K,) weights."""
+        if self.decoupled and terms is not None:
+            return decoupled_advantages(terms, weights, self.eps)
+        return self.estimate(rewards, lengths)
+
+
+def advantage_fn(estimator: str = "grpo", scale: str = "group", eps: float = 1e-4,
+                 aggregation: str = "sum_then_normalize") -> Advantages:
+    """The :class:`Advantages` of these settings (verl's ``adv_estimator``, TRL's ``multi_objective_aggregation``)."""
+    if estimator not in ADV_ESTIMATORS:
+        raise ValueError(f"adv_estimator: expected one of {tuple(ADV_ESTIMATORS)}, got {estimator!r}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale_rewards: expected one of {SCALE_MODES}, got {scale!r}")
+    if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+        raise ValueError(f"multi_objective_aggregation: expected sum_then_normalize or normalize_then_sum, "
+                         f"got {aggregation!r}")
+    return Advantages(ADV_ESTIMATORS[estimator](scale, eps), aggregation == "normalize_then_sum", eps)
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[..., index] without a full-vocabulary log-prob copy. (B, T, V), (B, T) -> (B, T)."""
     if logits.dtype in (torch.float32, torch.float64):
@@ -93,45 +201,61 @@ CHUNK_ELEMENTS = 2 ** 26
 
 class _ChunkedLinearLogProb(torch.autograd.Function):
     """log_softmax(scale * hidden @ weight.T)[i, index[i]] for (N, H) hidden and (V, H) weight, ``chunk``
-    rows at a time. Only the (N,) log-sum-exps are kept for backward, which recomputes each chunk's
-    logits: d logp_i / d logit_ij = scale * (1[j = index_i] - softmax_ij)."""
+    rows at a time, and each row's entropy when asked. Only the (N,) log-sum-exps (and entropies) are
+    kept for backward, which recomputes each chunk's logits l: d logp_i / d l_ij = 1[j = index_i] -
+    softmax_ij and d H_i / d l_ij = -softmax_ij * (l_ij - (lse_i - H_i)), times ``scale`` for the raw
+    logits. Hidden states and weight may differ in dtype (an fp32 head on bf16 hidden states): the
+    matmuls run in the wider one."""
 
     @staticmethod
     def forward(ctx, hidden, weight, index, scale: float, chunk: int, entropy: bool):
         ftype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        mtype = torch.promote_types(hidden.dtype, weight.dtype)  # the matmuls' dtype
         out = torch.empty(hidden.shape[0], dtype=ftype, device=hidden.device)
         lse = torch.empty_like(out)
         # each token's entropy from the same chunk, lse - sum softmax * logits (empty when not asked for)
-        ent = torch.empty(hidden.shape[0] if entropy else 0, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(hidden.shape[0] if entropy else 0, dtype=ftype, device=hidden.device)
+        w = weight.to(mtype)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.T).to(ftype) * scale  # (c, V)
+            logits = (hidden[s:s + chunk].to(mtype) @ w.T).to(ftype) * scale  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             out[s:s + chunk] = logits.gather(-1, index[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
             if entropy:
                 probs = torch.exp(logits - lse[s:s + chunk, None])
                 ent[s:s + chunk] = lse[s:s + chunk] - (probs * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, index, lse)
+        ctx.save_for_backward(hidden, weight, index, lse, ent)
         ctx.scale, ctx.chunk = scale, chunk
-        ctx.mark_non_differentiable(ent)
+        ctx.set_materialize_grads(False)
         return out, ent
 
     @staticmethod
     def backward(ctx, grad_out, grad_ent):
-        hidden, weight, index, lse = ctx.saved_tensors
+        hidden, weight, index, lse, ent = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_ent is not None and ent.numel() == 0:
+            grad_ent = None
+        mtype = torch.promote_types(hidden.dtype, weight.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         # half-precision weights: the chunks' weight gradients are summed in float32
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        w = weight.to(mtype)
         for s in range(0, hidden.shape[0], chunk):
-            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].to(lse.dtype)
-            logits = (h @ weight.T).to(lse.dtype) * scale
-            d = torch.exp(logits - lse[s:s + chunk, None]).mul_(-g[:, None])  # -g * softmax
-            d.scatter_add_(-1, index[s:s + chunk, None], g[:, None])  # + g at the target
-            d = d.mul_(scale).to(hidden.dtype)  # (c, V) gradient of the chunk's logits
+            h = hidden[s:s + chunk].to(mtype)
+            logits = (h @ w.T).to(lse.dtype) * scale
+            probs = torch.exp(logits - lse[s:s + chunk, None])
+            d = torch.zeros_like(probs)
+            if grad_out is not None:
+                g = grad_out[s:s + chunk].to(lse.dtype)
+                d.sub_(probs * g[:, None])  # -g * softmax
+                d.scatter_add_(-1, index[s:s + chunk, None], g[:, None])  # + g at the target
+            if grad_ent is not None:
+                mean_logit = (lse[s:s + chunk] - ent[s:s + chunk])[:, None]  # E_softmax[l]
+                d.sub_(probs * (logits - mean_logit) * grad_ent[s:s + chunk].to(lse.dtype)[:, None])
+            d = d.mul_(scale).to(mtype)  # (c, V) gradient of the chunk's raw logits
             if need_h:
-                grad_h[s:s + chunk] = d @ weight
+                grad_h[s:s + chunk] = (d @ w).to(hidden.dtype)
             if need_w and acc == d.dtype:
                 grad_w.addmm_(d.T, h)
             elif need_w:
@@ -152,8 +276,9 @@ def chunked_selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, in
 def chunked_log_probs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                                   temperature: float = 1.0, chunk_tokens: int | None = None, *,
                                   entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`chunked_selective_log_softmax` and, when ``entropy``, each token's entropy (float32, no
-    gradient) made from the same logit chunks (as :func:`token_entropy` of the whole logits); else None."""
+    """:func:`chunked_selective_log_softmax` and, when ``entropy``, each token's entropy (float32, or
+    float64 for float64 inputs) made from the same logit chunks (as :func:`token_entropy` of the whole
+    logits), with its gradient (the entropy bonus); else None."""
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     scale = 1.0 / temperature if temperature > 0 else 1.0
     flat, ent = _ChunkedLinearLogProb.apply(hidden.reshape(-1, hidden.shape[-1]), weight, index.reshape(-1), scale,
@@ -187,11 +312,11 @@ LOG_RATIOS = {"token": token_log_ratio, "sequence": sequence_log_ratio}
 
 
 class Surrogate(NamedTuple):
-    """The clipped policy term per token and where each side of the clip range was active."""
+    """The policy term per token and where each side of the clip (or the cap) was active."""
 
-    loss: torch.Tensor  # (B, T) -min(rho * A, clip(rho) * A)
+    loss: torch.Tensor  # (B, T) e.g. -min(rho * A, clip(rho) * A)
     low: torch.Tensor  # (B, T) bool: rho < 1 - eps_low with A < 0 (the clipped branch counts)
-    high: torch.Tensor  # (B, T) bool: rho > 1 + eps_high with A > 0
+    high: torch.Tensor  # (B, T) bool: rho > 1 + eps_high with A > 0 (cispo: rho above its cap with A > 0)
 
     @property
     def region(self) -> torch.Tensor:
@@ -214,11 +339,89 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low
     return Surrogate(loss, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0))
 
 
+def cispo_surrogate(log_ratio: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor, cap: float) -> Surrogate:
+    """CISPO (MiniMax-M1): the importance weight itself is capped and detached, and multiplies the
+    REINFORCE term: -sg[min(rho, cap)] * A * log pi. Every token keeps a gradient (none is clipped
+    away), sg[min(rho, cap)] * A * grad log pi; at rho = 1 (and cap >= 1) this is the plain policy
+    gradient. ``high`` marks the capped tokens with A > 0 (TRL's ``cispo_clip_ratio``)."""
+    ratio = torch.exp(log_ratio).detach()
+    adv = advantages.unsqueeze(-1)
+    loss = -torch.clamp(ratio, max=cap) * adv * logp
+    return Surrogate(loss, torch.zeros_like(loss, dtype=torch.bool), (ratio > cap) & (adv > 0))
+
+
+def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, tau_pos: float, tau_neg: float) -> Surrogate:
+    """SAPO's soft gate instead of the hard clip: -(4 / tau) * sigmoid(tau * (rho - 1)) * A, with
+    tau = ``tau_pos`` where A > 0 and ``tau_neg`` elsewhere. Its derivative in rho is
+    4 * sigma * (1 - sigma), 1 at rho = 1 (the plain policy gradient there), decaying smoothly as rho
+    leaves 1 (faster for a larger tau) instead of dropping to 0 at the clip edge."""
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(-1)
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    none = torch.zeros_like(loss, dtype=torch.bool)
+    return Surrogate(loss, none, none)
+
+
+def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, k_pos: float,
+                  lambda_pos: float, k_neg: float, lambda_neg: float) -> torch.Tensor:
+    """VESPO's Gamma weight of each sequence's importance weight, (B, 1), no gradient:
+    phi(w) = exp(lambda + k log w - lambda w) (so phi(1) = 1), w = exp(sum_t log rho_t) over the
+    completion tokens, (k, lambda) = (``k_pos``, ``lambda_pos``) where A >= 0, else the ``neg`` pair.
+    The token log-ratios are clamped to [-20, 20] and log w to [log 1e-8, 20]; a weight that over- or
+    underflows is 0."""
+    with torch.no_grad():
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, math.log(1e-8), 20.0)
+        nonneg = advantages.unsqueeze(-1) >= 0
+        k = torch.where(nonneg, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
+        lam = torch.where(nonneg, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg)).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def vespo_surrogate(log_ratio: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                    k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> Surrogate:
+    """VESPO: -phi(w) * A * log pi per token (:func:`vespo_weights`): the REINFORCE term scaled by a
+    smooth weight of the whole sequence's importance weight instead of a clip; phi(1) = 1, so at
+    ratio 1 it is the plain policy gradient."""
+    phi = vespo_weights(log_ratio, mask, advantages, k_pos, lambda_pos, k_neg, lambda_neg)
+    loss = -phi * advantages.unsqueeze(-1) * logp
+    none = torch.zeros_like(loss, dtype=torch.bool)
+    return Surrogate(loss, none, none)
+
+
+def off_policy_mask(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask, (B, 1) float: a completion is dropped (0) when its
+    advantage is negative and its mean token log(pi_old / pi_theta) over the completion tokens exceeds
+    ``threshold`` (the policy moved far from what sampled it); kept (1) otherwise."""
+    kl = ((old_logp - logp.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    keep = (advantages.unsqueeze(-1) >= 0) | (kl <= threshold)
+    return keep.to(mask.dtype)
+
+
 class TokenLoss(NamedTuple):
-    loss: torch.Tensor  # (B, T) policy term (times the token mask) + beta * KL
-    kl: torch.Tensor  # (B, T) k3 KL, detached; zeros without a KL term
+    loss: torch.Tensor  # (B, T) policy term (times the token and off-policy masks) + beta * KL
+    kl: torch.Tensor  # (B, T) the KL term as in the loss (k3, times the ratio with bias correction), detached
     low: torch.Tensor  # (B, T) bool, see Surrogate
     high: torch.Tensor  # (B, T) bool
+    masked: torch.Tensor  # (B, 1) bool: completions the off-policy mask dropped (all False without it)
+
+
+def _clip_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
+    return clipped_surrogate(x, adv, p.eps_low, p.eps_high, p.delta)
+
+
+def _cispo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
+    return cispo_surrogate(x, logp, adv, p.eps_high)
+
+
+def _sapo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
+    return sapo_surrogate(x, adv, p.sapo_temperature_pos, p.sapo_temperature_neg)
+
+
+def _vespo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
+    return vespo_surrogate(x, logp, mask, adv, *p.vespo)
 
 
 @dataclass(frozen=True)
@@ -227,7 +430,10 @@ class PolicyLoss:
 
     ``old_logp`` None means pi_old = pi_theta.detach() (one update per rollout: rho = 1 in value, the
     policy gradient in its gradient). ``token_mask`` (top-entropy tokens) multiplies the policy term
-    only; the KL term and the aggregation mask stay on every completion token (as TRL).
+    only; the KL term and the aggregation mask stay on every completion token (as TRL). ``objective``
+    is the policy term of the loss type (``LOSS_TYPES``); ``off_policy_threshold`` drops far
+    off-policy negative-advantage completions from the policy term; ``bias_correction_kl`` multiplies
+    the KL term by the ratio (the unbiased estimate of KL(pi_theta || pi_ref) under pi_old's samples).
     """
 
     eps_low: float = 0.2
@@ -235,29 +441,32 @@ class PolicyLoss:
     delta: float | None = None
     beta: float = 0.0
     log_ratio: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = token_log_ratio
+    objective: Callable[..., Surrogate] = _clip_objective
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
+    off_policy_threshold: float | None = None
+    bias_correction_kl: bool = False
 
     def __call__(self, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                  old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
                  token_mask: torch.Tensor | None = None) -> TokenLoss:
         old = logp.detach() if old_logp is None else old_logp
-        sur = clipped_surrogate(self.log_ratio(logp, old, mask), advantages, self.eps_low, self.eps_high, self.delta)
+        x = self.log_ratio(logp, old, mask)
+        sur = self.objective(self, x, logp, mask, advantages)
         loss = sur.loss if token_mask is None else sur.loss * token_mask
+        masked = torch.zeros(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
+        if self.off_policy_threshold is not None:
+            keep = off_policy_mask(logp, old, mask, advantages, self.off_policy_threshold)
+            loss, masked = loss * keep, keep == 0
         if self.beta > 0 and ref_logp is not None:
             kl = k3_kl(logp, ref_logp)
+            if self.bias_correction_kl:
+                kl = kl * torch.exp(x)
             loss = loss + self.beta * kl
         else:
             kl = torch.zeros_like(logp)
-        return TokenLoss(loss, kl.detach(), sur.low, sur.high)
-
-
-def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None,
-                delta: float | None = None, beta: float = 0.0) -> PolicyLoss:
-    """The :class:`PolicyLoss` of these settings (TRL's names; epsilon_high None = epsilon)."""
-    if importance_sampling_level not in LOG_RATIOS:
-        raise ValueError(f"importance_sampling_level: expected one of {tuple(LOG_RATIOS)}, "
-                         f"got {importance_sampling_level!r}")
-    return PolicyLoss(epsilon, epsilon if epsilon_high is None else epsilon_high, delta, beta,
-                      LOG_RATIOS[importance_sampling_level])
+        return TokenLoss(loss, kl.detach(), sur.low, sur.high, masked)
 
 
 def _per_sequence_mean(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -268,24 +477,85 @@ def _per_sequence_sum(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return summed
 
 
-# loss_type -> (per-sequence term from the summed token values, the whole batch's normaliser)
-AGGREGATIONS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                              Callable[[torch.Tensor, int], float]]] = {
-    "grpo": (_per_sequence_mean, lambda mask, length: float(max(mask.shape[0], 1))),  # 1/|o_i|, then rows
-    "dapo": (_per_sequence_sum, lambda mask, length: float(max(mask.sum().item(), 1))),  # every token alike
-    "dr_grpo": (_per_sequence_sum, lambda mask, length: float(max(mask.shape[0] * length, 1))),  # a constant
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token losses become the batch's scalar: a per-sequence term from the summed token values,
+    summed over the rows and divided by ``normalizer(mask, max_completion_length)`` of the whole batch;
+    ``local`` (bnpo): each micro-batch is divided by its own counted tokens instead, and the layer's
+    loss is the mean over its micro-batches (TRL's local batch = our micro-batch)."""
+
+    per_sequence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    normalizer: Callable[[torch.Tensor, int], float]
+    local: bool = False
+
+
+def _rows(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.shape[0], 1))
+
+
+def _tokens(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.sum().item(), 1))
+
+
+def _constant(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.shape[0] * length, 1))
+
+
+PER_SEQUENCE_MEAN = Aggregation(_per_sequence_mean, _rows)  # 1/|o_i|, then the mean over rows
+TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens)  # every token of the batch alike
+CONSTANT = Aggregation(_per_sequence_sum, _constant)  # Dr. GRPO: rows x max_completion_length
+LOCAL_TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens, local=True)
+LENGTH_SCALED = Aggregation(_per_sequence_sum, _rows)  # LUSPO: the sequence's mean times its length, mean over rows
+
+# grpo.loss_type -> (the policy term, the aggregation)
+LOSS_TYPES: dict[str, tuple[Callable[..., Surrogate], Aggregation]] = {
+    "grpo": (_clip_objective, PER_SEQUENCE_MEAN),
+    "dapo": (_clip_objective, TOKEN_MEAN),
+    "dr_grpo": (_clip_objective, CONSTANT),
+    "bnpo": (_clip_objective, LOCAL_TOKEN_MEAN),
+    "luspo": (_clip_objective, LENGTH_SCALED),
+    "cispo": (_cispo_objective, TOKEN_MEAN),
+    "sapo": (_sapo_objective, PER_SEQUENCE_MEAN),
+    "vespo": (_vespo_objective, TOKEN_MEAN),
 }
+AGGREGATIONS: dict[str, Aggregation] = {name: agg for name, (_, agg) in LOSS_TYPES.items()}
+
+
+def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None,
+                delta: float | None = None, beta: float = 0.0, loss_type: str = "grpo", *,
+                sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+                off_policy_threshold: float | None = None, bias_correction_kl: bool = False) -> PolicyLoss:
+    """The :class:`PolicyLoss` of these settings (TRL's names; epsilon_high None = epsilon; for
+    ``cispo`` epsilon_high is the cap of the importance weight itself, TRL's and ScaleRL's eps_max)."""
+    if importance_sampling_level not in LOG_RATIOS:
+        raise ValueError(f"importance_sampling_level: expected one of {tuple(LOG_RATIOS)}, "
+                         f"got {importance_sampling_level!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    return PolicyLoss(epsilon, epsilon if epsilon_high is None else epsilon_high, delta, beta,
+                      LOG_RATIOS[importance_sampling_level], LOSS_TYPES[loss_type][0], sapo_temperature_pos,
+                      sapo_temperature_neg, tuple(vespo), off_policy_threshold, bias_correction_kl)
 
 
 def sequence_terms(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     """(B, T) per-token values -> (B,) per-sequence terms, to be summed and divided by
     :func:`loss_normalizer` (so micro-batches add up to the whole batch's loss)."""
-    return AGGREGATIONS[loss_type][0]((per_token * mask).sum(-1), mask)
+    return AGGREGATIONS[loss_type].per_sequence((per_token * mask).sum(-1), mask)
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
     """What the summed sequence terms of the whole batch (mask: (B, T)) are divided by."""
-    return AGGREGATIONS[loss_type][1](mask, max_completion_length)
+    return AGGREGATIONS[loss_type].normalizer(mask, max_completion_length)
+
+
+def pass_normalizer(mask: torch.Tensor, loss_type: str, batch_norm: float, passes: int) -> float:
+    """What one micro-batch's (mask: its (b, T) counted tokens) summed sequence terms are divided by:
+    the whole batch's ``batch_norm``, or for a ``local`` aggregation (bnpo) its own counted tokens times
+    the number of micro-batches (the layer's loss is then the mean of the micro-batches' token means)."""
+    if not AGGREGATIONS[loss_type].local:
+        return batch_norm
+    return float(max(mask.sum().item(), 1)) * max(passes, 1)
 
 
 def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,
@@ -317,18 +587,46 @@ def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, 
     return (lengths > 0) & (last != eos_token_id)
 
 
-def token_entropy(logits: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, (B, T, V) -> (B, T) float32, no gradient.
+def token_entropy(logits: torch.Tensor, chunk_rows: int = 8, grad: bool = False) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, (B, T, V) -> (B, T) float32 (float64 for
+    float64 logits); with a gradient only when ``grad`` (the entropy bonus).
 
     H = logsumexp(l) - sum_v softmax(l)_v * l_v, computed ``chunk_rows`` rows at a time (upcast per
-    chunk) so the float32 softmax copy stays at chunk_rows x T x V."""
+    chunk) so the float32 softmax copy stays at chunk_rows x T x V (without ``grad``)."""
     out = []
-    with torch.no_grad():
+    ftype = torch.promote_types(logits.dtype, torch.float32)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for chunk in logits.split(chunk_rows):
-            chunk = chunk.float()
+            chunk = chunk.to(ftype)
             lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
             out.append(lse.squeeze(-1) - (torch.exp(chunk - lse) * chunk).sum(-1))
-    return torch.cat(out) if out else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+    return torch.cat(out) if out else logits.new_zeros(logits.shape[:-1], dtype=ftype)
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, tokens: float) -> torch.Tensor:
+    """The entropy term of a micro-batch: sum of its counted tokens' entropies / ``tokens`` (the counted
+    tokens of the whole layer), so the micro-batches add up to the layer's mean token entropy, which the
+    loss subtracts times the coefficient (TRL's ``entropy_coef``; the same meaning for every loss type)."""
+    return (entropy * mask).sum() / max(tokens, 1.0)
+
+
+def next_entropy_coef(coef: float, entropy: float, target: float, step: float, low: float, high: float) -> float:
+    """Skywork-OR1's adaptive entropy control, one optimizer step: the coefficient grows by ``step`` (up to
+    ``high``) when the entropy is at or below ``target``, else shrinks by ``step`` (down to ``low``)."""
+    return min(coef + step, high) if entropy <= target else max(coef - step, low)
+
+
+def applied_entropy_coef(coef: float, last_entropy: float, adaptive: bool, target: float) -> float:
+    """The coefficient a step applies: ``coef``; adaptively only while the last step's entropy was at or
+    below ``target`` (0 otherwise: the bonus switches on when the entropy collapses)."""
+    return coef if not adaptive or last_entropy <= target else 0.0
+
+
+@torch.no_grad()
+def mix_into(target: Sequence[torch.Tensor], source: Sequence[torch.Tensor], alpha: float) -> None:
+    """TR-DPO's reference update, in place: target = alpha * source + (1 - alpha) * target, tensor by tensor."""
+    for t, s in zip(target, source, strict=True):
+        t.mul_(1.0 - alpha).add_(s.to(t.dtype), alpha=alpha)
 
 
 def top_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:

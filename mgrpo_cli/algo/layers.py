@@ -60,6 +60,9 @@ class LayerResult:
     advantages: torch.Tensor  # (groups, n)
     keep: Optional[torch.Tensor] = None  # (groups * n,) bool: completions that enter the loss; None = all
     metrics: dict[str, float] = field(default_factory=dict)
+    # GDPO (normalize_then_sum): (groups, n, K) reward-term values and their (K,) weights; None = not used
+    terms: Optional[torch.Tensor] = None
+    term_weights: Optional[torch.Tensor] = None
 
 
 def first_inputs(n_problems: int) -> list[LayerInput]:
@@ -169,18 +172,36 @@ def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, proble
     n = spec.n
     prompts = [renderer.render(problems[x.problem].question, x.turns) for x in inputs]
     rollout = engine.generate(prompts, n=n, max_new_tokens=spec.max_new_tokens, temperature=loss.temperature,
-                              top_p=loss.top_p)
+                              **loss.sampling)
     row_golds = [problems[x.problem].answer for x in inputs for _ in range(n)]
     scored = reward_fn(rollout.texts, row_golds, **row_fields(problems, inputs, n, spec.depth))
     base = torch.tensor([float("nan") if r is None else r for r in scored.rewards])
     prev = [x.prev_correct for x in inputs for _ in range(n)]
     rewards = layer_rewards(base, scored.correct, prev, spec.reward, spec.improvement_bonus).view(-1, n)
-    advantages = grpo.group_advantages(rewards, loss.scale_rewards, loss.std_eps)
+    terms, weights = reward_terms(scored, prev, spec, n) if loss.advantages.decoupled else (None, None)
+    advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     correct = list(scored.correct)
     keep = torch.tensor([bool(c) for c in correct]) if spec.keep_successful else None
-    result = LayerResult(inputs, rollout, correct, rewards, advantages, keep)
+    result = LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights)
     result.metrics = layer_metrics(result)
     return result
+
+
+def reward_terms(scored, prev: Sequence[Optional[bool]], spec: LayerSpec,
+                 n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The (groups, n, K) reward-term values (NaN = ungradable) and (K,) weights of ``scored`` for GDPO's
+    per-term normalisation; a correction layer's improvement bonus is one more term of weight 1.
+    (None, None) when the reward function gives no terms."""
+    if scored.terms is None:
+        return None, None
+    values = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in scored.terms],
+                          dtype=torch.float32)
+    weights = torch.tensor(scored.weights, dtype=torch.float32)
+    if spec.reward == "improvement":
+        zero = torch.zeros(len(scored.terms))
+        bonus = layer_rewards(zero, scored.correct, prev, "improvement", spec.improvement_bonus)
+        values, weights = torch.cat([values, bonus.unsqueeze(-1)], -1), torch.cat([weights, torch.ones(1)])
+    return values.view(-1, n, values.shape[-1]), weights
 
 
 def layer_metrics(result: LayerResult) -> dict[str, float]:
@@ -224,8 +245,12 @@ def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]],
     keep = None
     if parts[0].keep is not None:
         keep = torch.cat([r.keep.view(-1, n)[list(g)].reshape(-1) for r, g in zip(parts, groups)])
-    advantages = grpo.group_advantages(rewards, loss.scale_rewards, loss.std_eps)
-    return LayerResult(inputs, rollout, correct, rewards, advantages, keep)
+    terms = weights = None
+    if parts[0].terms is not None:
+        terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups)])
+        weights = parts[0].term_weights
+    advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
+    return LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights)
 
 
 @dataclass

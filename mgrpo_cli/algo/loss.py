@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from mgrpo_cli.algo import grpo
+from mgrpo_cli.data.models import Fp32Head
 from mgrpo_cli.rollout.engine import Rollout
 
 
@@ -29,7 +30,7 @@ class LossSpec:
     beta: float  # KL weight (k3 estimator against the reference policy)
     epsilon: float  # clip range below 1
     epsilon_high: float  # clip range above 1
-    loss_type: str  # grpo | dapo | dr_grpo (grpo.sequence_terms / grpo.loss_normalizer)
+    loss_type: str  # grpo.LOSS_TYPES: the policy term and its aggregation (grpo.sequence_terms / grpo.loss_normalizer)
     scale_rewards: str  # group | batch | none (grpo.group_advantages)
     std_eps: float
     temperature: float  # sampling temperature; log-probs are taken at the same temperature
@@ -41,15 +42,50 @@ class LossSpec:
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     delta: Optional[float] = None  # cap of the ratio (INTELLECT-2); None = off
     top_entropy_quantile: float = 1.0  # share of completion tokens (highest entropy) in the policy term
+    top_k: int = 0  # sampling: the k most likely tokens (0 = all)
+    min_p: Optional[float] = None  # sampling: tokens under min_p x the top probability dropped (None = off)
+    repetition_penalty: float = 1.0  # sampling: seen tokens' logits divided (positive) or multiplied (negative)
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
+    adv_estimator: str = "grpo"  # grpo.ADV_ESTIMATORS
+    multi_objective_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO)
+    off_policy_mask_threshold: Optional[float] = None  # DeepSeek-V3.2's off-policy sequence mask; None = off
+    bias_correction_kl: bool = False  # the KL term times the ratio
+    # entropy bonus: the starting coefficient and, adaptive, its controller (grpo.next_entropy_coef)
+    entropy_coef: float = 0.0
+    adaptive_entropy: bool = False
+    entropy_target: float = 0.0
+    entropy_coef_delta: float = 0.005
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
     # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
     # passes (each is a collective there), each one forward call; the extra passes carry zero weight
     lockstep: Optional[Callable[[int], int]] = None
     # the per-token loss of the choices above, made once
     objective: grpo.PolicyLoss = field(init=False, repr=False, compare=False)
+    # rewards -> advantages of the estimator and aggregation above, made once
+    advantages: grpo.Advantages = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", grpo.policy_loss(
-            self.importance_sampling_level, self.epsilon, self.epsilon_high, self.delta, self.beta))
+            self.importance_sampling_level, self.epsilon, self.epsilon_high, self.delta, self.beta, self.loss_type,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo=self.vespo, off_policy_threshold=self.off_policy_mask_threshold,
+            bias_correction_kl=self.bias_correction_kl))
+        object.__setattr__(self, "advantages", grpo.advantage_fn(
+            self.adv_estimator, self.scale_rewards, self.std_eps, self.multi_objective_aggregation))
+
+    @property
+    def entropy_bonus(self) -> bool:
+        """Whether the loss carries an entropy term (a coefficient, or the adaptive controller)."""
+        return self.entropy_coef != 0 or self.adaptive_entropy
+
+    @property
+    def sampling(self) -> dict:
+        """The sampling knobs beyond temperature, as ``RolloutEngine.generate`` takes them."""
+        return {"top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty}
 
     @property
     def needs_first_pass(self) -> bool:
@@ -72,7 +108,7 @@ def output_weight(model) -> Optional[torch.Tensor]:
     nothing else (a plain bias-free ``nn.Linear`` head, not wrapped by an adapter, not sharded), else None."""
     base = _base(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(base, "model"):
+    if type(head) not in (torch.nn.Linear, Fp32Head) or head.bias is not None or not hasattr(base, "model"):
         return None
     if any(type(p).__name__ == "DTensor" for p in base.parameters()):
         return None  # sharded: the root module's hooks gather the head, calling the decoder alone skips them
@@ -108,10 +144,11 @@ def completion_logps(model, rollout: Rollout, rows: torch.Tensor, temperature: f
 
 def completion_logps_and_entropy(model, rollout: Rollout, rows: torch.Tensor, temperature: float,
                                  share_prompts: bool = True, chunked: Optional[bool] = None, *,
-                                 entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                                 entropy: bool = True,
+                                 entropy_grad: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`completion_logps` and, when ``entropy``, each position's next-token entropy at the same
-    temperature, (len(rows), C) float32 without gradient (``grpo.token_entropy``; on the chunked path
-    made from the same logit chunks as the log-probs); else None."""
+    temperature, (len(rows), C) float32 (``grpo.token_entropy``; on the chunked path made from the same
+    logit chunks as the log-probs), with its gradient when ``entropy_grad`` (the entropy bonus); else None."""
     weight = output_weight(model)
     if chunked is None:
         chunked = weight is not None and weight.shape[0] >= CHUNKED_VOCAB
@@ -148,7 +185,7 @@ def completion_logps_and_entropy(model, rollout: Rollout, rows: torch.Tensor, te
             out = out / temperature
         logps = grpo.selective_log_softmax(out, comp_ids)
         if entropy:
-            ent = grpo.token_entropy(out)
+            ent = grpo.token_entropy(out, grad=entropy_grad)
     full = logps.new_zeros(comp_ids.shape[0], rollout.completion_ids.shape[1])
     full[:, :width] = logps
     if ent is None:
@@ -232,6 +269,7 @@ class LayerLoss:
     old_logps: Optional[torch.Tensor] = None  # (B, C) pi_old's, stored when num_iterations > 1
     ref_logps: Optional[torch.Tensor] = None  # (B, C) the reference's, stored when num_iterations > 1 and beta > 0
     token_mask: Optional[torch.Tensor] = None  # (B, C) the top-entropy tokens, when top_entropy_quantile < 1
+    entropy_tokens: float = 1.0  # the tokens the entropy bonus averages over (counted, in the passes, token mask)
     stats: dict[str, float] = field(default_factory=dict)  # entropy and tokens of the no-grad pass
 
 
@@ -257,7 +295,7 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
     ``mask_truncated_completions`` the completions the budget cut off count for nothing. Completions
     that cannot move the loss are left out of every pass: those that do not count, and, without a KL
     term (beta = 0), those with zero advantage (every completion of a zero-variance group), whose loss
-    and gradient are exactly zero; the normaliser still counts them. The no-grad pass stores pi_old's
+    and gradient are exactly zero (unless an entropy bonus moves them); the normaliser still counts them. The no-grad pass stores pi_old's
     log-probs (num_iterations > 1; the reference's too when beta > 0) and makes the top-entropy token
     mask, whose quantile is taken over the counted tokens of the rows in the passes.
     """
@@ -270,10 +308,12 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
         mask_all = mask_all * (~rollout.truncated.to(mask_all.device)).float().unsqueeze(-1)
     norm = grpo.loss_normalizer(mask_all, spec.loss_type, spec.max_completion_length)
     active = mask_all.sum(-1) > 0
-    if spec.beta == 0:
+    if spec.beta == 0 and not spec.entropy_bonus:
         active &= advantages != 0
     batches = micro_batches(rollout, spec.micro_batch_tokens, rows=active.nonzero().squeeze(-1).tolist())
     layer = LayerLoss(rollout, advantages, mask_all, norm, batches, weight)
+    counted = mask_all * active.float().unsqueeze(-1)
+    layer.entropy_tokens = float(counted.sum().item())
     if not spec.needs_first_pass:
         return layer
     stored = spec.num_iterations > 1
@@ -294,10 +334,10 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
                 old[rows] = logp
             if ref is not None:
                 ref[rows] = ref_logps(rollout, rows)
-    counted = mask_all * active.float().unsqueeze(-1)
     layer.old_logps, layer.ref_logps = old, ref
     if spec.top_entropy_quantile < 1.0:
         layer.token_mask = grpo.top_entropy_mask(ent, counted, spec.top_entropy_quantile)
+        layer.entropy_tokens = float(layer.token_mask.sum().item())
     layer.stats = {"entropy": grpo.masked_mean(ent, counted), "loss_tokens": float(tokens),
                    "loss_tokens_computed": float(computed)}
     return layer
@@ -316,20 +356,27 @@ def _passes(layer: LayerLoss, spec: LossSpec) -> Iterator[tuple[torch.Tensor, to
 
 
 def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch.Tensor], None], *,
-              ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+              ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None,
+              entropy_coef: float = 0.0) -> dict[str, float]:
     """Accumulate ``layer.weight`` x the layer's GRPO loss into the gradients, micro-batch by micro-batch.
 
-    ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0 (unless stored). Returns the
-    loss, the mean KL and the clip fractions over the counted tokens (``clip_low``: ratio below
-    1 - epsilon with A < 0; ``clip_high``: above 1 + epsilon_high with A > 0; ``clip_region``: either),
-    the tokens run (``loss_tokens`` per row, ``loss_tokens_computed`` with each group's prompt once),
-    and, unless the no-grad pass measured it, the mean token entropy of the counted tokens run.
+    ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0 (unless stored);
+    ``entropy_coef`` (the coefficient this step applies) subtracts that times the layer's mean token
+    entropy (``grpo.entropy_bonus``). Returns the loss, the mean KL and the clip fractions over the
+    counted tokens (``clip_low``: ratio below 1 - epsilon with A < 0; ``clip_high``: above
+    1 + epsilon_high with A > 0, or cispo's capped weights; ``clip_region``: either), the share of
+    counted tokens the off-policy mask dropped (``off_policy_masked``, with the mask), the tokens run
+    (``loss_tokens`` per row, ``loss_tokens_computed`` with each group's prompt once), and, unless the
+    no-grad pass measured it, the mean token entropy of the counted tokens run.
     """
     total_loss, kl_sum, low_sum, high_sum, ent_sum, ent_n, tokens, computed = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
+    masked_sum = 0.0
     measure_entropy = "entropy" not in layer.stats
+    bonus = entropy_coef != 0
     for rows, mask in _passes(layer, spec):
         logp, ent = completion_logps_and_entropy(model, layer.rollout, rows, spec.temperature,
-                                                 share_prompts=spec.lockstep is None, entropy=measure_entropy)
+                                                 share_prompts=spec.lockstep is None,
+                                                 entropy=measure_entropy or bonus, entropy_grad=bonus)
         old = None if layer.old_logps is None else layer.old_logps[rows]
         if layer.ref_logps is not None:
             ref = layer.ref_logps[rows]
@@ -337,8 +384,13 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
             ref = ref_logps(layer.rollout, rows) if (spec.beta > 0 and ref_logps is not None) else None
         token_mask = None if layer.token_mask is None else layer.token_mask[rows]
         out = spec.objective(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask)
-        loss = grpo.sequence_terms(out.loss, mask, spec.loss_type).sum() / layer.norm
+        norm = grpo.pass_normalizer(mask, spec.loss_type, layer.norm, len(layer.batches))
+        loss = grpo.sequence_terms(out.loss, mask, spec.loss_type).sum() / norm
+        if bonus:
+            kept = mask if token_mask is None else mask * token_mask
+            loss = loss - entropy_coef * grpo.entropy_bonus(ent, kept, layer.entropy_tokens)
         backward(layer.weight * loss)
+        masked_sum += (out.masked.float() * mask).sum().item()
         total_loss += loss.item()
         kl_sum += (out.kl * mask).sum().item()
         low_sum += (out.low.float() * mask).sum().item()
@@ -346,8 +398,8 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
         if mask.any():
             n_rows, n_computed = _row_tokens(layer.rollout, rows, spec.lockstep is None)
             tokens, computed = tokens + n_rows, computed + n_computed
-            if ent is not None:
-                ent_sum += (ent * mask).sum().item()
+            if measure_entropy:
+                ent_sum += (ent.detach() * mask).sum().item()
                 ent_n += mask.sum().item()
     n = max(layer.mask.sum().item(), 1.0)  # skipped completions count as unclipped, zero-KL tokens
     stats = {"loss": total_loss, "kl": kl_sum / n, "clip_low": low_sum / n, "clip_high": high_sum / n,
@@ -355,6 +407,8 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
              "loss_tokens_computed": float(computed)}
     if measure_entropy:
         stats["entropy"] = ent_sum / ent_n if ent_n else 0.0
+    if spec.off_policy_mask_threshold is not None:
+        stats["off_policy_masked"] = masked_sum / n
     return stats
 
 

@@ -88,6 +88,25 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("grpo.top_entropy_quantile", lambda v: v is not None and 0 < v <= 1,
      "the share of tokens trained on is in (0, 1] (1.0 = every token)"),
     ("grpo.max_sampling_rounds", _at_least(1), "a layer makes at least 1 rollout per step"),
+    ("grpo.top_k", _at_least(0), "top_k keeps the k most likely tokens: an integer >= 0 (0 = all)"),
+    ("grpo.min_p", _unset_or(lambda v: 0 <= v <= 1), "min_p is a share of the top probability in [0, 1] (or null)"),
+    ("grpo.repetition_penalty", lambda v: _finite(v) and v > 0, "the repetition penalty must be > 0 (1 = off)"),
+    ("grpo.sapo_temperature_pos", lambda v: _finite(v) and v > 0, "SAPO's gate temperature must be > 0"),
+    ("grpo.sapo_temperature_neg", lambda v: _finite(v) and v > 0, "SAPO's gate temperature must be > 0"),
+    ("grpo.vespo_k_pos", lambda v: _finite(v) and v >= 0, "VESPO's power k must be a number >= 0"),
+    ("grpo.vespo_k_neg", lambda v: _finite(v) and v >= 0, "VESPO's power k must be a number >= 0"),
+    ("grpo.vespo_lambda_pos", lambda v: _finite(v) and v > 0, "VESPO's decay lambda must be > 0"),
+    ("grpo.vespo_lambda_neg", lambda v: _finite(v) and v > 0, "VESPO's decay lambda must be > 0"),
+    ("grpo.entropy_coef", lambda v: _finite(v) and v >= 0, "the entropy bonus's coefficient must be a number >= 0"),
+    ("grpo.entropy_coef_delta", lambda v: _finite(v) and v > 0, "the adaptive coefficient's step must be > 0"),
+    ("grpo.entropy_coef_min", lambda v: _finite(v) and v >= 0, "the adaptive coefficient's floor must be >= 0"),
+    ("grpo.entropy_coef_max", _finite, "the adaptive coefficient's ceiling must be a finite number"),
+    ("grpo.entropy_target", _unset_or(lambda v: _finite(v) and v >= 0), "a target entropy in nats is >= 0"),
+    ("grpo.ref_model_mixup_alpha", lambda v: _finite(v) and 0 < v <= 1,
+     "the reference moves alpha of the way to the policy: alpha in (0, 1]"),
+    ("grpo.ref_model_sync_steps", _at_least(1), "sync the reference every N >= 1 optimizer steps"),
+    ("grpo.off_policy_mask_threshold", _unset_or(lambda v: _finite(v) and v >= 0),
+     "a mean log-ratio threshold >= 0 (e.g. 0.5), or null for off"),
     ("layer.depth", _at_least(1), "need at least 1 layer (1 = GRPO, 2 = MGRPO)"),
     ("layer.k", _at_least(1), "send at least 1 response per input to the next layer"),
     ("layer.weight", lambda v: _finite(v) and v >= 0, "the correction layers' loss weight must be a number >= 0"),
@@ -139,6 +158,7 @@ def _check_train(cfg: Any) -> None:
     if g.delta is not None and g.delta <= 1 + eps_high:
         raise bad_value("grpo.delta", g.delta, f"the cap must lie above the clip range's top, 1 + epsilon_high = "
                         f"{1 + eps_high:g}, or it would change positive advantages too; or null for off")
+    _check_loss(cfg)
     if lay.depth >= 2 and lay.group_size < 2:
         raise bad_value("layer.group_size", lay.group_size, f"layer.depth={lay.depth} corrects answers in groups "
                         "of H samples; GRPO needs H >= 2")
@@ -161,6 +181,62 @@ def _check_train(cfg: Any) -> None:
     if cfg.warmup.enabled and cfg.warmup.only and not _is_embedded(cfg):
         raise bad_value("warmup.only", True, "the warm-up makes the embedded tiny model's start; it needs "
                         "model=tiny with model.path=null")
+
+
+CLIPPED_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "luspo")  # the loss types with PPO's clip (and delta)
+
+
+def _check_loss(cfg: Any) -> None:
+    """The combinations of loss, estimator and stabiliser keys that cannot work."""
+    g, t = cfg.grpo, cfg.trainer
+    loss = str(g.loss_type)
+    eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+    level = str(g.importance_sampling_level)
+    if loss == "luspo" and level != "sequence":
+        raise bad_value("grpo.loss_type", "luspo", "LUSPO scales GSPO's sequence loss by its length: it needs "
+                        "grpo.importance_sampling_level=sequence")
+    if loss == "vespo" and level != "token":
+        raise bad_value("grpo.loss_type", "vespo", "VESPO weighs each sequence by its summed token log-ratios "
+                        "itself: leave grpo.importance_sampling_level=token")
+    if loss == "cispo" and eps_high < 1:
+        raise bad_value("grpo.epsilon_high", g.epsilon_high, f"loss_type=cispo caps the importance weight itself at "
+                        f"epsilon_high ({eps_high:g} would scale every token's gradient down); set the cap, e.g. "
+                        "grpo.epsilon_high=5.0 (ScaleRL's eps_max)")
+    if g.delta is not None and loss not in CLIPPED_LOSSES:
+        raise bad_value("grpo.delta", g.delta, f"delta caps the clipped ratio, which loss_type={loss} has not; "
+                        "use null")
+    if str(g.adv_estimator) != "grpo" and str(g.scale_rewards) != "group":
+        raise bad_value("grpo.scale_rewards", g.scale_rewards, f"scales the grpo estimator's advantages; "
+                        f"adv_estimator={g.adv_estimator} has its own scaling: leave scale_rewards=group")
+    if str(cfg.reward.multi_objective_aggregation) == "normalize_then_sum" and str(g.adv_estimator) != "grpo":
+        raise bad_value("reward.multi_objective_aggregation", "normalize_then_sum", "GDPO normalises each reward "
+                        "term itself; it replaces the estimator: use it with grpo.adv_estimator=grpo")
+    if g.use_adaptive_entropy and g.entropy_target is None:
+        raise bad_value("grpo.entropy_target", None, "use_adaptive_entropy steers the entropy to a target: set "
+                        "grpo.entropy_target (nats; about the entropy logged early in training)")
+    if not g.use_adaptive_entropy and g.entropy_target is not None:
+        raise bad_value("grpo.entropy_target", g.entropy_target, "only the adaptive entropy control reads it: set "
+                        "grpo.use_adaptive_entropy=true, or leave entropy_target null")
+    if g.entropy_coef_min > g.entropy_coef_max:
+        raise bad_value("grpo.entropy_coef_min", g.entropy_coef_min, f"the floor must not exceed the ceiling "
+                        f"grpo.entropy_coef_max={g.entropy_coef_max}")
+    if g.use_bias_correction_kl and g.beta <= 0:
+        raise bad_value("grpo.use_bias_correction_kl", True, "corrects the KL term, which grpo.beta=0 turns off; "
+                        "set grpo.beta > 0")
+    if g.off_policy_mask_threshold is not None and g.num_iterations < 2:
+        raise bad_value("grpo.off_policy_mask_threshold", g.off_policy_mask_threshold, "with num_iterations=1 the "
+                        "policy is the one that sampled (log-ratio 0): nothing is ever masked; set "
+                        "grpo.num_iterations >= 2")
+    if g.sync_ref_model:
+        if g.beta <= 0:
+            raise bad_value("grpo.sync_ref_model", True, "moves the KL reference, and grpo.beta=0 has none; "
+                            "set grpo.beta > 0")
+        if cfg.lora.enabled:
+            raise bad_value("grpo.sync_ref_model", True, "with LoRA the reference is the base model (the adapter "
+                            "off), not a copy that can move; use full fine-tuning (lora=none)")
+        if t.strategy == "fsdp":
+            raise bad_value("grpo.sync_ref_model", True, "under trainer=fsdp the policy is sharded and the reference "
+                            "is not; use trainer=ddp")
 
 
 def _is_embedded(cfg: Any) -> bool:
@@ -379,7 +455,7 @@ def warm_start(cfg: Any, reward_fn) -> Optional[str]:
 def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
     """(policy, tokenizer, source): ``path`` (a warm start or export folder), else ``model.path``, else
     the randomly initialised tiny model; LoRA applied when ``lora.enabled``."""
-    from mgrpo_cli.data.models import apply_lora, load_policy
+    from mgrpo_cli.data.models import apply_lora, cast_lm_head_to_fp32, disable_dropout, load_policy
 
     path = path or cfg.model.path
     try:
@@ -389,8 +465,12 @@ def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise bad_value("model.path", path, f"could not be loaded: {first}") from None
+    if cfg.grpo.cast_lm_head_to_fp32:
+        cast_lm_head_to_fp32(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    if cfg.grpo.disable_dropout:
+        disable_dropout(model)
     return model, tok, path or "tiny (random init)"
 
 
@@ -420,7 +500,17 @@ def loss_spec(cfg: Any):
                     max_completion_length=cfg.model.max_completion_length, num_iterations=g.num_iterations,
                     mask_truncated_completions=g.mask_truncated_completions,
                     importance_sampling_level=str(g.importance_sampling_level), delta=g.delta,
-                    top_entropy_quantile=g.top_entropy_quantile)
+                    top_entropy_quantile=g.top_entropy_quantile, top_k=g.top_k, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty, sapo_temperature_pos=g.sapo_temperature_pos,
+                    sapo_temperature_neg=g.sapo_temperature_neg,
+                    vespo=(g.vespo_k_pos, g.vespo_lambda_pos, g.vespo_k_neg, g.vespo_lambda_neg),
+                    adv_estimator=str(g.adv_estimator),
+                    multi_objective_aggregation=str(cfg.reward.multi_objective_aggregation),
+                    off_policy_mask_threshold=g.off_policy_mask_threshold, bias_correction_kl=g.use_bias_correction_kl,
+                    entropy_coef=g.entropy_coef, adaptive_entropy=g.use_adaptive_entropy,
+                    entropy_target=g.entropy_target if g.entropy_target is not None else 0.0,
+                    entropy_coef_delta=g.entropy_coef_delta, entropy_coef_min=g.entropy_coef_min,
+                    entropy_coef_max=g.entropy_coef_max)
 
 
 def layer_specs(cfg: Any) -> list:
@@ -487,7 +577,7 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
     import torch
 
     from mgrpo_cli.data.models import reference_policy
-    from mgrpo_cli.training.module import MGRPOModule, OptimSpec
+    from mgrpo_cli.training.module import MGRPOModule, OptimSpec, RefSync
 
     g = cfg.grpo
     bf16_mixed = str(cfg.trainer.precision).startswith("bf16-mixed")
@@ -500,7 +590,9 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
         seed=cfg.seed, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         reference=reference_policy(policy_model, g.beta),
         shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg),
-        refill=(stream or problem_stream(cfg)).refill if g.dynamic_sampling else None)
+        refill=(stream or problem_stream(cfg)).refill if g.dynamic_sampling else None,
+        ref_sync=RefSync(g.ref_model_mixup_alpha, g.ref_model_sync_steps) if g.sync_ref_model else None,
+        fp32_head=g.cast_lm_head_to_fp32)
 
 
 def train_loader(stream, module_):

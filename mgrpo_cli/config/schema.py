@@ -44,7 +44,9 @@ Select = _choice("Select", "all", "wrong", "sample")
 L2Reward = _choice("L2Reward", "correct", "improvement")
 Keep = _choice("Keep", "all", "successful")
 Combine = _choice("Combine", "sum", "sequential")
-LossType = _choice("LossType", "grpo", "dapo", "dr_grpo")
+LossType = _choice("LossType", "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+AdvEstimator = _choice("AdvEstimator", "grpo", "rloo", "reinforce_plus_plus_baseline")
+MultiObjectiveAggregation = _choice("MultiObjectiveAggregation", "sum_then_normalize", "normalize_then_sum")
 ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
 ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence")
 LoraExport = _choice("LoraExport", "merged", "adapter")
@@ -125,6 +127,9 @@ class RewardTermConfig:
 class RewardConfig:
     name: str = "accuracy"
     terms: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    # how the terms make advantages: sum_then_normalize (the weighted sum, then grpo.adv_estimator) |
+    # normalize_then_sum (GDPO: each term normalised within its group, the weighted sum normalised over the batch)
+    multi_objective_aggregation: MultiObjectiveAggregation = MultiObjectiveAggregation.sum_then_normalize
     timeout_s: float = 2.0
     last_number_fallback: bool = False
     format_style: FormatStyle = FormatStyle.boxed
@@ -168,10 +173,23 @@ class GRPOConfig:
     prompts_per_step: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample from the k most likely tokens; 0 = all
+    min_p: Optional[float] = None  # drop tokens below min_p x the most likely token's probability; null = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or completion; 1 = off
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     beta: float = 0.0
+    # the paper's per-sequence mean (TRL's default is dapo); cispo caps the weight at epsilon_high (set it, e.g. 5.0)
     loss_type: LossType = LossType.grpo
+    sapo_temperature_pos: float = 1.0  # SAPO's gate temperature where A > 0
+    sapo_temperature_neg: float = 1.05  # and where A <= 0
+    vespo_k_pos: float = 2.0  # VESPO's Gamma weight exp(lambda + k log w - lambda w), A >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # and A < 0
+    vespo_lambda_neg: float = 2.0
+    # grpo: (r - group mean) / group std (scale_rewards) | rloo: leave-one-out baseline |
+    # reinforce_plus_plus_baseline: r - group mean, whitened over the batch's tokens (verl)
+    adv_estimator: AdvEstimator = AdvEstimator.grpo
     scale_rewards: ScaleRewards = ScaleRewards.group
     std_eps: float = 1e-4
     lr: float = 1e-4  # the embedded task: 3e-4 lost ~10 points early from one warm start (docs/benchmarks.md)
@@ -189,6 +207,26 @@ class GRPOConfig:
     delta: Optional[float] = None
     # train only on this top share of completion tokens by entropy (over each layer's batch); 1.0 = all
     top_entropy_quantile: float = 1.0
+    # entropy bonus: the loss minus entropy_coef x each layer's mean token entropy; 0 = off
+    entropy_coef: float = 0.0
+    # Skywork-OR1: per layer, the coefficient grows by entropy_coef_delta (up to entropy_coef_max) after a step
+    # whose entropy was at or below entropy_target, else shrinks (down to entropy_coef_min); applied only then
+    use_adaptive_entropy: bool = False
+    entropy_target: Optional[float] = None  # nats; required with use_adaptive_entropy
+    entropy_coef_delta: float = 0.005
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    # TR-DPO: every ref_model_sync_steps optimizer steps the KL reference becomes alpha x policy + (1 - alpha) x itself
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    # DeepSeek-V3.2: drop negative-advantage completions whose mean log(pi_old / pi_theta) exceeds this; null = off
+    off_policy_mask_threshold: Optional[float] = None
+    # DeepSeek-V3.2: the KL term times the importance ratio (unbiased under pi_old's samples)
+    use_bias_correction_kl: bool = False
+    # ScaleRL: no dropout in the policy (and reference), so log-probs are deterministic; an fp32 lm_head
+    disable_dropout: bool = False
+    cast_lm_head_to_fp32: bool = False
     # DAPO's dynamic sampling, per layer: groups whose rewards are all equal are dropped and more
     # inputs drawn until the layer's batch is full or max_sampling_rounds rollouts were made
     dynamic_sampling: bool = False

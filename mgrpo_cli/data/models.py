@@ -223,6 +223,61 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def disable_dropout(model) -> int:
+    """ScaleRL's deterministic log-probs: every dropout of ``model`` (``nn.Dropout`` modules, LoRA's
+    included, and attention dropout rates held as ``attention_dropout``) set to 0. How many it changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p != 0:
+            m.p, changed = 0.0, changed + 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout != 0:
+            m.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+class Fp32Head(torch.nn.Linear):
+    """An lm_head whose weight is float32 and whose matmul runs in float32 (autocast off for it, the
+    hidden states upcast): ScaleRL's fp32 head."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
+class _CastLike:
+    """A forward hook casting a module's output to the dtype ``like`` has at call time."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+
+    def __call__(self, module, args, out):
+        return out.to(self.like.dtype)
+
+
+def cast_lm_head_to_fp32(model) -> None:
+    """ScaleRL's fp32 head: the lm_head becomes an :class:`Fp32Head` on the same weight, cast to float32.
+    A head tied to the input embedding shares that weight, so the embedding's output is cast back to
+    the dtype of the model's other parameters. Idempotent (re-applied after a precision plugin casts
+    the whole model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if type(head) is Fp32Head:
+        head.float()
+        return
+    if type(head) is not torch.nn.Linear:
+        raise UserError(f"grpo.cast_lm_head_to_fp32=true: the lm_head is a {type(head).__name__}, not a plain "
+                        "Linear (a LoRA adapter on it?); leave lm_head out of lora.target_modules")
+    new = Fp32Head(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    new.weight, new.bias = head.weight, head.bias
+    other = next((p for p in base.parameters() if p is not head.weight), None)
+    base.set_output_embeddings(new)
+    new.float()
+    embed = base.get_input_embeddings()
+    if embed is not None and embed.weight is new.weight and other is not None:
+        embed.register_forward_hook(_CastLike(other))
+
+
 def frozen_reference(model):
     """A frozen copy of ``model`` for the KL term (full fine-tuning with beta > 0)."""
     ref = copy.deepcopy(model).eval()

@@ -29,6 +29,10 @@ class Scored:
 
     rewards: list[float | None]  # weighted reward; None = cannot be graded
     correct: list[bool | None]  # answer correctness; None = ungradable
+    # each completion's term values (unweighted, in the order of ``weights``), for GDPO's per-term
+    # normalisation (reward.multi_objective_aggregation=normalize_then_sum); None = not given
+    terms: list[list[float | None]] | None = None
+    weights: list[float] | None = None
 
 
 def accuracy_reward(completions: Sequence[str], golds: Sequence[str], *, grader: Grader) -> list[float | None]:
@@ -106,7 +110,8 @@ class RewardFunction:
         for i in range(len(completions)):
             parts = [(weight, values[name][i]) for name, weight in self.terms]
             rewards.append(None if any(v is None for _, v in parts) else sum(w * v for w, v in parts))
-        return Scored(rewards=rewards, correct=correct)
+        terms = [[values[name][i] for name, _ in self.terms] for i in range(len(completions))]
+        return Scored(rewards=rewards, correct=correct, terms=terms, weights=[w for _, w in self.terms])
 
     def close(self) -> None:
         self.grader.close()

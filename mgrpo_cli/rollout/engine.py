@@ -84,16 +84,39 @@ def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
                    [t for r in parts for t in r.texts], parts[0].n, torch.cat([r.truncated for r in parts]))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty (as transformers' ``RepetitionPenaltyLogitsProcessor``): the logits of the
+    tokens already ``seen`` (in the prompt or the completion so far; (B, V) bool) are divided by
+    ``penalty`` where positive and multiplied by it where negative, so penalty > 1 makes them less likely."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: Optional[float] = None) -> torch.Tensor:
+    """(B, V) probabilities with the tokens the filters drop set to 0 (not renormalised): ``top_k`` keeps
+    the k most likely (0 = all), ``top_p`` the smallest most-likely set whose mass reaches top_p, ``min_p``
+    those at least min_p x the most likely token's probability; applied in that order, each to what
+    the one before kept (as transformers and vLLM order them)."""
+    if top_k > 0 and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        mass = sorted_p.sum(-1, keepdim=True) if top_k > 0 else 1.0  # what top-k left
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p * mass
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if min_p is not None and min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator, top_k: int = 0,
+          min_p: Optional[float] = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = filter_probs(torch.softmax(logits.float() / temperature, dim=-1), top_k, top_p, min_p)
     # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), draws i with probability p_i
     # (torch.multinomial does the same, with a slower exponential sampler on CPU)
     noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
@@ -153,8 +176,13 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
            max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: Optional[torch.Generator] = None,
            lean: bool = True, check_every: Optional[int] = None,
-           static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           static: bool = False, top_k: int = 0, min_p: Optional[float] = None,
+           repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
+
+    ``top_k``, ``top_p``, ``min_p`` filter the distribution (:func:`filter_probs`); a
+    ``repetition_penalty`` other than 1 penalises each row's tokens seen so far (prompt and completion,
+    :func:`penalize_repeats`), greedy decoding included.
 
     ``lean``: decode with :class:`~mgrpo_cli.rollout.decode.LeanDecoder` where the model supports it (``static``:
     its fixed-shape step, see there). ``check_every``: steps between looks at the finished rows
@@ -176,6 +204,10 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     else:
         decoder = _ModelDecoder(model, cache, prompt_mask, n, max_new_tokens)
     rows = prompt_ids.shape[0] * n
+    seen = None  # (b, V) bool: each batch row's tokens so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        counts = torch.zeros(prompt_ids.shape[0], logits.shape[-1], dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, prompt_ids, prompt_mask.long()).gt(0).repeat_interleave(n, 0)
     buckets = batch_buckets(rows)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
@@ -183,7 +215,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted EOS
     length = lengths.clone()  # (b,) completion length of each batch row (max_new_tokens while running)
     for t in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_p, generator)  # (b,)
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
+        nxt = _pick(logits, temperature, top_p, generator, top_k, min_p)  # (b,)
+        if seen is not None:
+            seen[torch.arange(nxt.shape[0], device=device), nxt] = True
         finished = running & (nxt == eos_token_id)
         nxt = torch.where(running, nxt, pad_token_id)  # finished rows write padding
         tokens[live, t] = nxt
@@ -203,6 +239,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
                 keep = torch.argsort((~running).to(torch.uint8), stable=True)[:size].sort().values
                 lengths[live] = length
                 live, nxt, next_pos, running, length = live[keep], nxt[keep], next_pos[keep], running[keep], length[keep]
+                if seen is not None:
+                    seen = seen[keep]
                 decoder.select(keep)
         logits = decoder.step(nxt, next_pos, t)
         next_pos = next_pos + 1
@@ -215,7 +253,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Rollout: ...
+                 top_p: float = 1.0, top_k: int = 0, min_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> Rollout: ...
 
     def reseed(self, seed: int) -> None: ...
 
@@ -247,7 +286,8 @@ class HFEngine:
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def generate(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0) -> Rollout:
+                 top_p: float = 1.0, top_k: int = 0, min_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> Rollout:
         prompt_ids, prompt_mask = self.encode(prompts)
         was_training = self.model.training
         self.model.eval()
@@ -255,7 +295,8 @@ class HFEngine:
             gen = self.generator if self.device.type == "cpu" else None
             ids, mask = sample(self.model, prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
                                eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               temperature=temperature, top_p=top_p, generator=gen)
+                               temperature=temperature, top_p=top_p, generator=gen, top_k=top_k, min_p=min_p,
+                               repetition_penalty=repetition_penalty)
         finally:
             self.model.train(was_training)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from mgrpo_cli.algo import grpo
 from mgrpo_cli.algo.layers import (
     LayerInput,
     LayerResult,
@@ -51,7 +52,7 @@ from mgrpo_cli.algo.layers import (
 from mgrpo_cli.algo.loss import TOKEN_COUNTS, LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
 from mgrpo_cli.algo.solve import SolveSpec, solve
 from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.data.models import is_peft, restore_rotary, rotary_frequencies
+from mgrpo_cli.data.models import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.data.problems import Problem
 from mgrpo_cli.grading.extract import extract_answer
 from mgrpo_cli.reporting.metrics import self_correction
@@ -73,6 +74,14 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
+class RefSync:
+    """TR-DPO: every ``every`` optimizer steps the KL reference becomes alpha x policy + (1 - alpha) x itself."""
+
+    alpha: float
+    every: int
+
+
+@dataclass(frozen=True)
 class TrainedStep:
     """What the last training step trained on, for callbacks (``callbacks.SamplesTable``): each layer's
     spec and result, and the step's problems (dynamic sampling's refills included)."""
@@ -86,7 +95,8 @@ class MGRPOModule(L.LightningModule):
                  layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
                  seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
                  shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
-                 refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None):
+                 refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None,
+                 ref_sync: Optional[RefSync] = None, fp32_head: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -96,6 +106,12 @@ class MGRPOModule(L.LightningModule):
         self.validation = validation
         self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
+        self.ref_sync = ref_sync if reference is not None else None
+        self.ref_syncs = 0  # reference updates made (TR-DPO), kept in the checkpoint with the reference
+        self.fp32_head = fp32_head  # re-applied after Lightning's precision cast (on_fit_start)
+        # the entropy bonus per layer depth: the coefficient and the last step's (rank-averaged) entropy
+        self.entropy_coefs = {spec.depth: loss.entropy_coef for spec in layers}
+        self.last_entropy = {spec.depth: float("inf") for spec in layers}
         self.seed = seed
         self.rng = random.Random(seed)  # reseeded at every training step
         # dynamic sampling's more problems for layer 1: refill(step, rank, round, n) (ProblemStream.refill)
@@ -137,17 +153,30 @@ class MGRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mgrpo"] = {"batches_done": self.batches_done, "nonfinite": self.guard.state_dict(),
-                               "start_val": dict(self.start_val)}
+                               "start_val": dict(self.start_val), "entropy_coefs": dict(self.entropy_coefs),
+                               "last_entropy": dict(self.last_entropy)}
+        if self.ref_sync is not None:  # the moved reference is state of the run (otherwise a copy of the start)
+            checkpoint["mgrpo"]["reference"] = self._reference[0].state_dict()
+            checkpoint["mgrpo"]["ref_syncs"] = self.ref_syncs
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("mgrpo", {})
         self.batches_done = saved.get("batches_done", 0)
         if "nonfinite" in saved:
             self.guard.load_state_dict(saved["nonfinite"])
+        self.entropy_coefs.update(saved.get("entropy_coefs", {}))
+        self.last_entropy.update(saved.get("last_entropy", {}))
+        if self.ref_sync is not None and "reference" in saved:
+            self._reference[0].load_state_dict(saved["reference"])
+            self.ref_syncs = saved.get("ref_syncs", 0)
         # start_val stays this run's: resume= reads it from the checkpoint before fit (train._saved_start)
 
     def on_fit_start(self) -> None:
         restore_rotary(self.policy, self._rotary)
+        if self.fp32_head:
+            cast_lm_head_to_fp32(self.policy)
+            if self._reference[0] is not None:
+                cast_lm_head_to_fp32(self._reference[0])
 
     def on_train_start(self) -> None:
         self.policy.train()  # rollouts switch to eval mode and back; validation leaves it in eval mode
@@ -270,8 +299,40 @@ class MGRPOModule(L.LightningModule):
         metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
         metrics["train/nonfinite_steps"] = float(self.guard.total)
         metrics["train/step_time"] = seconds
+        if self.ref_sync is not None:
+            metrics["train/ref_syncs"] = float(self.ref_syncs)
         self.batches_done += 1
-        self._log_step(distributed.mean_over_ranks(metrics), batch_size)
+        metrics = distributed.mean_over_ranks(metrics)
+        self._steer_entropy(metrics)
+        self._log_step(metrics, batch_size)
+
+    def _steer_entropy(self, metrics: dict[str, float]) -> None:
+        """Skywork-OR1's adaptive entropy control, once per training step and layer, from the layer's
+        entropy averaged over ranks (so every rank holds the same coefficients)."""
+        if not self.loss.adaptive_entropy:
+            return
+        spec = self.loss
+        for depth in self.entropy_coefs:
+            entropy = metrics.get(f"train/layer{depth}/entropy")
+            if entropy is None:  # the layer did not run this step
+                continue
+            self.entropy_coefs[depth] = grpo.next_entropy_coef(self.entropy_coefs[depth], entropy, spec.entropy_target,
+                                                               spec.entropy_coef_delta, spec.entropy_coef_min,
+                                                               spec.entropy_coef_max)
+            self.last_entropy[depth] = entropy
+
+    def _entropy_coef(self, depth: int) -> float:
+        """The entropy bonus's coefficient this step applies to layer ``depth``."""
+        return grpo.applied_entropy_coef(self.entropy_coefs[depth], self.last_entropy[depth],
+                                         self.loss.adaptive_entropy, self.loss.entropy_target)
+
+    def _sync_reference(self) -> None:
+        """TR-DPO: after every ``ref_sync.every``-th optimizer step the reference moves alpha of the way to
+        the policy (``grpo.mix_into``); every rank does the same with the same (averaged) weights."""
+        if self.ref_sync is None or self.trainer.global_step % self.ref_sync.every != 0:
+            return
+        grpo.mix_into(list(self._reference[0].parameters()), list(self.policy.parameters()), self.ref_sync.alpha)
+        self.ref_syncs += 1
 
     def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]],
                 metrics: dict[str, float]) -> bool:
@@ -282,17 +343,21 @@ class MGRPOModule(L.LightningModule):
         updated = True
         for _ in range(self.loss.num_iterations):
             loss = 0.0
-            for (_, layer, _), total in zip(pending, totals):
-                stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps)
+            for (spec, layer, _), total in zip(pending, totals):
+                stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps,
+                                  entropy_coef=self._entropy_coef(spec.depth) if self.loss.entropy_bonus else 0.0)
                 loss += stats["loss"]
                 for k, v in stats.items():
                     total[k] = total.get(k, 0.0) + v
             updated &= self._step_optimizer(opt, loss)
+            self._sync_reference()
         mu = self.loss.num_iterations
         for (spec, layer, sampled), total in zip(pending, totals):
             passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
             for k in TOKEN_COUNTS:
                 passes[k] += layer.stats.get(k, 0.0)
+            if self.loss.entropy_bonus:
+                passes["entropy_coef"] = self._entropy_coef(spec.depth)
             metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
         return updated
 

@@ -245,7 +245,10 @@ def test_loss_aggregation_variants_on_masks():
     assert dapo.item() == pytest.approx(10.0 / 4.0)
     dr = grpo.sequence_terms(per_token, mask, "dr_grpo").sum() / grpo.loss_normalizer(mask, "dr_grpo", 5)
     assert dr.item() == pytest.approx(10.0 / 10.0)
-    assert set(grpo.AGGREGATIONS) == {"grpo", "dapo", "dr_grpo"}  # the schema's LossType
+    from mgrpo_cli.config.schema import AdvEstimator, LossType
+
+    assert set(grpo.LOSS_TYPES) == {t.value for t in LossType}  # the schema's closed sets
+    assert set(grpo.ADV_ESTIMATORS) == {e.value for e in AdvEstimator}
 
 
 def test_grpo_loss_gradient_is_policy_gradient():
@@ -401,10 +404,264 @@ def test_chunked_entropy_equals_the_whole_logits_entropy(temperature):
     logps, ent = grpo.chunked_log_probs_and_entropy(hidden, weight, index, temperature, chunk_tokens=3)
     logits = hidden.detach() @ weight.T / temperature
     assert torch.allclose(ent.double(), grpo.token_entropy(logits).double(), atol=1e-5)
-    assert not ent.requires_grad
     logps.sum().backward()
     with_entropy = hidden.grad.clone()
     hidden.grad = None
     grpo.chunked_selective_log_softmax(hidden, weight, index, temperature, chunk_tokens=3).sum().backward()
     assert torch.equal(hidden.grad, with_entropy)  # asking for the entropy changes no gradient
     assert grpo.chunked_log_probs_and_entropy(hidden, weight, index, entropy=False)[1] is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_entropy_gradient_is_the_whole_logits_one(temperature):
+    """The entropy bonus's gradient through the chunked path (d H / d l = -p (l - E_p[l])) equals
+    autograd's through the whole logits, with the log-probs' gradient added, in float64."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 9, (2, 5))
+    w_ent, w_lp = torch.linspace(-1, 1, 10, dtype=torch.float64).view(2, 5), torch.rand(2, 5, dtype=torch.float64)
+    logps, ent = grpo.chunked_log_probs_and_entropy(hidden, weight, index, temperature, chunk_tokens=3)
+    ((ent * w_ent).sum() + (logps * w_lp).sum()).backward()
+    chunked = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T / temperature
+    whole_ent = grpo.token_entropy(logits, grad=True)
+    whole_lp = grpo.selective_log_softmax(logits, index)
+    ((whole_ent * w_ent).sum() + (whole_lp * w_lp).sum()).backward()
+    torch.testing.assert_close(chunked[0], hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked[1], weight.grad, rtol=1e-10, atol=1e-12)
+    hidden.grad = None
+    ent_only = grpo.chunked_log_probs_and_entropy(hidden, weight.detach(), index, temperature, chunk_tokens=3)[1]
+    ent_only.sum().backward()  # the entropy alone (no log-prob gradient reaching backward)
+    logits = hidden @ weight.detach().T / temperature
+    expected = torch.autograd.grad(grpo.token_entropy(logits, grad=True).sum(), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_log_probs_with_an_fp32_head_on_bf16_hidden_states():
+    torch.manual_seed(3)
+    hidden = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float32, requires_grad=True)
+    index = torch.randint(0, 11, (4,))
+    logps = grpo.chunked_selective_log_softmax(hidden, weight, index, chunk_tokens=3)
+    logps.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    h = hidden.detach().float().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    ref = grpo.selective_log_softmax(h @ w.T, index)
+    ref.sum().backward()
+    torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-5)  # the same float32 matmuls
+    torch.testing.assert_close(weight.grad, w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, h.grad.bfloat16(), rtol=1e-2, atol=1e-2)  # one bf16 rounding
+
+
+# ---------------------------------------------------------------- the 2026 losses, estimators and stabilisers
+
+def _ratio_logps(ratios, old=-1.0):
+    """(B, T) log-probs whose ratio to ``old`` is ``ratios``, with a gradient, and the old log-probs."""
+    old_t = torch.full((len(ratios), len(ratios[0])), old, dtype=torch.float64)
+    logp = (old_t + torch.log(torch.tensor(ratios, dtype=torch.float64))).requires_grad_(True)
+    return logp, old_t
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_at_ratio_one_every_new_loss_gives_the_plain_policy_gradient(loss_type):
+    """pi_old = pi_theta.detach(): d loss / d logp_t = -A_i / (aggregation's normaliser), as the grpo loss's."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    out = grpo.policy_loss(loss_type=loss_type, epsilon_high=5.0)(logp, adv, mask)
+    norm = grpo.loss_normalizer(mask, loss_type, 3)
+    (grpo.sequence_terms(out.loss, mask, loss_type).sum() / norm).backward()
+    per_row = 1 / mask.sum(-1, keepdim=True) / 2 if loss_type == "sapo" else torch.full((2, 1), 1 / 5.0, dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, -adv.unsqueeze(-1) * per_row * mask, rtol=1e-12, atol=1e-12)
+
+
+def test_cispo_caps_and_detaches_the_weight():
+    # ratios 0.5, 2, 8 with cap 5: weights 0.5, 2, 5 (detached), times A * logp
+    logp, old = _ratio_logps([[0.5, 2.0, 8.0]])
+    sur = grpo.cispo_surrogate(logp - old, logp, torch.tensor([2.0], dtype=torch.float64), cap=5.0)
+    expected = -torch.tensor([[0.5, 2.0, 5.0]], dtype=torch.float64) * 2.0 * logp.detach()
+    torch.testing.assert_close(sur.loss, expected, rtol=1e-12, atol=1e-12)
+    sur.loss.sum().backward()
+    # gradient: -w * A per token (no gradient through the weight, none clipped away: unlike PPO's clip)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -4.0, -10.0]], dtype=torch.float64))
+    assert sur.high.tolist() == [[False, False, True]] and not sur.low.any()
+    neg = grpo.cispo_surrogate(logp - old, logp, torch.tensor([-1.0], dtype=torch.float64), cap=5.0)
+    assert not neg.high.any()  # TRL counts the capped weights of positive advantages only
+
+
+def test_sapo_soft_gate_by_hand():
+    tau_pos, tau_neg = 1.0, 2.0
+    logp, old = _ratio_logps([[1.0, 1.5]])
+    for a, tau in ((1.0, tau_pos), (-1.0, tau_neg)):
+        lp = logp.detach().clone().requires_grad_(True)
+        sur = grpo.sapo_surrogate(lp - old, torch.tensor([a], dtype=torch.float64), tau_pos, tau_neg)
+        sig = [1 / (1 + math.exp(-tau * (r - 1))) for r in (1.0, 1.5)]
+        torch.testing.assert_close(sur.loss, torch.tensor([[-s * 4 / tau * a for s in sig]], dtype=torch.float64))
+        sur.loss.sum().backward()
+        # d/dlogp = -A * 4 sigma (1 - sigma) * rho: exactly -A at rho = 1, attenuated smoothly at 1.5
+        grads = [-a * 4 * s * (1 - s) * r for s, r in zip(sig, (1.0, 1.5))]
+        torch.testing.assert_close(lp.grad, torch.tensor([grads], dtype=torch.float64))
+        assert lp.grad[0, 0].item() == pytest.approx(-a)
+        assert abs(lp.grad[0, 1].item()) < abs(a) * 1.5  # below what the unclipped ratio would give
+
+
+def test_vespo_gamma_weight_by_hand():
+    # row 1: log-ratios 0.1, 0.2 (summed: w = e^0.3), A > 0 -> k=2, lambda=3; row 2: w = 1, A < 0 -> phi(1) = 1
+    logp, old = _ratio_logps([[math.exp(0.1), math.exp(0.2)], [1.0, 1.0]])
+    mask = torch.ones(2, 2, dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    phi = grpo.vespo_weights(logp - old, mask, adv, 2.0, 3.0, 3.0, 2.0)
+    w = math.exp(0.3)
+    assert phi[0, 0].item() == pytest.approx(math.exp(3.0 + 2.0 * 0.3 - 3.0 * w), rel=1e-12)
+    assert phi[1, 0].item() == pytest.approx(1.0, rel=1e-12)
+    assert not phi.requires_grad
+    sur = grpo.vespo_surrogate(logp - old, logp, mask, adv, 2.0, 3.0, 3.0, 2.0)
+    sur.loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -(phi * adv.unsqueeze(-1)).expand(2, 2))
+    masked = grpo.vespo_weights(logp - old, torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64), adv,
+                                2.0, 3.0, 3.0, 2.0)  # padding's log-ratio left out of the sum
+    assert masked[0, 0].item() == pytest.approx(math.exp(3.0 + 2.0 * 0.1 - 3.0 * math.exp(0.1)), rel=1e-12)
+
+
+def test_luspo_is_gspo_scaled_by_each_sequence_length():
+    logp = torch.tensor([[-1.0, -2.0, -0.3], [-0.5, -0.1, -0.2]], dtype=torch.float64, requires_grad=True)
+    old = logp.detach() + torch.tensor([[0.05, -0.05, 0.0], [0.1, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    objective = grpo.policy_loss("sequence", loss_type="luspo")
+    out = objective(logp, adv, mask, old_logp=old)
+    gspo = grpo.sequence_terms(out.loss, mask, "grpo")  # the GSPO sequence losses
+    luspo = grpo.sequence_terms(out.loss, mask, "luspo")
+    torch.testing.assert_close(luspo, gspo * mask.sum(-1))
+    assert grpo.loss_normalizer(mask, "luspo", 3) == 2.0  # then the mean over sequences
+
+
+def test_bnpo_is_dapo_on_one_batch_and_the_mean_of_micro_batch_token_means():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    whole = grpo.loss_normalizer(mask, "bnpo", 3)
+    one = grpo.sequence_terms(per_token, mask, "bnpo").sum() / grpo.pass_normalizer(mask, "bnpo", whole, 1)
+    dapo = grpo.sequence_terms(per_token, mask, "dapo").sum() / grpo.loss_normalizer(mask, "dapo", 3)
+    assert one.item() == dapo.item() == pytest.approx(10 / 4)
+    # two micro-batches: (6 / 3 + 4 / 1) / 2 = 3, where dapo stays 10 / 4
+    parts = [grpo.sequence_terms(per_token[i:i + 1], mask[i:i + 1], "bnpo").sum()
+             / grpo.pass_normalizer(mask[i:i + 1], "bnpo", whole, 2) for i in (0, 1)]
+    assert sum(parts).item() == pytest.approx(3.0)
+    assert grpo.pass_normalizer(mask[:1], "dapo", 4.0, 2) == 4.0  # the others keep the batch's normaliser
+
+
+def test_rloo_baseline_leaves_the_sample_out():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, NAN, 0.0, 0.5], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    adv = grpo.rloo_advantages(r)
+    # group 1: A_0 = 1 - mean(0, 0, 1) = 2/3, A_1 = 0 - mean(1, 0, 1) = -2/3
+    torch.testing.assert_close(adv[0], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3], dtype=torch.float64))
+    # group 2: the ungradable reward is in no baseline: A_0 = 1 - mean(0, 0.5) = 0.75
+    torch.testing.assert_close(adv[1], torch.tensor([0.75, 0.0, -0.75, 0.0], dtype=torch.float64))
+    assert torch.equal(adv[2], torch.zeros(4, dtype=torch.float64))  # flat: exactly 0
+    # = n / (n - 1) * (r - mean): the group estimator without scaling, times n / (n - 1)
+    torch.testing.assert_close(adv[0], grpo.group_advantages(r[:1], "none")[0] * 4 / 3)
+
+
+def test_reinforce_plus_plus_baseline_whitens_over_the_batch_tokens():
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    lengths = torch.tensor([[2, 1], [3, 3], [1, 1]])
+    adv = grpo.reinforce_plus_plus_baseline_advantages(r, lengths, eps=0.0)
+    centred = [0.5, -0.5, 0.0, 0.0, -0.5, 0.5]  # r - group mean
+    weights = [2, 1, 3, 3, 1, 1]
+    tokens = [c for c, w in zip(centred, weights) for _ in range(w)]
+    mean = sum(tokens) / len(tokens)
+    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1))
+    expected = [(c - mean) / std for c in centred]
+    expected[2] = expected[3] = 0.0  # the flat group stays 0
+    torch.testing.assert_close(adv.flatten(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_estimators_are_chosen_once_by_name():
+    r = torch.tensor([[1.0, 0.0, 0.0]])
+    lengths = torch.tensor([[3, 1, 2]])
+    assert torch.equal(grpo.advantage_fn("rloo")(r, lengths), grpo.rloo_advantages(r))
+    assert torch.equal(grpo.advantage_fn("grpo", "none")(r, lengths), grpo.group_advantages(r, "none"))
+    assert torch.equal(grpo.advantage_fn("reinforce_plus_plus_baseline")(r, lengths),
+                       grpo.reinforce_plus_plus_baseline_advantages(r, lengths))
+    with pytest.raises(ValueError, match="adv_estimator"):
+        grpo.advantage_fn("ppo")
+
+
+def test_normalize_then_sum_normalises_each_term_in_its_group():
+    # 2 groups of 2, terms (accuracy, format) with weights (1, 0.5)
+    terms = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    adv = grpo.decoupled_advantages(terms, weights, eps=0.0)
+    s = 1 / math.sqrt(0.5)  # a group (1, 0): deviations +-0.5 over an unbiased std sqrt(0.5)
+    summed = torch.tensor([0.5 * s * 1.5, -0.5 * s * 1.5, -0.5 * s * 0.5, 0.5 * s * 0.5], dtype=torch.float64)
+    expected = (summed - summed.mean()) / summed.std()
+    torch.testing.assert_close(adv.flatten(), expected, rtol=1e-12, atol=1e-12)
+    # sum_then_normalize of the same rewards differs: the 0.5-weight format term is not scaled up
+    plain = grpo.group_advantages((terms * weights).sum(-1), "group", eps=0.0)
+    assert not torch.allclose(plain.flatten(), expected)
+    # an ungradable term: that completion gets 0 and is in no statistic
+    terms[0, 1, 1] = NAN
+    adv = grpo.decoupled_advantages(terms, weights, eps=0.0)
+    assert adv[0].tolist() == [0.0, 0.0]  # group 1 has one gradable completion left: flat
+    f = grpo.advantage_fn(eps=0.0, aggregation="normalize_then_sum")
+    assert f.decoupled and torch.equal(f(terms.sum(-1), torch.ones(2, 2), terms, weights), adv)
+
+
+def test_off_policy_mask_drops_far_negative_sequences_only():
+    logp = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-0.2, -0.6], [-0.2, -0.6], [-0.9, -1.0]], dtype=torch.float64)  # mean KL 0.6, 0.6, 0.05
+    mask = torch.ones(3, 2, dtype=torch.float64)
+    keep = grpo.off_policy_mask(logp, old, mask, torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64), 0.5)
+    assert keep.flatten().tolist() == [0.0, 1.0, 1.0]  # far and negative; far but positive; near
+    objective = grpo.policy_loss(off_policy_threshold=0.5)
+    out = objective(logp.requires_grad_(True), torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64), mask,
+                    old_logp=old)
+    assert out.masked.flatten().tolist() == [True, False, False]
+    assert torch.equal(out.loss[0], torch.zeros(2, dtype=torch.float64))
+
+
+def test_bias_corrected_kl_is_the_k3_estimate_times_the_ratio():
+    logp, old = _ratio_logps([[2.0, 0.5]])
+    ref = old + torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.float64)
+    adv = torch.zeros(1, dtype=torch.float64)  # the KL term alone
+    out = grpo.policy_loss(beta=0.1, bias_correction_kl=True)(logp, adv, mask, old_logp=old, ref_logp=ref)
+    k3 = grpo.k3_kl(logp.detach(), ref)
+    torch.testing.assert_close(out.kl, k3 * torch.tensor([[2.0, 0.5]], dtype=torch.float64))
+    out.loss.sum().backward()
+    # d/dlogp [rho * k3] = rho * k3 + rho * (1 - exp(ref - logp)), times beta
+    d = ref - logp.detach()
+    rho = torch.tensor([[2.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, 0.1 * (rho * k3 + rho * (1 - torch.exp(d))))
+
+
+def test_adaptive_entropy_coefficient_steps_and_gates():
+    assert grpo.next_entropy_coef(0.01, 0.1, 0.2, 0.005, 0.0, 0.012) == 0.012  # below target: up, to the ceiling
+    assert grpo.next_entropy_coef(0.01, 0.3, 0.2, 0.005, 0.0, 1.0) == pytest.approx(0.005)  # above: down
+    assert grpo.next_entropy_coef(0.002, 0.3, 0.2, 0.005, 0.0, 1.0) == 0.0  # to the floor
+    assert grpo.applied_entropy_coef(0.05, 0.3, True, 0.2) == 0.0  # adaptive: only at or below the target
+    assert grpo.applied_entropy_coef(0.05, 0.2, True, 0.2) == 0.05
+    assert grpo.applied_entropy_coef(0.05, 9.0, False, 0.2) == 0.05
+
+
+def test_entropy_bonus_gradient_by_hand():
+    logits = torch.tensor([[[0.5, -1.0, 2.0]]], dtype=torch.float64, requires_grad=True)
+    ent = grpo.token_entropy(logits, grad=True)
+    bonus = grpo.entropy_bonus(ent, torch.ones(1, 1, dtype=torch.float64), tokens=2.0)
+    bonus.backward()
+    p = torch.softmax(logits.detach(), -1)
+    mean_logit = (p * logits.detach()).sum(-1, keepdim=True)
+    torch.testing.assert_close(bonus.detach(), -(p * torch.log(p)).sum() / 2)
+    torch.testing.assert_close(logits.grad, -p * (logits.detach() - mean_logit) / 2)
+    assert not grpo.token_entropy(logits).requires_grad  # the metric's entropy carries no gradient
+
+
+def test_mix_into_moves_the_reference_alpha_of_the_way():
+    ref, pol = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])], [torch.tensor([3.0, 0.0]), torch.tensor([[1.0]])]
+    grpo.mix_into(ref, pol, 0.25)
+    assert ref[0].tolist() == [1.5, 1.5] and ref[1].tolist() == [[0.25]]
+    grpo.mix_into(ref, pol, 1.0)
+    assert ref[0].tolist() == [3.0, 0.0]
