@@ -90,3 +90,55 @@ def test_arith_hard_starts_from_the_shipped_warm_start_of_the_default_task():
     # warming up on the run's own task gives another start
     own = compose("train", ["dataset=arith_hard", "warmup.task=dataset"])
     assert cache_key(warmup_spec(own)) != cache_key(warmup_spec(hard))
+
+
+# the impossible combinations of the 2026 losses, estimators and stabilisers: one line naming the key
+BAD_COMBINATIONS = [
+    (["grpo.loss_type=luspo"], "grpo.loss_type=luspo: LUSPO scales GSPO's sequence loss"),
+    (["grpo.loss_type=vespo", "grpo.importance_sampling_level=sequence"], "grpo.loss_type=vespo: VESPO weighs"),
+    (["grpo.loss_type=cispo"], "grpo.epsilon_high=None: loss_type=cispo caps the importance weight"),
+    (["grpo.loss_type=sapo", "grpo.delta=1.5"], "grpo.delta=1.5: delta caps the clipped ratio"),
+    (["grpo.adv_estimator=rloo", "grpo.scale_rewards=batch"], "grpo.scale_rewards=batch: scales the grpo"),
+    (["grpo.adv_estimator=rloo", "reward.multi_objective_aggregation=normalize_then_sum"],
+     "reward.multi_objective_aggregation=normalize_then_sum: GDPO"),
+    (["grpo.use_adaptive_entropy=true"], "grpo.entropy_target=None: use_adaptive_entropy steers"),
+    (["grpo.entropy_target=0.5"], "grpo.entropy_target=0.5: only the adaptive entropy control reads it"),
+    (["grpo.entropy_coef_min=0.5", "grpo.entropy_coef_max=0.1"], "grpo.entropy_coef_min=0.5: the floor"),
+    (["grpo.entropy_coef=-0.1"], "grpo.entropy_coef=-0.1"),
+    (["grpo.use_bias_correction_kl=true"], "grpo.use_bias_correction_kl=True: corrects the KL term"),
+    (["grpo.off_policy_mask_threshold=0.5"], "grpo.off_policy_mask_threshold=0.5: with num_iterations=1"),
+    (["grpo.off_policy_mask_threshold=-1", "grpo.num_iterations=2"], "grpo.off_policy_mask_threshold=-1"),
+    (["grpo.sync_ref_model=true"], "grpo.sync_ref_model=True: moves the KL reference, and grpo.beta=0"),
+    (["grpo.sync_ref_model=true", "grpo.beta=0.1", "lora=default"], "grpo.sync_ref_model=True: with LoRA"),
+    (["grpo.sync_ref_model=true", "grpo.beta=0.1", "trainer=fsdp"], "grpo.sync_ref_model=True: under trainer=fsdp"),
+    (["grpo.ref_model_mixup_alpha=1.5"], "grpo.ref_model_mixup_alpha=1.5: the reference moves alpha"),
+    (["grpo.ref_model_mixup_alpha=0"], "grpo.ref_model_mixup_alpha=0"),
+    (["grpo.ref_model_sync_steps=0"], "grpo.ref_model_sync_steps=0"),
+    (["grpo.top_k=-1"], "grpo.top_k=-1"),
+    (["grpo.min_p=1.5"], "grpo.min_p=1.5"),
+    (["grpo.repetition_penalty=0"], "grpo.repetition_penalty=0"),
+    (["grpo.sapo_temperature_neg=0"], "grpo.sapo_temperature_neg=0"),
+    (["grpo.vespo_lambda_pos=0"], "grpo.vespo_lambda_pos=0"),
+    (["grpo.vespo_k_neg=-1"], "grpo.vespo_k_neg=-1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_COMBINATIONS, ids=[" ".join(o) for o, _ in BAD_COMBINATIONS])
+def test_impossible_loss_combinations_are_one_line_errors(tmp_path, overrides, message):
+    from mgrpo_cli.config import build
+    from mgrpo_cli.config.errors import UserError
+
+    cfg = compose("train", [f"paths.outputs={tmp_path}", *overrides])
+    with pytest.raises(UserError) as err:
+        build.check(cfg)
+    text = str(err.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_closed_sets_fail_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["grpo.loss_type=ppo"])
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["grpo.adv_estimator=gae"])
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["reward.multi_objective_aggregation=mean"])

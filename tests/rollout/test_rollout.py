@@ -353,3 +353,49 @@ def test_groups_and_concat_keep_rows_and_log_probs():
         assert torch.allclose(got[rows][both.completion_mask[rows].bool()], ref[ref_mask.bool()], atol=1e-5)
     with pytest.raises(ValueError, match="group sizes"):
         concat_rollouts([a, engine.generate(["1\n"], n=3, max_new_tokens=2, temperature=1.0)])
+
+
+def test_filters_keep_what_top_k_top_p_and_min_p_allow():
+    from mgrpo_cli.rollout.engine import filter_probs
+
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    assert filter_probs(p, top_k=2).tolist() == [[0.4, 0.3, 0.0, 0.0]]
+    assert filter_probs(p, top_p=0.6).tolist() == [[0.4, 0.3, 0.0, 0.0]]  # 0.4 < 0.6 <= 0.7
+    assert filter_probs(p, min_p=0.5).tolist() == [[0.4, 0.3, 0.2, 0.0]]  # >= 0.5 x 0.4
+    # in order: top-k's 3 tokens hold 0.9, top_p 0.5 of that (0.45) needs 0.4 + 0.3
+    assert filter_probs(p, top_k=3, top_p=0.5).tolist() == [[0.4, 0.3, 0.0, 0.0]]
+    assert torch.equal(filter_probs(p), p)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    from mgrpo_cli.rollout.engine import penalize_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 3.0, -2.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -2.0, 3.0, -2.0]]
+
+
+def test_repetition_penalty_in_sampling_is_the_penalised_greedy_loop():
+    """Greedy decoding with a penalty = a plain loop over the model's full forward that penalises every
+    token of the prompt and the completion so far (the cache, the batch shrinking and the seen-token
+    bookkeeping change nothing)."""
+    from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+    from mgrpo_cli.rollout.engine import penalize_repeats, sample
+
+    tok = build_byte_tokenizer()
+    cfg = type("Cfg", (), {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "num_key_value_heads": 1, "attn_implementation": "sdpa"})()
+    model = build_tiny_model(cfg, tok, seed=0).eval()
+    ids = torch.tensor([[65, 66, 67, 65], [0, 70, 71, 72]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    got, _ = sample(model, ids, mask, max_new_tokens=6, eos_token_id=-1, pad_token_id=0, temperature=0.0,
+                    repetition_penalty=3.0)
+    for row in range(2):
+        seq = ids[row][mask[row].bool()].tolist()
+        for _ in range(6):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq])).logits[:, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[0, seq] = True
+            seq.append(int(penalize_repeats(logits, seen, 3.0).argmax(-1)))
+        assert got[row].tolist() == seq[-6:]

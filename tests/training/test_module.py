@@ -331,3 +331,71 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_one_line(small_cfg):
     assert len(reward.calls) == 3 and module.guard.total == 2
     assert _same(snaps.weights[1], snaps.weights[2]) and snaps.adam_steps == [1, 1]
     reward.grader.close()
+
+
+# ---------------------------------------------------------------- the 2026 options (issue 24), on every layer
+
+class TermsReward(ParityReward):
+    """ParityReward with two terms, as the real reward gives them: parity (weight 1) and a first character
+    that is a letter (weight 0.5), so GDPO's per-term normalisation has terms to normalise."""
+
+    def __call__(self, completions, golds, **fields):
+        self.calls.append(len(completions))
+        ok = [bool(c) and ord(c[0]) % 2 == 0 for c in completions]
+        letter = [float(bool(c) and c[0].isalpha()) for c in completions]
+        return Scored(rewards=[float(a) + 0.5 * b for a, b in zip(ok, letter)], correct=ok,
+                      terms=[[float(a), b] for a, b in zip(ok, letter)], weights=[1.0, 0.5])
+
+
+NEW_OPTIONS = [
+    ["grpo.loss_type=bnpo", "grpo.micro_batch_tokens=64"],
+    ["grpo.loss_type=cispo", "grpo.epsilon_high=5.0", "grpo.num_iterations=2"],
+    ["grpo.loss_type=sapo", "grpo.num_iterations=2"],
+    ["grpo.loss_type=luspo", "grpo.importance_sampling_level=sequence"],
+    ["grpo.loss_type=vespo", "grpo.num_iterations=2"],
+    ["grpo.entropy_coef=0.01"],
+    ["grpo.use_adaptive_entropy=true", "grpo.entropy_target=9.0", "grpo.entropy_coef=0.01"],
+    ["grpo.sync_ref_model=true", "grpo.beta=0.1", "grpo.ref_model_sync_steps=1", "grpo.ref_model_mixup_alpha=0.5"],
+    ["grpo.off_policy_mask_threshold=0.0", "grpo.num_iterations=2"],
+    ["grpo.use_bias_correction_kl=true", "grpo.beta=0.1", "grpo.num_iterations=2"],
+    ["reward.multi_objective_aggregation=normalize_then_sum"],
+    ["grpo.disable_dropout=true", "lora=default"],
+    ["grpo.cast_lm_head_to_fp32=true"],
+    ["grpo.top_k=5", "grpo.min_p=0.05", "grpo.repetition_penalty=1.2"],
+    ["grpo.adv_estimator=rloo"],
+    ["grpo.adv_estimator=reinforce_plus_plus_baseline"],
+]
+
+
+@pytest.mark.parametrize("layer", ["mgrpo", "grpo"])
+@pytest.mark.parametrize("options", NEW_OPTIONS, ids=[" ".join(o) for o in NEW_OPTIONS])
+def test_each_2026_option_trains_a_debug_step_on_every_layer(small_cfg, options, layer):
+    """A debug-size step per option, with the policy built as mgrpo train builds it (build.policy):
+    the weights move and every layer's metrics, the option's own included, come out finite."""
+    cfg = small_cfg(f"layer={layer}", "layer.select=all", "model.max_completion_length=6", *options)
+    build.check(cfg)
+    reward = TermsReward()
+    policy, tok, _ = build.policy(cfg)
+    module = build.module(cfg, policy, tok, reward)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer = L.Trainer(max_steps=cfg.grpo.num_iterations, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=build.train_loader(build.problem_stream(cfg), module))
+    reward.grader.close()
+    metrics = trainer.callback_metrics
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    depths = (1, 2) if layer == "mgrpo" else (1,)
+    own = {"entropy_coef": "grpo.entropy_coef=0.01" in options,
+           "off_policy_masked": "grpo.off_policy_mask_threshold=0.0" in options}
+    for depth in depths:
+        for key in ("loss", "kl", "clip_region", "entropy", "reward_mean", *(k for k, on in own.items() if on)):
+            value = float(metrics[f"train/layer{depth}/{key}"])
+            assert torch.isfinite(torch.as_tensor(value)), (depth, key, value)
+    if "grpo.sync_ref_model=true" in options:  # synced after each of the run's optimizer steps
+        assert float(metrics["train/ref_syncs"]) == trainer.global_step == module.ref_syncs
+        ref = module._reference[0]
+        assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), policy.parameters()))
+    if "grpo.disable_dropout=true" in options:
+        assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    if "grpo.cast_lm_head_to_fp32=true" in options:
+        assert policy.get_output_embeddings().weight.dtype == torch.float32
