@@ -24,7 +24,7 @@ from mgrpo_cli.config.errors import EXIT_USER_ERROR
 from mgrpo_cli.reporting import tracking
 from mgrpo_cli.reporting.analysis import Analysis, analyse, as_json
 from mgrpo_cli.reporting.document import build_document
-from mgrpo_cli.reporting.figures import plot_heldout, plot_training, plot_transition_bars
+from mgrpo_cli.reporting.figures import plot_heldout, plot_training, plot_transition_bars, plot_vanishing
 from mgrpo_cli.reporting.heldout import RowsError
 from mgrpo_cli.reporting.load import ReportError, Run, load_runs
 
@@ -87,7 +87,9 @@ def make_report(whats: Sequence[str], out: Optional[Path] = None, tracking_uri: 
                 (plot_heldout, "heldout.png", "Held-out Acc@t1 and Acc@t2 over training steps"),
                 (plot_training, "training.png", "Per-layer training metrics: reward, share of zero-variance groups "
                                                 "(reward vanishing), KL, completion length"),
-                (plot_transition_bars, "transitions.png", "t1→t2 transitions per group")):
+                (plot_transition_bars, "transitions.png", "t1→t2 transitions per group"),
+                (plot_vanishing, "vanishing.png", "Reward vanishing: zero-variance groups per layer, steps without "
+                                                  "a usable group")):
             path = plot(analysis, out / name)
             if path is not None:
                 figures.append((path, caption))

@@ -12,13 +12,19 @@ share of the t1-right problems wrong at t2) are ratios of sums over seeds and pr
 values, differences and changes all come from the seeds × problems bootstrap of the ratio (each
 resample recomputes numerator and denominator sums), since their denominators differ between runs.
 
+Reward vanishing (``vanishing``), from each run's per-step training history (MLflow): per layer the
+mean over the steps of the share of zero-variance groups (groups whose rewards are all equal, so
+their advantages are 0), the share of steps in which layer 1 had no usable group (every group
+zero-variance) and the share in which no layer had one (no gradient from the reward at all); per group
+the mean with a 95% t-interval over seeds, between groups the difference paired by seed.
+
 Left out: runs on different problem sets in one report (one problem set per report), multiple-
 comparison corrections.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -226,6 +232,83 @@ def pm(iv: Interval) -> str:
     return f"{100 * iv.mean:.1f} ± {100 * iv.half_width:.1f}"
 
 
+# ---------------------------------------------------------------------------- reward vanishing
+
+def _no_usable(zv: dict[int, float], groups: dict[int, float], step: int) -> bool:
+    """A layer at ``step`` has no usable group: no groups, or all of them zero-variance."""
+    return groups.get(step, 1.0) == 0 or zv.get(step, 1.0) >= 1.0
+
+
+def run_vanishing(history: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """One run's reward-vanishing numbers from its per-step history: ``zero_variance/layer<d>`` (mean
+    over steps of the zero-variance share), ``no_usable/layer1`` and ``no_usable/all`` (share of layer 1's
+    steps where layer 1, or every layer, had no usable group). Empty without layer 1's history."""
+    depths = sorted(int(k.split("/")[1][len("layer"):]) for k in history
+                    if k.startswith("train/layer") and k.endswith("/zero_variance_groups"))
+    if 1 not in depths:
+        return {}
+    zv = {d: dict(history[f"train/layer{d}/zero_variance_groups"]) for d in depths}
+    groups = {d: dict(history.get(f"train/layer{d}/groups", [])) for d in depths}
+    steps = sorted(zv[1])
+    out = {f"zero_variance/layer{d}": sum(zv[d].values()) / len(zv[d]) for d in depths if zv[d]}
+    out["no_usable/layer1"] = sum(_no_usable(zv[1], groups[1], s) for s in steps) / len(steps)
+    out["no_usable/all"] = sum(all(_no_usable(zv[d], groups[d], s) for d in depths) for s in steps) / len(steps)
+    return out
+
+
+def vanishing_label(key: str) -> str:
+    kind, what = key.split("/")
+    if kind == "zero_variance":
+        return f"{what.replace('layer', 'layer ')}: zero-variance groups (mean over steps)"
+    return "steps where layer 1 had no usable group" if what == "layer1" else "steps where no layer had a usable group"
+
+
+@dataclass
+class VanishingComparison:
+    a: str
+    b: str
+    key: str
+    diff: Interval  # b − a, t-interval over the per-seed differences
+    n_seeds: int
+
+    @property
+    def verdict(self) -> str:  # fewer zero-variance groups is better: more of the batch trains
+        return verdict(self.diff, higher_is_better=False)
+
+    def line(self) -> str:
+        d = self.diff
+        ci = f"[{pts(d.low)}, {pts(d.high)}]" if d.defined else "[no interval]"
+        return (f"{self.b} − {self.a}, {vanishing_label(self.key)} = {pts(d.mean)} {ci} points "
+                f"({self.n_seeds} seed{'s' * (self.n_seeds != 1)}): {self.verdict}")
+
+
+def vanishing(grouping: Grouping) -> tuple[dict[str, dict[str, Interval]], list[VanishingComparison]]:
+    """Per group: the reward-vanishing numbers (``run_vanishing``), mean ± t-interval over seeds (no
+    interval with one run); per comparable pair: the difference paired by seed, t-interval."""
+    import numpy as np
+
+    per_run = {id(r): run_vanishing(r.history) for g in grouping.groups for r in g.runs}
+    groups: dict[str, dict[str, Interval]] = {}
+    for g in grouping.groups:
+        values = [per_run[id(r)] for r in g.runs if per_run[id(r)]]
+        keys = sorted({k for v in values for k in v}, key=lambda k: (k.startswith("no_usable"), k))
+        if values:
+            groups[g.label] = {k: t_interval([v[k] for v in values if k in v]) for k in keys}
+    comparisons = []
+    for _, a, b in grouping.pairs:
+        if a.label not in groups or b.label not in groups:
+            continue
+        va = {r.seed: per_run[id(r)] for r in a.runs if per_run[id(r)]}
+        vb = {r.seed: per_run[id(r)] for r in b.runs if per_run[id(r)]}
+        seeds = sorted(set(va) & set(vb))
+        for key in groups[b.label]:
+            paired = [vb[s][key] - va[s][key] for s in seeds if key in va[s] and key in vb[s]]
+            if paired:
+                comparisons.append(VanishingComparison(a.label, b.label, key, t_interval(np.array(paired)),
+                                                       len(paired)))
+    return groups, comparisons
+
+
 @dataclass
 class Analysis:
     grouping: Grouping
@@ -239,6 +322,8 @@ class Analysis:
     command: str
     steps: tuple[Optional[int], Optional[int]]
     dropped_problems: int
+    vanishing: dict[str, dict[str, Interval]] = field(default_factory=dict)  # group -> key -> interval
+    vanishing_comparisons: list[VanishingComparison] = field(default_factory=list)
 
 
 def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
@@ -283,7 +368,9 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
                                           len(seeds), len(ids), change=False))
             advance()
     steps = (runs[0].evaluations[0].step, runs[0].evaluations[-1].step)
-    return Analysis(grouping, ids, metrics, start, end, transitions, changes, comparisons, command, steps, dropped)
+    groups_vanishing, vanishing_comparisons = vanishing(grouping) if command == "train" else ({}, [])
+    return Analysis(grouping, ids, metrics, start, end, transitions, changes, comparisons, command, steps, dropped,
+                    groups_vanishing, vanishing_comparisons)
 
 
 def iv_json(iv: Interval) -> dict:
@@ -303,4 +390,7 @@ def as_json(an: Analysis) -> dict:
                          "line": c.line()} for c in an.comparisons],
         "changes": [{"group": c.a, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
                      "line": c.line()} for c in an.changes],
+        "vanishing": {"groups": {g: {k: iv_json(iv) for k, iv in v.items()} for g, v in an.vanishing.items()},
+                      "comparisons": [{"a": c.a, "b": c.b, "key": c.key, "diff": iv_json(c.diff),
+                                       "verdict": c.verdict, "line": c.line()} for c in an.vanishing_comparisons]},
     }

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mgrpo_cli.reporting.analysis import Analysis, per_problem, pm, pts
+from mgrpo_cli.reporting.analysis import Analysis, per_problem, pm, pts, vanishing_label
 from mgrpo_cli.reporting.load import REPLICATE_KEY, Run
 
 
@@ -144,6 +144,18 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
             doc.table(["metric", cs[0].a, cs[0].b, f"{cs[0].b} − {cs[0].a} [95% CI]", "verdict"],
                       [[c.label, f"{100 * c.a_mean:.1f}", f"{100 * c.b_mean:.1f}",
                         f"{pts(c.diff.mean)} [{pts(c.diff.low)}, {pts(c.diff.high)}]", c.verdict] for c in cs])
+    if an.vanishing:
+        doc.h(2, "Reward vanishing")
+        doc.p("From each run's per-step training metrics: a zero-variance group has all rewards equal, so all its "
+              "advantages are 0 and it adds nothing to the reward's gradient; a step with no usable group in any "
+              "layer trains on nothing but the KL term. Mean ± half-width of the 95% t-interval over seeds; "
+              "differences paired by seed (t-interval). In points (%).")
+        labels = list(an.vanishing)
+        keys = list(dict.fromkeys(k for g in labels for k in an.vanishing[g]))
+        doc.table(["measure"] + [f"{g} (n = {next(iter(an.vanishing[g].values())).n})" for g in labels],
+                  [[vanishing_label(k)] + [pm(an.vanishing[g][k]) if k in an.vanishing[g] else "—" for g in labels]
+                   for k in keys])
+        doc.ul([c.line() for c in an.vanishing_comparisons])
     if figures:
         doc.h(2, "Figures")
         for path, caption in figures:

@@ -1,5 +1,5 @@
 """PNG figures: ``mgrpo eval``'s transitions and accuracy by group, and a report's held-out curves,
-per-layer training metrics and transition bars.
+per-layer training metrics, transition bars and reward-vanishing bars.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so
 they work headless and inside other processes' plotting state. matplotlib is imported lazily.
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from mgrpo_cli.reporting.analysis import TRANSITIONS, Analysis, per_problem
+from mgrpo_cli.reporting.analysis import TRANSITIONS, Analysis, per_problem, vanishing_label
 from mgrpo_cli.reporting.load import TRAIN_METRICS
 from mgrpo_cli.reporting.stats import t_interval
 
@@ -194,6 +194,47 @@ def plot_transition_bars(an: Analysis, path: Path) -> Optional[Path]:
     fig.tight_layout()
     canvas.print_png(str(path))
     return path
+
+
+def plot_vanishing(an: Analysis, path: Path) -> Optional[Path]:
+    """Reward vanishing per group: per layer the mean share of zero-variance groups, and the share of
+    steps without a usable group (layer 1, every layer), with 95% t-intervals over seeds."""
+    import numpy as np
+
+    if not an.vanishing:
+        return None
+    labels = list(an.vanishing)
+    keys = list(dict.fromkeys(k for g in labels for k in an.vanishing[g]))
+    fig, canvas = _figure((max(6.0, 1.5 * len(keys) * max(1, len(labels)) / 2 + 2), 4.4))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(labels)
+    x = np.arange(len(keys))
+    for k, (g, color) in enumerate(zip(labels, _colors(len(labels)))):
+        ivs = [an.vanishing[g].get(key) for key in keys]
+        means = np.array([100 * iv.mean if iv else np.nan for iv in ivs])
+        err = np.array([[iv.mean - iv.low, iv.high - iv.mean] if iv and iv.defined else [0, 0] for iv in ivs]).T * 100
+        n = max(iv.n for iv in ivs if iv)
+        bars = ax.bar(x + (k - (len(labels) - 1) / 2) * width, np.nan_to_num(means), width, yerr=err, capsize=3,
+                      color=color, label=f"{g} (n={n})")
+        for bar, v in zip(bars, means):
+            if not np.isnan(v):
+                ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([_wrap(vanishing_label(key)) for key in keys], fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title("reward vanishing over training (bars: 95% t-interval over seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    canvas.print_png(str(path))
+    return path
+
+
+def _wrap(text: str, width: int = 22) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _save(fig: Any, canvas: Any, path: Union[str, Path]) -> Path:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # the per-layer training metrics read from MLflow: (metric name, label)
 TRAIN_METRICS = (("reward_mean", "reward"), ("zero_variance_groups", "zero-variance groups"),
                  ("kl", "KL"), ("completion_length", "completion length"))
+# read from MLflow too, not drawn: a layer's group count (a layer with no groups has no usable group)
+HISTORY_EXTRA = ("groups",)
 REPLICATE_KEY = "seed"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 DONE_FILE = {"train": "result.json", "eval": "summary.json"}
@@ -158,7 +160,7 @@ def _history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     run = client.get_run(run_id)
     out = {}
     for key in run.data.metrics:
-        if key.startswith("train/layer") and key.rsplit("/", 1)[-1] in dict(TRAIN_METRICS):
+        if key.startswith("train/layer") and key.rsplit("/", 1)[-1] in (*dict(TRAIN_METRICS), *HISTORY_EXTRA):
             out[key] = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
     return out
 

@@ -327,3 +327,68 @@ def test_ratio_bootstrap_of_a_rate_without_denominator_is_undefined():
 
     iv = crossed_bootstrap_ratio([(1.0, np.zeros((2, 5)), np.zeros((2, 5)))], n_resamples=100)
     assert math.isnan(iv.mean) and not iv.defined
+
+
+# ------------------------------------------------------------------------------- reward vanishing
+
+def _history(zv1: list[float], zv2: list[float] | None = None, groups2: list[float] | None = None):
+    h = {"train/layer1/zero_variance_groups": list(enumerate(zv1, 1)),
+         "train/layer1/groups": [(s, 4.0) for s in range(1, len(zv1) + 1)]}
+    if zv2 is not None:
+        h["train/layer2/zero_variance_groups"] = list(enumerate(zv2, 1))
+        h["train/layer2/groups"] = list(enumerate(groups2 or [2.0] * len(zv2), 1))
+    return h
+
+
+def test_run_vanishing_counts_steps_by_hand():
+    from mgrpo_cli.reporting.analysis import run_vanishing
+
+    # layer 1 has no usable group at steps 2 and 4; layer 2 has one at step 2, none at step 4 (0 groups)
+    got = run_vanishing(_history([0.5, 1.0, 0.25, 1.0], [1.0, 0.5, 1.0, 0.0], [2, 2, 2, 0]))
+    assert got == {"zero_variance/layer1": 0.6875, "zero_variance/layer2": 0.625,
+                   "no_usable/layer1": 0.5, "no_usable/all": 0.25}
+    assert run_vanishing(_history([1.0, 0.0])) == {"zero_variance/layer1": 0.5, "no_usable/layer1": 0.5,
+                                                   "no_usable/all": 0.5}
+    assert run_vanishing({}) == {}
+
+
+def test_report_measures_reward_vanishing_per_group(sweep, tmp_path):
+    from mgrpo_cli.cli.report import make_report as report_with_history
+    from mgrpo_cli.reporting import load
+
+    zv1 = {("grpo", 0): [1.0, 1.0, 0.5, 0.5], ("grpo", 1): [1.0, 1.0, 0.5, 0.5], ("grpo", 2): [1.0, 1.0, 1.0, 0.5],
+           ("mgrpo", 0): [1.0, 0.5, 0.5, 0.5], ("mgrpo", 1): [0.5, 0.5, 0.5, 0.5], ("mgrpo", 2): [1.0, 1.0, 0.5, 0.5]}
+    original = load.attach_mlflow
+
+    def attach(runs, notes):  # the per-step history a run would bring from MLflow
+        original(runs, notes)
+        for r in runs:
+            layer = r.config["layer.name"]
+            r.history = _history(zv1[(layer, r.seed)], [0.25] * 4 if layer == "mgrpo" else None)
+
+    load.attach_mlflow = attach
+    try:
+        rep = report_with_history([str(sweep)], out=tmp_path / "out", log_mlflow=False, n_resamples=500)
+    finally:
+        load.attach_mlflow = original
+    v = rep.analysis.vanishing
+    # grpo: layer-1 means 0.75, 0.75, 0.875; steps without a usable layer-1 group 2/4, 2/4, 3/4
+    assert v["grpo"]["zero_variance/layer1"].mean == pytest.approx((0.75 + 0.75 + 0.875) / 3)
+    half = T_975_2 * np.std([0.5, 0.5, 0.75], ddof=1) / math.sqrt(3)
+    nu = v["grpo"]["no_usable/layer1"]
+    assert nu.mean == pytest.approx(7 / 12) and nu.high - nu.mean == pytest.approx(half, abs=1e-6) and nu.n == 3
+    assert "zero_variance/layer2" not in v["grpo"] and v["mgrpo"]["zero_variance/layer2"].mean == 0.25
+    # mgrpo: layer 2 always has a usable group, so no step is without one
+    assert v["mgrpo"]["no_usable/layer1"].mean == pytest.approx((1 + 0 + 2) / 12)
+    assert v["mgrpo"]["no_usable/all"].mean == 0.0 and v["grpo"]["no_usable/all"].mean == pytest.approx(7 / 12)
+    # paired by seed: mgrpo − grpo of the steps with no usable group in any layer: -2/4, -2/4, -3/4
+    c = next(c for c in rep.analysis.vanishing_comparisons if c.key == "no_usable/all")
+    half = T_975_2 * np.std([0.5, 0.5, 0.75], ddof=1) / math.sqrt(3)
+    assert c.diff.mean == pytest.approx(-7 / 12) and c.diff.high == pytest.approx(-7 / 12 + half, abs=1e-6)
+    assert c.verdict == "better (interval excludes 0)" and c.n_seeds == 3
+    out = tmp_path / "out"
+    md = (out / "report.md").read_text()
+    assert "## Reward vanishing" in md and c.line() in md and "| steps where layer 1 had no usable group | 58.3 ± " in md
+    assert (out / "vanishing.png").read_bytes().startswith(b"\x89PNG")
+    saved = json.loads((out / "report.json").read_text())["vanishing"]
+    assert saved["groups"]["grpo"]["no_usable/layer1"]["mean"] == pytest.approx(7 / 12)
