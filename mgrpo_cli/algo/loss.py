@@ -77,6 +77,13 @@ class LossSpec:
             self.adv_estimator, self.scale_rewards, self.std_eps, self.multi_objective_aggregation))
 
     @property
+    def runs_every_row(self) -> bool:
+        """Whether zero-advantage completions run through the loss too: their loss is not zero with a KL
+        term, their entropy has a gradient with an entropy bonus, and bnpo counts their tokens in its
+        micro-batches' normalisers (TRL's local batch holds them)."""
+        return self.beta > 0 or self.entropy_bonus or grpo.AGGREGATIONS[self.loss_type].local
+
+    @property
     def entropy_bonus(self) -> bool:
         """Whether the loss carries an entropy term (a coefficient, or the adaptive controller)."""
         return self.entropy_coef != 0 or self.adaptive_entropy
@@ -295,7 +302,8 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
     ``mask_truncated_completions`` the completions the budget cut off count for nothing. Completions
     that cannot move the loss are left out of every pass: those that do not count, and, without a KL
     term (beta = 0), those with zero advantage (every completion of a zero-variance group), whose loss
-    and gradient are exactly zero (unless an entropy bonus moves them); the normaliser still counts them. The no-grad pass stores pi_old's
+    and gradient are exactly zero (``spec.runs_every_row`` says when they are not); the normaliser
+    still counts them. The no-grad pass stores pi_old's
     log-probs (num_iterations > 1; the reference's too when beta > 0) and makes the top-entropy token
     mask, whose quantile is taken over the counted tokens of the rows in the passes.
     """
@@ -308,7 +316,7 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
         mask_all = mask_all * (~rollout.truncated.to(mask_all.device)).float().unsqueeze(-1)
     norm = grpo.loss_normalizer(mask_all, spec.loss_type, spec.max_completion_length)
     active = mask_all.sum(-1) > 0
-    if spec.beta == 0 and not spec.entropy_bonus:
+    if not spec.runs_every_row:
         active &= advantages != 0
     batches = micro_batches(rollout, spec.micro_batch_tokens, rows=active.nonzero().squeeze(-1).tolist())
     layer = LayerLoss(rollout, advantages, mask_all, norm, batches, weight)

@@ -223,3 +223,26 @@ def test_row_fields_reach_own_reward_functions():
     assert fields["id"] == ["b", "b", "a", "a"] and fields["solution"] == [None, None, "1+2=3", "1+2=3"]
     assert fields["layer"] == [2] * 4 and fields["turns"][0] == (("4-1=2", "Wait."),) and fields["turns"][2] == ()
     assert fields["operands"] == [2] * 4 and fields["hint"] == [None, None, "add", "add"]
+
+
+NAN_ = float("nan")
+
+
+def test_reward_terms_for_gdpo_carry_the_improvement_bonus_as_a_term():
+    from mgrpo_cli.algo.layers import LayerSpec, reward_terms
+    from mgrpo_cli.grading.rewards import Scored
+
+    scored = Scored(rewards=[1.2, 0.0, None, 1.0], correct=[True, False, None, True],
+                    terms=[[1.0, 1.0], [0.0, 0.0], [None, 1.0], [1.0, 0.0]], weights=[1.0, 0.2])
+    prev = [False, True, True, True]
+    terms, weights = reward_terms(scored, prev, LayerSpec(depth=2, n=2, max_new_tokens=4, reward="improvement",
+                                                          improvement_bonus=0.5), n=2)
+    assert weights.tolist() == pytest.approx([1.0, 0.2, 1.0])
+    # wrong -> right +0.5, right -> wrong -0.5, ungradable (None) no bonus, right -> right 0
+    expected = [[[1.0, 1.0, 0.5], [0.0, 0.0, -0.5]], [[NAN_, 1.0, 0.0], [1.0, 0.0, 0.0]]]
+    assert torch.equal(torch.isnan(terms), torch.isnan(torch.tensor(expected)))
+    assert torch.allclose(terms.nan_to_num(7.0), torch.tensor(expected).nan_to_num(7.0))
+    plain, _ = reward_terms(scored, prev, LayerSpec(depth=1, n=2, max_new_tokens=4), n=2)
+    assert plain.shape == (2, 2, 2)
+    assert reward_terms(Scored(rewards=[1.0], correct=[True]), [None], LayerSpec(depth=1, n=1, max_new_tokens=4),
+                        n=1) == (None, None)

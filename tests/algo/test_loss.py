@@ -268,3 +268,52 @@ def test_entropies_on_the_chunked_path_equal_the_whole_logits(layout):
     assert torch.allclose(logps_c[mask], logps_w[mask], atol=1e-5)
     assert torch.allclose(ent_c[mask], ent_w[mask], atol=1e-5) and (ent_w[mask] > 0).all()
     assert completion_logps_and_entropy(model, ro, rows, chunked=True, entropy=False, **kw)[1] is None
+
+
+def test_bnpo_divides_each_micro_batch_by_its_own_tokens(setup):
+    """Several micro-batches: the loss is the mean of their token means (the reference, one forward per
+    micro-batch); one micro-batch: exactly dapo's gradient."""
+    model, ro = setup
+    s = spec(loss_type="bnpo", micro_batch_tokens=40)
+    layer = prepare_layer_loss(model, ro, ADV, s)
+    assert len(layer.batches) >= 2
+    stats = loss_pass(model, layer, s, lambda x: x.backward())
+    got = _grads(model)
+    logp = grpo.selective_log_softmax(_logits(model, ro), ro.completion_ids.clone())
+    out = grpo.policy_loss()(logp, ADV, ro.completion_mask.float())
+    parts = [(out.loss[rows] * ro.completion_mask[rows]).sum() / ro.completion_mask[rows].sum()
+             for rows in layer.batches]
+    value = sum(parts) / len(parts)
+    value.backward()
+    assert stats["loss"] == pytest.approx(value.item(), abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model)))
+    assert sorted(int(r) for rows in layer.batches for r in rows) == list(range(12))  # zero-advantage rows too
+    one = policy_loss_backward(model, ro, ADV, spec(loss_type="bnpo"), lambda x: x.backward())
+    one_grads = _grads(model)
+    dapo = policy_loss_backward(model, ro, ADV, spec(loss_type="dapo"), lambda x: x.backward())
+    assert one["loss"] == pytest.approx(dapo["loss"], abs=1e-7)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(one_grads, _grads(model)))
+
+
+def test_entropy_bonus_is_the_mean_token_entropy_of_every_counted_row(setup):
+    """With a bonus, zero-advantage rows run too (their entropy has a gradient); the gradient is the
+    policy term's minus coef x that of the mean entropy over every completion token, in one forward."""
+    model, ro = setup
+    s = spec(entropy_coef=0.1)
+    layer = prepare_layer_loss(model, ro, ADV, s)
+    assert sorted(int(r) for rows in layer.batches for r in rows) == list(range(12))
+    stats = loss_pass(model, layer, s, lambda x: x.backward(), entropy_coef=0.1)
+    got = _grads(model)
+    mask = ro.completion_mask.float()
+    logits = _logits(model, ro)
+    logp = grpo.selective_log_softmax(logits, ro.completion_ids.clone())
+    out = grpo.policy_loss()(logp, ADV, mask)
+    policy = grpo.sequence_terms(out.loss, mask, "grpo").sum() / grpo.loss_normalizer(mask, "grpo", 8)
+    ent = grpo.token_entropy(logits, grad=True)
+    value = policy - 0.1 * (ent * mask).sum() / mask.sum()
+    value.backward()
+    assert stats["loss"] == pytest.approx(value.item(), abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model)))
+    no_bonus = loss_pass(model, layer, s, lambda x: x.backward(), entropy_coef=0.0)  # coefficient 0: none
+    assert no_bonus["loss"] == pytest.approx(policy.item(), abs=1e-6)
+    model.zero_grad()

@@ -215,3 +215,45 @@ def test_lora_run_exports_merged_and_eval_exports_the_same_from_its_checkpoint(s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = run_eval(compose("eval", common + [f"model.path={run / 'export'}"]))
     assert summary["n"] == 4 and "acc_t2" in summary
+
+
+def test_disable_dropout_makes_train_mode_log_probs_deterministic():
+    from mgrpo_cli.data.models import disable_dropout
+
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(compose("train").model, tok, seed=0)
+    model.config.attention_dropout = 0.5
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    model = apply_lora(model, compose("train", ["lora=default"]).lora)  # LoRA's nn.Dropout, p = 0.05
+    model.train()
+    ids = torch.tensor([[65, 66, 67, 68, 69, 70]])
+    with torch.no_grad():
+        noisy = [model(input_ids=ids).logits for _ in range(2)]
+    assert not torch.equal(*noisy)
+    assert disable_dropout(model) > 0
+    with torch.no_grad():
+        same = [model(input_ids=ids).logits for _ in range(2)]
+    assert torch.equal(*same)
+
+
+def test_fp32_head_keeps_the_tie_and_runs_in_float32_under_bf16():
+    from mgrpo_cli.data.models import Fp32Head, cast_lm_head_to_fp32
+
+    tok = build_byte_tokenizer()
+    model = build_tiny_model(compose("train").model, tok, seed=0).to(torch.bfloat16)
+    cast_lm_head_to_fp32(model)
+    head = model.get_output_embeddings()
+    assert type(head) is Fp32Head and head.weight is model.get_input_embeddings().weight  # still tied
+    assert head.weight.dtype == torch.float32 and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[65, 66, 67]])
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    model.to(torch.bfloat16)  # a precision plugin's cast: re-applying restores the fp32 head
+    cast_lm_head_to_fp32(model)
+    assert head.weight.dtype == torch.float32 and model(input_ids=ids).logits.dtype == torch.float32
+    ref = copy.deepcopy(model)  # the KL reference's copy computes with its own head
+    with torch.no_grad():
+        ref.get_output_embeddings().weight.mul_(0)
+    assert not torch.equal(ref(input_ids=ids).logits, model(input_ids=ids).logits)

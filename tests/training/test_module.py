@@ -399,3 +399,37 @@ def test_each_2026_option_trains_a_debug_step_on_every_layer(small_cfg, options,
         assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
     if "grpo.cast_lm_head_to_fp32=true" in options:
         assert policy.get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_adaptive_entropy_and_the_synced_reference_are_steered_and_survive_a_checkpoint(small_cfg):
+    """Two steps: the random model's entropy (about ln 260 = 5.6 nats) is below the target 9, so each
+    layer's coefficient grows by delta after each step, and the first step applies none (no entropy seen
+    yet); the reference moves at every step; a checkpoint restores coefficients and reference."""
+    cfg = small_cfg("model.max_completion_length=6", "grpo.use_adaptive_entropy=true", "grpo.entropy_target=9.0",
+                    "grpo.entropy_coef=0.01", "grpo.entropy_coef_delta=0.005", "grpo.sync_ref_model=true",
+                    "grpo.beta=0.1", "grpo.ref_model_sync_steps=1")
+    build.check(cfg)
+    applied = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            applied.append(float(trainer.callback_metrics["train/layer1/entropy_coef"]))
+
+    reward = TermsReward()
+    policy, tok, _ = build.policy(cfg)
+    module = build.module(cfg, policy, tok, reward)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False, callbacks=[Spy()])
+    trainer.fit(module, train_dataloaders=build.train_loader(build.problem_stream(cfg), module))
+    reward.grader.close()
+    assert applied == [0.0, pytest.approx(0.015)]
+    assert module.entropy_coefs == {1: pytest.approx(0.02), 2: pytest.approx(0.02)}
+    assert module.ref_syncs == 2
+    saved = {}
+    module.on_save_checkpoint(saved)
+    fresh = build.module(cfg, *build.policy(cfg)[:2], reward)
+    assert fresh.entropy_coefs[1] == 0.01 and fresh.ref_syncs == 0
+    fresh.on_load_checkpoint(saved)
+    assert fresh.entropy_coefs == module.entropy_coefs and fresh.last_entropy == module.last_entropy
+    assert fresh.ref_syncs == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh._reference[0].parameters(), module._reference[0].parameters()))
