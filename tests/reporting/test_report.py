@@ -392,3 +392,29 @@ def test_report_measures_reward_vanishing_per_group(sweep, tmp_path):
     assert (out / "vanishing.png").read_bytes().startswith(b"\x89PNG")
     saved = json.loads((out / "report.json").read_text())["vanishing"]
     assert saved["groups"]["grpo"]["no_usable/layer1"]["mean"] == pytest.approx(7 / 12)
+
+
+def test_study_table_is_generated_from_report_json(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("study_table", ROOT / "scripts" / "study_table.py")
+    study_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_table)
+    root = tmp_path / "runs"
+    for job, ((layer, seed), counts) in enumerate(RATE_ENDS.items()):
+        _train_run(root / str(job), layer, seed, (0, 0))
+        write_rows(step_file(root / str(job), 10), _rows_by_counts(*counts))
+    study = tmp_path / "docs" / "study-demo"
+    rep = make_report([str(root)], out=study, log_mlflow=False, n_resamples=500)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{study_table.BEGIN}\nold\n{study_table.END}\n\nafter\n")
+    assert study_table.main([str(study), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{study_table.END}\n\nafter\n")
+    row = next(line for line in text.splitlines() if line.startswith("| [demo](docs/study-demo/report.md)"))
+    fix = next(c for c in rep.analysis.comparisons if c.metric == "fix_rate")
+    d = fix.diff
+    assert f"{100 * (3 + 6) / 22:.1f} / 50.0; {100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" in row
+    assert "| 2 × 20 |" in row
