@@ -8,7 +8,9 @@ steps, the same for every layer of MGRPO: :func:`prepare_layer_loss` fixes which
 pass that stores pi_old's log-probs (``num_iterations`` > 1) and the token entropies
 (``top_entropy_quantile`` < 1); then each of the ``num_iterations`` optimizer steps runs
 :func:`loss_pass`, which accumulates ``weight`` x the layer's loss (``LossSpec.objective``, aggregated
-per ``loss_type``) into the gradients. :func:`policy_loss_backward` is the two for one update.
+per ``loss_type``: over the layer's batch, or per micro-batch for bnpo; minus the entropy bonus when
+the caller gives a coefficient) into the gradients. :func:`policy_loss_backward` is the two for one
+update.
 """
 from __future__ import annotations
 
