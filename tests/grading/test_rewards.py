@@ -380,6 +380,8 @@ def test_reward_function_weights_and_none(grader):
     scored = RewardFunction([("accuracy", 1.0), ("format", 0.1)], grader)(completions, golds)
     assert scored.rewards == [1.1, 0.0, 0.1, None]
     assert scored.correct == [True, False, False, None]
+    # each term's own value, for GDPO's per-term normalisation (reward.multi_objective_aggregation)
+    assert scored.terms == [[1.0, 1.0], [0.0, 0.0], [0.0, 1.0], [None, 1.0]] and scored.weights == [1.0, 0.1]
     with pytest.raises(ValueError, match="'acc'"):
         RewardFunction([("acc", 1.0)], grader)
     with pytest.raises(ValueError, match="'html'"):
