@@ -21,7 +21,9 @@ so a run resumed from a checkpoint draws what the uninterrupted run drew. A step
 gradient is not finite (on any rank) does not update the weights (``guard``): its gradients are
 dropped, the skip is counted (``train/nonfinite_steps``), and after ``max_nonfinite_steps`` such
 steps in a row the step raises a ``UserError``. The checkpoint carries the steps done, the guard's
-counts and the start-of-run held-out metrics (``on_save_checkpoint``).
+counts, the start-of-run held-out metrics, each layer's entropy-bonus coefficient (adaptive control
+steers it once per step, ``_steer_entropy``) and, with ``RefSync`` (TR-DPO, ``_sync_reference`` after
+each optimizer step), the moved KL reference (``on_save_checkpoint``).
 """
 from __future__ import annotations
 
