@@ -245,14 +245,17 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
             h = hidden[s:s + chunk].to(mtype)
             logits = (h @ w.T).to(lse.dtype) * scale
             probs = torch.exp(logits - lse[s:s + chunk, None])
-            d = torch.zeros_like(probs)
+            d = None  # (c, V) gradient of the chunk's scaled logits, built in the buffers above
+            if grad_ent is not None:  # -g_H * softmax * (l - E_softmax[l]), in the logits' buffer
+                mean_logit = (lse[s:s + chunk] - ent[s:s + chunk])[:, None]
+                d = logits.sub_(mean_logit).mul_(probs).mul_(-grad_ent[s:s + chunk].to(lse.dtype)[:, None])
             if grad_out is not None:
                 g = grad_out[s:s + chunk].to(lse.dtype)
-                d.sub_(probs * g[:, None])  # -g * softmax
-                d.scatter_add_(-1, index[s:s + chunk, None], g[:, None])  # + g at the target
-            if grad_ent is not None:
-                mean_logit = (lse[s:s + chunk] - ent[s:s + chunk])[:, None]  # E_softmax[l]
-                d.sub_(probs * (logits - mean_logit) * grad_ent[s:s + chunk].to(lse.dtype)[:, None])
+                lp = probs.mul_(-g[:, None])  # -g * softmax
+                lp.scatter_add_(-1, index[s:s + chunk, None], g[:, None])  # + g at the target
+                d = lp if d is None else d.add_(lp)
+            if d is None:
+                d = torch.zeros_like(probs)
             d = d.mul_(scale).to(mtype)  # (c, V) gradient of the chunk's raw logits
             if need_h:
                 grad_h[s:s + chunk] = (d @ w).to(hidden.dtype)
