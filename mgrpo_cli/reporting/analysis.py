@@ -256,6 +256,15 @@ def run_vanishing(history: dict[str, list[tuple[int, float]]]) -> dict[str, floa
     return out
 
 
+def vanishing_order(key: str) -> tuple:
+    """Zero-variance shares by layer, then steps without a usable group in layer 1, then in any layer."""
+    return key.startswith("no_usable"), key.endswith("/all"), key
+
+
+def vanishing_keys(groups: dict[str, dict[str, Interval]]) -> list[str]:
+    return sorted({k for v in groups.values() for k in v}, key=vanishing_order)
+
+
 def vanishing_label(key: str) -> str:
     kind, what = key.split("/")
     if kind == "zero_variance":
@@ -291,7 +300,7 @@ def vanishing(grouping: Grouping) -> tuple[dict[str, dict[str, Interval]], list[
     groups: dict[str, dict[str, Interval]] = {}
     for g in grouping.groups:
         values = [per_run[id(r)] for r in g.runs if per_run[id(r)]]
-        keys = sorted({k for v in values for k in v}, key=lambda k: (k.startswith("no_usable"), k))
+        keys = sorted({k for v in values for k in v}, key=vanishing_order)
         if values:
             groups[g.label] = {k: t_interval([v[k] for v in values if k in v]) for k in keys}
     comparisons = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mgrpo_cli.reporting.analysis import Analysis, per_problem, pm, pts, vanishing_label
+from mgrpo_cli.reporting.analysis import Analysis, per_problem, pm, pts, vanishing_keys, vanishing_label
 from mgrpo_cli.reporting.load import REPLICATE_KEY, Run
 
 
@@ -151,7 +151,7 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
               "layer trains on nothing but the KL term. Mean ± half-width of the 95% t-interval over seeds; "
               "differences paired by seed (t-interval). In points (%).")
         labels = list(an.vanishing)
-        keys = list(dict.fromkeys(k for g in labels for k in an.vanishing[g]))
+        keys = vanishing_keys(an.vanishing)
         doc.table(["measure"] + [f"{g} (n = {next(iter(an.vanishing[g].values())).n})" for g in labels],
                   [[vanishing_label(k)] + [pm(an.vanishing[g][k]) if k in an.vanishing[g] else "—" for g in labels]
                    for k in keys])

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from mgrpo_cli.reporting.analysis import TRANSITIONS, Analysis, per_problem, vanishing_label
+from mgrpo_cli.reporting.analysis import TRANSITIONS, Analysis, per_problem, vanishing_keys, vanishing_label
 from mgrpo_cli.reporting.load import TRAIN_METRICS
 from mgrpo_cli.reporting.stats import t_interval
 
@@ -204,7 +204,7 @@ def plot_vanishing(an: Analysis, path: Path) -> Optional[Path]:
     if not an.vanishing:
         return None
     labels = list(an.vanishing)
-    keys = list(dict.fromkeys(k for g in labels for k in an.vanishing[g]))
+    keys = vanishing_keys(an.vanishing)
     fig, canvas = _figure((max(6.0, 1.5 * len(keys) * max(1, len(labels)) / 2 + 2), 4.4))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(labels)

@@ -187,7 +187,12 @@ def attach_mlflow(runs: list[Run], notes: list[str]) -> None:
                 run.mlflow = None
                 continue
             ref.run_id = found[0].info.run_id
-        info = client.get_run(ref.run_id)
+        try:
+            info = client.get_run(ref.run_id)
+        except Exception:  # MlflowException: the store at that URI does not hold the run
+            notes.append(f"{run.name}: no MLflow run {ref.run_id} in {ref.uri}; training curves left out")
+            run.mlflow = None
+            continue
         ref.experiment_id = info.info.experiment_id
         ref.parent_id = info.data.tags.get("mlflow.parentRunId")
         run.history = _history(client, ref.run_id)

@@ -418,3 +418,19 @@ def test_study_table_is_generated_from_report_json(tmp_path):
     d = fix.diff
     assert f"{100 * (3 + 6) / 22:.1f} / 50.0; {100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" in row
     assert "| 2 × 20 |" in row
+
+
+def test_a_run_missing_from_its_mlflow_store_is_a_note_not_a_crash(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(tracking_uri=uri).search_experiments()  # an existing store that does not hold the runs
+    root = tmp_path / "runs"
+    for job, layer in enumerate(("grpo", "mgrpo")):
+        _train_run(root / str(job), layer, 0, (8, 10),
+                   extra={"logger.enabled": True, "logger.tracking_uri": uri})
+        (root / str(job) / "status.json").write_text(json.dumps({"status": "FINISHED", "mlflow_run_id": "f" * 32}))
+    rep = make_report([str(root)], out=tmp_path / "out", log_mlflow=False, n_resamples=200)
+    assert not rep.analysis.vanishing
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"no MLflow run {'f' * 32} in {uri}; training curves left out" in md
