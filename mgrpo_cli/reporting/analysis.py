@@ -193,6 +193,32 @@ def paired_difference(ea: list[Evaluation], eb: list[Evaluation], ids: list[str]
     return crossed_bootstrap(_matrix(eb, ids, metric) - _matrix(ea, ids, metric), n_resamples=n_resamples)
 
 
+TARGET_HALF_WIDTH = 0.03  # the ±3 points a study should resolve
+
+
+def seeds_needed(sd: float, half_width: float = TARGET_HALF_WIDTH, confidence: float = 0.95) -> Optional[int]:
+    """The smallest n with t(confidence, n − 1) · sd / √n ≤ ``half_width``: the seeds a t-interval over
+    per-seed differences of spread ``sd`` needs (None when sd is unknown). It counts the seed-to-seed
+    noise only; resampling a finite problem set as well widens the bootstrap interval a little."""
+    from scipy import stats
+
+    if math.isnan(sd):
+        return None
+    if sd == 0:
+        return 2
+    n = 2
+    while stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def per_seed(evals: list[Evaluation], ids: list[str], metric: str):
+    """The metric of each evaluation (one per seed): its mean, or for a rate its ratio of sums."""
+    import numpy as np
+
+    return np.array([value([e], ids, metric) for e in evals])
+
+
 @dataclass
 class Comparison:
     title: str
@@ -207,6 +233,11 @@ class Comparison:
     n_seeds: int
     n_problems: int
     change: bool  # end − start of one group (else group b − group a)
+    seed_sd: float = math.nan  # sample sd over seeds of the per-seed difference (NaN with < 2 seeds)
+
+    def seeds_for(self, half_width: float = TARGET_HALF_WIDTH) -> Optional[int]:
+        """Seeds per group for a 95% interval of ± ``half_width`` on this difference (``seeds_needed``)."""
+        return seeds_needed(self.seed_sd, half_width)
 
     @property
     def verdict(self) -> str:
@@ -371,10 +402,12 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
         ea = [r.evaluations[-1] for r in a.runs if r.seed in seeds]
         eb = [r.evaluations[-1] for r in b.runs if r.seed in seeds]
         for m, label, better in metrics:
+            per_seed_diff = per_seed(eb, ids, m) - per_seed(ea, ids, m)
+            sd = float(per_seed_diff.std(ddof=1)) if len(seeds) > 1 else math.nan
             comparisons.append(Comparison(f"{b.label} − {a.label} ({key})", m, label, better, a.label, b.label,
                                           value(ea, ids, m), value(eb, ids, m),
                                           paired_difference(ea, eb, ids, m, n_resamples),
-                                          len(seeds), len(ids), change=False))
+                                          len(seeds), len(ids), change=False, seed_sd=sd))
             advance()
     steps = (runs[0].evaluations[0].step, runs[0].evaluations[-1].step)
     groups_vanishing, vanishing_comparisons = vanishing(grouping) if command == "train" else ({}, [])
@@ -396,7 +429,8 @@ def as_json(an: Analysis) -> dict:
                              "end": {m: iv_json(iv) for m, iv in an.end[g.label].items()}}
                    for g in an.grouping.groups},
         "comparisons": [{"title": c.title, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
-                         "line": c.line()} for c in an.comparisons],
+                         "line": c.line(), "seed_sd": None if math.isnan(c.seed_sd) else c.seed_sd,
+                         "seeds_for_3_points": c.seeds_for()} for c in an.comparisons],
         "changes": [{"group": c.a, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
                      "line": c.line()} for c in an.changes],
         "vanishing": {"groups": {g: {k: iv_json(iv) for k, iv in v.items()} for g, v in an.vanishing.items()},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,9 +142,16 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
         for title in titles:
             cs = [c for c in an.comparisons if c.title == title]
             doc.h(3, f"{title}: seeds {cs[0].n_seeds} × problems {cs[0].n_problems}")
-            doc.table(["metric", cs[0].a, cs[0].b, f"{cs[0].b} − {cs[0].a} [95% CI]", "verdict"],
+            doc.table(["metric", cs[0].a, cs[0].b, f"{cs[0].b} − {cs[0].a} [95% CI]", "verdict",
+                       "sd over seeds", "seeds for ±3"],
                       [[c.label, f"{100 * c.a_mean:.1f}", f"{100 * c.b_mean:.1f}",
-                        f"{pts(c.diff.mean)} [{pts(c.diff.low)}, {pts(c.diff.high)}]", c.verdict] for c in cs])
+                        f"{pts(c.diff.mean)} [{pts(c.diff.low)}, {pts(c.diff.high)}]", c.verdict,
+                        "—" if math.isnan(c.seed_sd) else f"{100 * c.seed_sd:.1f}",
+                        str(c.seeds_for() or "—")] for c in cs])
+        doc.p("sd over seeds: the sample standard deviation of the per-seed difference (b − a on each seed's "
+              "problems); seeds for ±3: the smallest n with t(0.975, n − 1) · sd / √n ≤ 3 points, the seeds per "
+              "group a 95% interval of ±3 points needs from the seed-to-seed noise measured here (resampling the "
+              "problems as well widens the bootstrap interval a little).")
     if an.vanishing:
         doc.h(2, "Reward vanishing")
         doc.p("From each run's per-step training metrics: a zero-variance group has all rewards equal, so all its "

@@ -434,3 +434,19 @@ def test_a_run_missing_from_its_mlflow_store_is_a_note_not_a_crash(tmp_path):
     assert not rep.analysis.vanishing
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"no MLflow run {'f' * 32} in {uri}; training curves left out" in md
+
+
+def test_seeds_for_a_3_point_interval(sweep, tmp_path):
+    from mgrpo_cli.reporting.analysis import seeds_needed
+
+    # per-seed Acc@t2 differences of the first 3-seed study: +6.5, -1.5, +2.0 points (sd 4.01):
+    # t(0.975, 8) · 4.01 / √9 = 3.08 > 3, t(0.975, 9) · 4.01 / √10 = 2.87 <= 3; for ±6: 4.98 at n = 5, 6.38 at 4
+    sd = float(np.std([0.065, -0.015, 0.02], ddof=1))
+    assert seeds_needed(sd) == 10 and seeds_needed(sd, half_width=0.06) == 5
+    assert seeds_needed(math.nan) is None and seeds_needed(0.0) == 2
+    rep = make_report([str(sweep)], out=tmp_path / "out", log_mlflow=False, n_resamples=200)
+    c = next(c for c in rep.analysis.comparisons if c.metric == "acc_t1")  # +2, +2, +4 of 20 problems
+    assert c.seed_sd == pytest.approx(np.std([0.1, 0.1, 0.2], ddof=1))
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"]
+    assert next(x for x in saved if x["metric"] == "acc_t2")["seeds_for_3_points"] == 2  # the same +4 on every seed
+    assert "| sd over seeds | seeds for ±3 |" in (tmp_path / "out" / "report.md").read_text()
