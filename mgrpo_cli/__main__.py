@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int | None:
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
+    from mgrpo_cli.config.errors import install_hydra_error_lines
+
+    install_hydra_error_lines()  # Hydra's composition errors as one line, exit 2
     os.environ[COMMAND_ENV] = command
     # a runnable argv[0] (the console script, or this file under -m) lets the DDP launcher start the other ranks
     sys.argv = [argv[0] if os.path.isfile(argv[0]) else f"mgrpo {command}", *argv[2:]]

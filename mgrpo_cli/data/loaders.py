@@ -61,6 +61,14 @@ class _BadRow(Exception):
     """A row that cannot become a Problem; the message is the reason (without file:line)."""
 
 
+class _Missing(_BadRow):
+    """The row has no value for the mapped field ``key``."""
+
+    def __init__(self, key: str):
+        super().__init__(f"missing field {key!r}")
+        self.key = key
+
+
 def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None,
                   seed: Optional[int] = None) -> Loaded:
     """The problems of ``split`` ("train" or "test"; arith also "valid") of the data set ``cfg``.
@@ -150,32 +158,48 @@ def _read_file(path: Path) -> Iterator[tuple[int, Any]]:
     raise DataError(f"{path}: unknown file type {suffix!r}; expected .jsonl, .json (JSON Lines) or .parquet")
 
 
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line number, text) per line, read as bytes so that a line that is not UTF-8 (a binary file, a
+    Latin-1 export) comes back with the reason as its third item (empty for a good line) rather than
+    as a ``UnicodeDecodeError`` from the middle of the file."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8"), ""
+            except UnicodeDecodeError as e:
+                yield line_no, "", (f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                    "JSON Lines files are UTF-8")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or _BadRow) per non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                yield line_no, _BadRow(f"bad JSON ({e.msg} at column {e.colno})")
+    for line_no, text, bad in _utf8_lines(path):
+        if bad:
+            yield line_no, _BadRow(bad)
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line_no, json.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            yield line_no, _BadRow(f"bad JSON ({e.msg} at column {e.colno})")
 
 
 def json_lines(path: Path, error: type[Exception]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file of objects; a line that is not
-    a JSON object raises ``error`` naming ``file:line``."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{line_no}: bad JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise error(f"{path}:{line_no}: not a JSON object")
-            yield line_no, obj
+    UTF-8 or not a JSON object raises ``error`` naming ``file:line``."""
+    for line_no, text, bad in _utf8_lines(path):
+        if bad:
+            raise error(f"{path}:{line_no}: {bad}")
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{line_no}: bad JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{line_no}: not a JSON object")
+        yield line_no, obj
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -234,9 +258,15 @@ def _problem(row: Any, fields: _Fields, answer_format: str, default_id: str) -> 
         raise row
     if not isinstance(row, dict):
         raise _BadRow(f"not a JSON object (got {type(row).__name__})")
-    question = _text(row, fields.question, required=True)
-    solution = _text(row, fields.solution) if fields.solution else None
-    answer = _gold(row, fields, answer_format, solution)
+    try:
+        question = _text(row, fields.question, required=True)
+        solution = _text(row, fields.solution) if fields.solution else None
+        answer = _gold(row, fields, answer_format, solution)
+    except _Missing as e:  # name the mapping, which is what a user fixes when the data set is not at fault
+        keys = ", ".join(f"dataset.fields.{f.name}={e.key}" for f in dataclasses.fields(_Fields)
+                         if getattr(fields, f.name) == e.key)
+        has = "" if e.key in row else f"; the row's fields: {', '.join(map(str, row)) or 'none'}"
+        raise _BadRow(f"{e} ({keys}{has})") from None
 
     meta: dict[str, Any] = {}
     if fields.subject and row.get(fields.subject) is not None:
@@ -257,7 +287,7 @@ def _text(row: dict, key: str, *, required: bool = False) -> Optional[str]:
     value = row.get(key)
     if value is None:
         if required:
-            raise _BadRow(f"missing field {key!r}")
+            raise _Missing(key)
         return None
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = "\n\n".join(value)
@@ -286,7 +316,7 @@ def _gold(row: dict, fields: _Fields, answer_format: str, solution: Optional[str
 def _scalar(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
-        raise _BadRow(f"missing field {key!r}")
+        raise _Missing(key)
     if isinstance(value, (dict, list, tuple)):
         raise _BadRow(f"field {key!r} is a {type(value).__name__}, expected a string")
     if not str(value).strip():
@@ -324,7 +354,7 @@ def _boxed_gold(row: dict, fields: _Fields, solution: Optional[str]) -> str:
 def _list_gold(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
-        raise _BadRow(f"missing field {key!r}")
+        raise _Missing(key)
     if isinstance(value, str):
         text = value.strip()
         if not text:

@@ -30,8 +30,14 @@ def _files(root: Path) -> dict[str, Path]:
     }
     for name, text in rows.items():
         (root / name).write_text(text)
+    raw = {
+        "binary.jsonl": bytes([0x1F, 0x8B, 8, 0]) + bytes(range(256)) * 4,  # a gzip header, then bytes
+        "latin1.jsonl": '{"question": "1+1", "answer": "#### 2"}\n{"question": "café", "answer": "#### 4"}\n'.encode("latin-1"),
+    }
+    for name, data in raw.items():
+        (root / name).write_bytes(data)
     (root / "no_config").mkdir(exist_ok=True)
-    return {name: root / name for name in [*rows, "no_config"]}
+    return {name: root / name for name in [*rows, *raw, "no_config"]}
 
 
 def _data(path: Path) -> list[str]:
@@ -79,6 +85,21 @@ CASES = [
     ("number question", "train", lambda f: _data(f["number_question.jsonl"]), "number_question.jsonl:1: field 'question' is not text"),
     ("empty file", "train", lambda f: _data(f["empty.jsonl"]), "empty.jsonl: no rows"),
     ("missing file", "train", lambda f: _data(Path("/no/such.jsonl")), "/no/such.jsonl"),
+    ("binary file", "train", lambda f: _data(f["binary.jsonl"]), "binary.jsonl:1: not UTF-8 text (byte 0x8b at column 2)"),
+    ("Latin-1 file", "train", lambda f: _data(f["latin1.jsonl"]), "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 18)"),
+    ("field mapping", "train", lambda f: [*_data(f["missing_field.jsonl"]), "dataset.fields.question=nosuch"],
+     "missing_field.jsonl:1: missing field 'nosuch' (dataset.fields.question=nosuch; the row's fields: question, answer)"),
+    # Hydra's composition errors, before any task runs
+    ("unknown key", "train", lambda f: ["grpo.nonsense=1"], "grpo.nonsense=1: grpo has no key 'nonsense'; the closest is grpo."),
+    ("unknown key, a typo", "train", lambda f: ["grpo.lrr=1"], "grpo.lrr=1: grpo has no key 'lrr'; the closest is grpo.lr "),
+    ("wrong type", "train", lambda f: ["trainer.max_steps=abc"], "trainer.max_steps=abc: expected an integer"),
+    ("seed=abc", "train", lambda f: ["seed=abc"], "seed=abc: expected an integer"),
+    ("bad choice", "train", lambda f: ["layer.select=smaple"],
+     "layer.select=smaple: expected one of all, wrong, sample (did you mean sample?)"),
+    ("missing group option", "train", lambda f: ["model=nope"], "model=nope: no such model config; choose one of qwen0.5b,"),
+    ("null for a number", "train", lambda f: ["grpo.lr=null"], "grpo.lr=null: grpo.lr cannot be null"),
+    ("override syntax", "train", lambda f: ["grpo.lr=["], "grpo.lr=[: cannot parse it"),
+    ("eval wrong type", "eval", lambda f: ["eval.n=abc"], "eval.n=abc: expected an integer"),
     ("eval n>1 greedy", "eval", lambda f: ["dataset=arith", "eval.n=4", "eval.temperature=0"], "eval.temperature=0.0"),
     ("eval missing checkpoint", "eval", lambda f: ["checkpoint=/no/such.ckpt"], "checkpoint=/no/such.ckpt: no such file"),
     ("eval missing rescore", "eval", lambda f: ["rescore=/no/such.jsonl"], "/no/such.jsonl"),
@@ -113,7 +134,7 @@ def test_bad_input_is_one_line_naming_it(results, name, command, overrides, need
     assert len(errors) == 1 and needle in errors[0], json.dumps(res.stderr.splitlines()[-5:], indent=1)
 
 
-def test_full_traceback_on_request(tmp_path):
-    res = run_cli("train", *FAST, f"paths.outputs={tmp_path}", "grpo.num_generations=1",
-                  env={"HYDRA_FULL_ERROR": "1"})
-    assert res.returncode != 0 and "Traceback" in res.stderr and "grpo.num_generations=1" in res.stderr
+@pytest.mark.parametrize("override", ["grpo.num_generations=1", "trainer.max_steps=abc"])
+def test_full_traceback_on_request(tmp_path, override):
+    res = run_cli("train", *FAST, f"paths.outputs={tmp_path}", override, env={"HYDRA_FULL_ERROR": "1"})
+    assert res.returncode != 0 and "Traceback" in res.stderr and override.split("=")[0] in res.stderr

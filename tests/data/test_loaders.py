@@ -34,10 +34,10 @@ MALFORMED = [
     ("{\"question\": ", "bad JSON (Expecting value at column 14)"),
     ("[1, 2]", "not a JSON object (got list)"),
     ("\"text\"", "not a JSON object (got str)"),
-    (json.dumps({"answer": "2"}), "missing field 'question'"),
-    (json.dumps({"question": None, "answer": "2"}), "missing field 'question'"),
+    (json.dumps({"answer": "2"}), "missing field 'question' (dataset.fields.question=question; the row's fields: answer)"),
+    (json.dumps({"question": None, "answer": "2"}), "missing field 'question' (dataset.fields.question=question)"),
     (json.dumps({"question": "   ", "answer": "2"}), "blank field 'question'"),
-    (json.dumps({"question": "q"}), "missing field 'answer'"),
+    (json.dumps({"question": "q"}), "missing field 'answer' (dataset.fields.answer=answer; the row's fields: question)"),
     (json.dumps({"question": "q", "answer": " "}), "blank field 'answer'"),
     (json.dumps({"question": "q", "answer": ["2"]}), "field 'answer' is a list, expected a string"),
 ]
@@ -65,7 +65,7 @@ def test_malformed_row_is_a_value_error(tmp_path):
     ("boxed", {"problem": "q"}, "missing gold: no field 'solution'"),
     ("list", {"problem": "q", "final_answer": "['2'"}, "field 'final_answer' is not a list literal: \"['2'\""),
     ("list", {"problem": "q", "final_answer": "[]"}, "field 'final_answer' holds no answer: []"),
-    ("list", {"problem": "q"}, "missing field 'final_answer'"),
+    ("list", {"problem": "q"}, "missing field 'final_answer' (dataset.fields.answer=final_answer; the row's fields: problem)"),
 ])
 def test_malformed_gold_per_format(tmp_path, fmt, row, reason):
     fields = {
@@ -269,7 +269,7 @@ def test_parquet_missing_question_names_row(tmp_path):
 
     path = tmp_path / "test.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "1"}, {"question": None, "answer": "2"}]), path)
-    with pytest.raises(DataError, match=r"test\.parquet:2: missing field 'question'$"):
+    with pytest.raises(DataError, match=r"test\.parquet:2: missing field 'question' \(dataset\.fields\.question=question\)$"):
         load_problems(file_cfg(path), "test")
 
 
@@ -365,3 +365,19 @@ def test_real_olympiadbench_multiple_answers():
 def test_real_math500_levels():
     levels = {p.meta["level"] for p in load_problems(compose_dataset("math500"), "test").problems}
     assert levels == {1, 2, 3, 4, 5}
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "\xff", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: not UTF-8 text \(byte 0xff at column 15\)"):
+        load_problems(file_cfg(path), "test")
+
+
+def test_a_field_mapping_that_matches_no_field_names_the_mapping(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"problem": "q", "answer": "1"}\n')
+    cfg = file_cfg(path, fields=FieldMap(question="question_text"))
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: missing field 'question_text' "
+                                        r"\(dataset\.fields\.question=question_text; the row's fields: problem, answer\)$"):
+        load_problems(cfg, "test")
