@@ -31,22 +31,31 @@ class RescoreError(UserError):
 # ---------------------------------------------------------------------------- records and scores
 
 def grade_records(records: list[dict], grader) -> list[dict]:
-    """(Re-)grade every record's completions and t2 completion against its gold, in place."""
-    from mgrpo_cli.grading.extract import extract_answer
-
+    """Grade every record's completions and t2 completion against its gold, in place (``rescore=``:
+    saved completions; a generated run's records come graded from ``solve``)."""
     flat = [(i, c) for i, r in enumerate(records) for c in r["completions"]]
     verdicts = grader.correct([c for _, c in flat], [records[i]["gold"] for i, _ in flat])
-    for r in records:
-        r["answers"], r["correct"] = [], []
-    for (i, c), v in zip(flat, verdicts):
-        records[i]["answers"].append(extract_answer(c, last_number_fallback=grader.last_number_fallback))
-        records[i]["correct"].append(v)
+    correct: list[list] = [[] for _ in records]
+    for (i, _), v in zip(flat, verdicts):
+        correct[i].append(v)
     with_t2 = [r for r in records if r.get("t2_completion") is not None]
-    if with_t2:
-        v2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2])
-        for r, v in zip(with_t2, v2):
-            r["t2_answer"] = extract_answer(r["t2_completion"], last_number_fallback=grader.last_number_fallback)
-            r["t2_correct"] = v
+    t2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2]) if with_t2 else []
+    return attach_verdicts(records, correct, t2, grader.last_number_fallback)
+
+
+def attach_verdicts(records: list[dict], correct: list[list], t2_correct: list,
+                    last_number_fallback: bool) -> list[dict]:
+    """Each record's verdicts (``correct`` per completion; ``t2_correct`` for the records that have a
+    ``t2_completion``, in order) and the answers extracted from its completions, in place."""
+    from mgrpo_cli.grading.extract import extract_answer
+
+    for r, ok in zip(records, correct, strict=True):
+        r["answers"] = [extract_answer(c, last_number_fallback=last_number_fallback) for c in r["completions"]]
+        r["correct"] = list(ok)
+    with_t2 = [r for r in records if r.get("t2_completion") is not None]
+    for r, v in zip(with_t2, t2_correct, strict=True):
+        r["t2_answer"] = extract_answer(r["t2_completion"], last_number_fallback=last_number_fallback)
+        r["t2_correct"] = v
     return records
 
 
@@ -123,7 +132,8 @@ def scalars(summary: dict, prefix: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------- the model side
 
 def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict], float]:
-    """Answer ``problems`` (t1, and t2 when ``eval.two_pass``) with a progress bar; one record each."""
+    """Answer ``problems`` (t1, and t2 when ``eval.two_pass``) with a progress bar; one record each,
+    graded once (by ``solve``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mgrpo_cli.algo.solve import solve
@@ -151,6 +161,7 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
         if solved.t2_texts is not None:
             r["t2_prompt"], r["t2_completion"] = solved.t2_prompts[i], solved.t2_texts[i]
         records.append(r)
+    attach_verdicts(records, solved.t1_correct, solved.t2_correct or [], grader.last_number_fallback)
     return records, len(problems) / max(seconds, 1e-9)
 
 
@@ -171,7 +182,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             return {"export": str(folder)}
         skipped, rate = 0, None
         if cfg.rescore:
-            records = read_records(cfg.rescore)
+            records = grade_records(read_records(cfg.rescore), grader)
         else:
             loaded = build.held_out(cfg, seed=cfg.seed)
             problems, skipped = loaded.problems, loaded.skipped
@@ -180,7 +191,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             log.info("scoring %s on %d problems", source, len(problems))
             records, rate = generate_records(cfg, policy, tok, problems, grader)
         name = cfg.dataset.name
-        grade_records(records, grader)
         summary = summarize(records)
         summary["skipped_rows"] = skipped
         if rate is not None:

@@ -80,3 +80,16 @@ def test_bad_rescore_files_name_file_and_line(tmp_path, content, needle):
 def test_rescore_accepts_single_completion_field(tmp_path):
     f = _write(tmp_path / "other.jsonl", [{"gold": "4", "completion": "so \\boxed{4}"}])
     assert read_records(f)[0]["completions"] == ["so \\boxed{4}"]
+
+
+def test_eval_grades_each_answer_once(tmp_path):
+    """2 problems, t1 and t2: 4 answers graded (not 8), and the grader's counts match the records."""
+    cfg = compose("eval", ["dataset=arith", "eval.limit=2", "logger=none", "trainer.threads=1",
+                           f"paths.outputs={tmp_path}"])
+    summary = run_eval(cfg)
+    records = [json.loads(line) for line in next(tmp_path.rglob("problems.jsonl")).read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["correct"]) == 1 and r["t2_completion"] is not None for r in records)
+    verdicts = [v for r in records for v in (*r["correct"], r["t2_correct"])]
+    assert summary["grader"]["graded"] == 4 == len(verdicts)
+    assert summary["grader"]["correct"] == sum(v is True for v in verdicts)
+    assert all(isinstance(a, str) or a is None for r in records for a in r["answers"])
