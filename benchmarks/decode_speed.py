@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
+    from mgrpo_cli.config import build
     from mgrpo_cli.config.schema import ModelConfig
     from mgrpo_cli.data.models import load_policy
     from mgrpo_cli.training.warmup import SHIPPED
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = _load_copy("decode_base", _sources(args.base))
     this = _load_copy("decode_this", _sources(args.base if args.control else None))
     path = next(p for p in sorted(SHIPPED.iterdir()) if (p / "warmup.json").is_file())
-    model, tok = load_policy(OmegaConf.structured(ModelConfig(path=str(path), dtype="float32")))
+    model, tok = load_policy(build.model_spec(OmegaConf.structured(ModelConfig(path=str(path), dtype="float32"))))
     model.eval()
     prompts = [f"{a}+{b}-{c}\n" for a, b, c in
                [(12, 7, 5), (3, 4, 1), (18, 9, 2), (7, 6, 3), (25, 13, 8), (9, 9, 9), (40, 2, 11), (5, 31, 6)]]

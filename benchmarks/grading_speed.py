@@ -39,7 +39,7 @@ def numeric_answers_per_s(golds: list[str], repeats: int) -> tuple[float, int]:
         value = int(float(gold)) + (i % 3 == 0)  # every third answer is wrong
         completions.append(f"{reasoning}The answer is $\\boxed{{{forms[i % 4].format(value)}}}$.")
         batch_golds.append(gold)
-    with Grader() as grader:
+    with Grader(timeout_s=2.0, last_number_fallback=False) as grader:
         start = time.perf_counter()
         for j in range(0, len(completions), BATCH):
             grader.correct(completions[j : j + BATCH], batch_golds[j : j + BATCH])
@@ -51,7 +51,7 @@ def numeric_answers_per_s(golds: list[str], repeats: int) -> tuple[float, int]:
 def math500_oracle_s(rows: list[dict], shortcuts: bool) -> tuple[float, int]:
     """Seconds for the whole oracle on a fresh grader (worker start included), and its agreement."""
     start = time.perf_counter()
-    with Grader() as grader:
+    with Grader(timeout_s=2.0, last_number_fallback=False) as grader:
         grader._shortcuts = shortcuts
         verdicts = grader.correct([r["solution"] for r in rows], [r["answer"] for r in rows])
     return time.perf_counter() - start, sum(v is True for v in verdicts)

@@ -30,16 +30,16 @@ class LayerSpec:
     depth: int  # 1 = GRPO on the questions; 2+ = corrections of the layer before
     n: int  # samples per input: G (layer 1) or H
     max_new_tokens: int
-    reward: str = "correct"  # correct | improvement (+bonus wrong->right, -bonus right->wrong)
-    improvement_bonus: float = 1.0
-    weight: float = 1.0  # the layer's loss weight (lambda for corrections)
-    keep_successful: bool = False  # only correct completions enter the loss ("dynamic verification")
-    select: Optional[str] = None  # which responses go on to the next layer: all | wrong | sample; None = last layer
-    k: int = 2  # responses per input sent on when select == sample
-    phrases: tuple[str, ...] = ()  # guiding phrases appended to the responses sent on
+    reward: str  # correct | improvement (+bonus wrong->right, -bonus right->wrong)
+    improvement_bonus: float
+    weight: float  # the layer's loss weight (lambda for corrections)
+    keep_successful: bool  # only correct completions enter the loss ("dynamic verification")
+    select: Optional[str]  # which responses go on to the next layer: all | wrong | sample; None = last layer
+    k: int  # responses per input sent on when select == sample
+    phrases: tuple[str, ...]  # guiding phrases appended to the responses sent on
     # DAPO's dynamic sampling: zero-variance groups are dropped and more inputs drawn, up to this many rollouts
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 1
+    dynamic_sampling: bool
+    max_sampling_rounds: int
 
 
 @dataclass(frozen=True)

@@ -245,8 +245,6 @@ def _is_embedded(cfg: Any) -> bool:
 
 def _check_model(cfg: Any) -> None:
     m = cfg.model
-    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise bad_value("model.dtype", m.dtype, "expected auto, float32, bfloat16 or float16")
     if m.path is None:
         if m.name != "tiny":
             raise bad_value("model.path", None, f"model={m.name} needs a hub name (org/name) or a local folder")
@@ -417,9 +415,13 @@ def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None, run_i
 
 def reward(cfg: Any):
     """The reward function of ``cfg.reward``, with its own grader (shared by training and eval)."""
-    from mgrpo_cli.grading.rewards import build_reward
+    from mgrpo_cli.grading.grader import Grader
+    from mgrpo_cli.grading.rewards import RewardFunction
 
-    return build_reward(cfg.reward)
+    r = cfg.reward
+    return RewardFunction([(t.name, t.weight) for t in r.terms],
+                          Grader(timeout_s=r.timeout_s, last_number_fallback=r.last_number_fallback),
+                          format_style=str(r.format_style))
 
 
 def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
@@ -435,7 +437,7 @@ def warmup_spec(cfg: Any):
 
     w = cfg.warmup
     arith = OmegaConf.structured(ArithConfig) if w.task == "default" else cfg.dataset.arith
-    return WarmupSpec(model=cfg.model, arith=OmegaConf.to_container(arith, enum_to_str=True),
+    return WarmupSpec(model=model_spec(cfg.model), max_prompt_length=cfg.model.max_prompt_length, arith=OmegaConf.to_container(arith, enum_to_str=True),
                       steps=w.steps, batch_size=w.batch_size, lr=w.lr, eval_every=w.eval_every,
                       target_accuracy=w.target_accuracy, correction_share=w.correction_share,
                       cache_dir=str(w.cache_dir), phrases=tuple(cfg.layer.phrases),
@@ -452,6 +454,25 @@ def warm_start(cfg: Any, reward_fn) -> Optional[str]:
     return str(make_warm_start(warmup_spec(cfg), reward_fn.grader.correct))
 
 
+def model_spec(m: Any):
+    """The ``model`` section as the plain ``models.ModelSpec`` that loads or builds the policy."""
+    from mgrpo_cli.data.models import ModelSpec
+
+    return ModelSpec(name=m.name, path=m.path, dtype=str(m.dtype), attn_implementation=m.attn_implementation,
+                     gradient_checkpointing=m.gradient_checkpointing, trust_remote_code=m.trust_remote_code,
+                     random_init_layers=m.random_init_layers, hidden_size=m.hidden_size,
+                     intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+                     num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads)
+
+
+def lora_spec(lo: Any):
+    """The ``lora`` section as the plain ``models.LoraSpec``."""
+    from mgrpo_cli.data.models import LoraSpec
+
+    return LoraSpec(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=tuple(lo.target_modules),
+                    export=str(lo.export))
+
+
 def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
     """(policy, tokenizer, source): ``path`` (a warm start or export folder), else ``model.path``, else
     the randomly initialised tiny model; LoRA applied when ``lora.enabled``."""
@@ -459,7 +480,7 @@ def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
 
     path = path or cfg.model.path
     try:
-        model, tok = load_policy(cfg.model, cfg.trainer.accelerator, cfg.seed, path=path)
+        model, tok = load_policy(model_spec(cfg.model), cfg.trainer.accelerator, cfg.seed, path=path)
     except (OSError, ValueError) as e:
         if isinstance(e, UserError):
             raise
@@ -468,7 +489,7 @@ def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
     if cfg.grpo.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, lora_spec(cfg.lora))
     if cfg.grpo.disable_dropout:
         disable_dropout(model)
     return model, tok, path or "tiny (random init)"
@@ -526,7 +547,10 @@ def layer_specs(cfg: Any) -> list:
         common = dict(depth=depth, select=None if last else str(lay.select), k=lay.k, phrases=phrases,
                       dynamic_sampling=g.dynamic_sampling, max_sampling_rounds=g.max_sampling_rounds)
         if depth == 1:
-            specs.append(LayerSpec(n=cfg.grpo.num_generations, max_new_tokens=cfg.model.max_completion_length, **common))
+            # the questions' layer: the plain reward, full weight, every completion in the loss
+            specs.append(LayerSpec(n=cfg.grpo.num_generations, max_new_tokens=cfg.model.max_completion_length,
+                                   reward="correct", improvement_bonus=0.0, weight=1.0, keep_successful=False,
+                                   **common))
         else:
             specs.append(LayerSpec(n=lay.group_size, max_new_tokens=correction_budget(cfg), reward=str(lay.reward),
                                    improvement_bonus=lay.improvement_bonus, weight=lay.weight,

@@ -51,20 +51,27 @@ ScaleRewards = _choice("ScaleRewards", "group", "batch", "none")
 ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence")
 LoraExport = _choice("LoraExport", "merged", "adapter")
 WarmupTask = _choice("WarmupTask", "dataset", "default")
+Dtype = _choice("Dtype", "auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class ModelConfig:
+    """The defaults are the embedded tiny model's (``model=tiny``, the default run's); the other model
+    files set what differs for them."""
+
     name: str = "tiny"
     # hub name or local folder; null = build the embedded tiny model (tiny only)
     path: Optional[str] = None
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: Dtype = Dtype.float32  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     max_prompt_length: int = 512
-    max_completion_length: int = 48
+    # the first answer gets less room than a careful second look: on the tiny model's task, 32 new
+    # tokens fit a one-operation-per-step solution of 2-3 operands (4 operands need the one-step
+    # shortcut), 48 fit every careful solution
+    max_completion_length: int = 32
     # budget of the corrections (layers 2+, eval's t2); null = max_completion_length; layer.max_new_tokens overrides
-    max_correction_length: Optional[int] = None
+    max_correction_length: Optional[int] = 48
     prompt_template: PromptTemplate = PromptTemplate.plain
     # tiny model architecture (used only when path is null and name == tiny)
     hidden_size: int = 128

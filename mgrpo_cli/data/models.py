@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -76,7 +77,37 @@ def build_byte_tokenizer():
     return hf
 
 
-def build_tiny_model(cfg: Any, tokenizer, seed: int = 0):
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a policy is loaded or built from (``config.build.model_spec`` makes it from ``model.*``)."""
+
+    name: str
+    path: Optional[str]  # hub name or local folder; None = the embedded tiny model
+    dtype: str  # auto | float32 | bfloat16 | float16
+    attn_implementation: str
+    gradient_checkpointing: bool
+    trust_remote_code: bool
+    random_init_layers: Optional[int]  # a random-initialised model with path's architecture, this many layers
+    # the embedded tiny model's architecture
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter's settings (``config.build.lora_spec`` makes it from ``lora.*``)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+    export: str  # merged | adapter
+
+
+def build_tiny_model(cfg: ModelSpec, tokenizer, seed: int = 0):
     """Random-initialised Qwen2 causal LM with the tiny config's sizes."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -107,10 +138,7 @@ def resolve_dtype(name: str, accelerator: str = "cpu") -> torch.dtype:
     """``model.dtype``: auto = bf16 on a GPU, fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device_for(accelerator).type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype: expected auto|float32|bfloat16|float16, got {name!r}") from None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -123,7 +151,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optional[str] = None):
+def load_policy(cfg: ModelSpec, accelerator: str = "cpu", seed: int = 0, path: Optional[str] = None):
     """(model, tokenizer) from ``path`` (or ``cfg.path``): a hub name or folder; tiny if both unset.
 
     ``cfg.random_init_layers`` builds a random-initialised model (seeded with ``seed``) with the same
@@ -167,7 +195,7 @@ def load_policy(cfg: Any, accelerator: str = "cpu", seed: int = 0, path: Optiona
     return model, tok
 
 
-def _load_adapter(cfg: Any, path: str, dtype: torch.dtype):
+def _load_adapter(cfg: ModelSpec, path: str, dtype: torch.dtype):
     """A LoRA adapter folder: its base model (hub name or folder) with the adapter on top, trainable."""
     import json
 
@@ -191,7 +219,7 @@ def _align_special_tokens(model, tok) -> None:
             gen.eos_token_id = tok.eos_token_id
 
 
-def apply_lora(model, cfg: Any):
+def apply_lora(model, cfg: LoraSpec):
     """Wrap ``model`` with a peft LoRA adapter (only adapter weights train).
 
     A model that already carries an adapter (loaded from an adapter export) keeps it, trainable.

@@ -1,7 +1,7 @@
 r"""The grader: whether a completion states the gold answer, for the training reward and ``mgrpo eval``.
 
-``is_correct(completion, gold)`` answers for one pair; a ``Grader`` does the same for batches, keeps
-counters for logging and owns the math-verify worker process (``grading.worker``). A verdict is
+A ``Grader`` answers for batches of (completion, gold) pairs, keeps counters for logging and owns
+the math-verify worker process (``grading.worker``). A verdict is
 True/False, or None when the pair cannot be graded: the gold itself does not parse (``ungradable``)
 or the worker died with that answer in flight (``grader_error``).
 
@@ -33,7 +33,6 @@ spelt without ``\text``), partial credit.
 """
 from __future__ import annotations
 
-import math
 import re
 import threading
 import weakref
@@ -110,9 +109,7 @@ class Grader:
 
     _shortcuts = True  # exact-match and plain-number paths; off only to benchmark math-verify
 
-    def __init__(self, timeout_s: float = 2.0, last_number_fallback: bool = False) -> None:
-        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
-            raise ValueError(f"reward.timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    def __init__(self, timeout_s: float, last_number_fallback: bool) -> None:
         self.timeout_s = float(timeout_s)
         self.last_number_fallback = bool(last_number_fallback)
         self._worker = Worker(self.timeout_s)
@@ -214,17 +211,3 @@ class Grader:
         if verdict:
             self._count("correct")
         return bool(verdict)
-
-
-_shared: dict[tuple[float, bool], Grader] = {}
-_shared_lock = threading.Lock()
-
-
-def is_correct(completion: str, gold: str, *, timeout_s: float = 2.0, last_number_fallback: bool = False) -> bool:
-    """Whether ``completion`` states ``gold``; an ungradable gold counts as not correct."""
-    with _shared_lock:
-        key = (float(timeout_s), bool(last_number_fallback))
-        if key not in _shared:
-            _shared[key] = Grader(timeout_s=timeout_s, last_number_fallback=last_number_fallback)
-        grader = _shared[key]
-    return bool(grader.correct([completion], [gold])[0])

@@ -1,4 +1,4 @@
-r"""Rewards: ``build_reward`` makes the ``RewardFunction`` that training calls on each batch.
+r"""Rewards: the ``RewardFunction`` that training calls on each batch (made by ``config.build.reward``).
 
 A ``RewardFunction`` returns, per completion, ``sum_k weight_k * term_k`` (accuracy, format, or an
 own function named by its import path ``package.module:function``) as ``Scored``. Reward functions
@@ -10,15 +10,13 @@ opening tag may end the prompt).
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mgrpo_cli.grading.extract import MAX_COMPLETION_CHARS, last_boxed
 from mgrpo_cli.grading.grader import Grader
 
-FORMAT_STYLES = ("boxed", "think")
 REWARD_TERMS = ("accuracy", "format")
 
 
@@ -33,11 +31,6 @@ class Scored:
     # normalisation (reward.multi_objective_aggregation=normalize_then_sum); None = not given
     terms: list[list[float | None]] | None = None
     weights: list[float] | None = None
-
-
-def accuracy_reward(completions: Sequence[str], golds: Sequence[str], *, grader: Grader) -> list[float | None]:
-    """1.0 for a correct answer, 0.0 for a wrong or missing one, None when ungradable."""
-    return [None if c is None else float(c) for c in grader.correct(completions, golds)]
 
 
 def _has_format(text: str, style: str) -> bool:
@@ -58,11 +51,9 @@ def _has_format(text: str, style: str) -> bool:
     )
 
 
-def format_reward(completions: Sequence[str], golds: Sequence[str], *, style: str = "boxed") -> list[float | None]:
+def format_reward(completions: Sequence[str], golds: Sequence[str], *, style: str) -> list[float | None]:
     r"""1.0 when the completion has the format: a non-empty ``\boxed{}`` (boxed) or exactly
     ``[<think>]…</think><answer>…</answer>`` (think); else 0.0. ``golds`` is unused."""
-    if style not in FORMAT_STYLES:
-        raise ValueError(f"reward.format_style must be one of {FORMAT_STYLES}, got {style!r}")
     return [float(_has_format(text, style)) for text in completions]
 
 
@@ -76,22 +67,11 @@ class RewardFunction:
     other fields, ...). An own function should take ``**kwargs`` for the fields it does not use.
     """
 
-    def __init__(self, terms: list[tuple[str, float]], grader: Grader, format_style: str = "boxed") -> None:
-        if not terms:
-            raise ValueError("reward.terms is empty: give at least one {name, weight}")
-        self.own: dict[str, Callable[..., Sequence[float | None]]] = {}
-        for name, weight in terms:
-            if ":" in name:
-                from mgrpo_cli.grading.terms import resolve_reward_function
+    def __init__(self, terms: list[tuple[str, float]], grader: Grader, format_style: str) -> None:
+        from mgrpo_cli.grading.terms import resolve_reward_function
 
-                self.own[name] = resolve_reward_function(name)
-            elif name not in REWARD_TERMS:
-                raise ValueError(f"unknown reward term {name!r}; known: {REWARD_TERMS} or an import path "
-                                 "'package.module:function'")
-            if not (isinstance(weight, (int, float)) and math.isfinite(weight)):
-                raise ValueError(f"reward term {name!r} has a weight that is not a finite number: {weight!r}")
-        if format_style not in FORMAT_STYLES:
-            raise ValueError(f"reward.format_style must be one of {FORMAT_STYLES}, got {format_style!r}")
+        self.own: dict[str, Callable[..., Sequence[float | None]]] = {
+            name: resolve_reward_function(name) for name, _ in terms if ":" in name}
         self.terms = [(name, float(weight)) for name, weight in terms]
         self.grader = grader
         self.format_style = format_style
@@ -121,15 +101,3 @@ class RewardFunction:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _field(node: Any, name: str) -> Any:
-    return node[name] if isinstance(node, Mapping) else getattr(node, name)
-
-
-def build_reward(cfg: Any) -> RewardFunction:
-    """The reward of a ``reward`` config (``RewardConfig``: terms, timeout_s, last_number_fallback,
-    format_style), with its own ``Grader``."""
-    terms = [(_field(t, "name"), _field(t, "weight")) for t in _field(cfg, "terms")]
-    grader = Grader(timeout_s=_field(cfg, "timeout_s"), last_number_fallback=_field(cfg, "last_number_fallback"))
-    return RewardFunction(terms, grader, format_style=_field(cfg, "format_style"))

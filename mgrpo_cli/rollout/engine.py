@@ -262,7 +262,7 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int = 4096, seed: int = 0, stop_at_eos: bool = True):
+    def __init__(self, model, tokenizer, *, max_prompt_length: int, seed: int = 0, stop_at_eos: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_length = max_prompt_length
         # False: every completion runs to max_new_tokens (benchmarks compare equal lengths)

@@ -40,13 +40,9 @@ class NonFiniteGuard:
 
     ``limit``: stop after this many such steps in a row (0 = never stop)."""
 
-    limit: int = 3
+    limit: int
     total: int = 0
     in_a_row: int = 0
-
-    def __post_init__(self) -> None:
-        if self.limit < 0:
-            raise ValueError(f"trainer.max_nonfinite_steps={self.limit}: must be 0 (never stop) or more")
 
     def observe(self, step_finite: bool) -> None:
         """Record one training step: ``step_finite`` is False when any of its updates was skipped."""

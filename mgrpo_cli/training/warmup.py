@@ -22,13 +22,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mgrpo_cli.algo.solve import SolveSpec, solve
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.data.models import ModelSpec, build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.data.problems import ArithTask, Problem, careful_solution, merged_solution, parse_arith, shortcut_merges
 from mgrpo_cli.rollout.engine import HFEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer
@@ -40,7 +39,8 @@ log = logging.getLogger(__name__)
 class WarmupSpec:
     """Everything that shapes the warm start (and so its cache key)."""
 
-    model: Any  # the model section: the tiny architecture (hidden_size, ...)
+    model: ModelSpec  # the tiny architecture (hidden_size, ...)
+    max_prompt_length: int  # the checks' prompt budget
     arith: dict  # the arith task's parameters
     steps: int
     batch_size: int
@@ -132,7 +132,7 @@ def sft_step(model, opt, tokenizer, pairs: list[tuple[str, str]]) -> float:
 
 def cache_key(spec: WarmupSpec) -> str:
     shaping = {
-        "model": {k: spec.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+        "model": {k: getattr(spec.model, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                              "num_attention_heads", "num_key_value_heads")},
         "arith": dict(spec.arith),
         "warmup": {"steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, "eval_every": spec.eval_every,
@@ -161,7 +161,7 @@ def warm_start(spec: WarmupSpec, grader_correct) -> Path:
     model = build_tiny_model(spec.model, tokenizer, seed=spec.seed)
     task = ArithTask(**spec.arith)
     renderer = PromptRenderer(tokenizer, "plain", "", "continue", spec.phrase_template, "")
-    engine = HFEngine(model, tokenizer)
+    engine = HFEngine(model, tokenizer, max_prompt_length=spec.max_prompt_length)
     stream = task.train_stream(seed=spec.seed + 1000)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     check = SolveSpec(spec.max_new_tokens, spec.max_new_tokens, batch_size=256)

@@ -7,6 +7,7 @@ import torch
 from mgrpo_cli.algo import grpo
 from mgrpo_cli.algo.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
 from mgrpo_cli.algo.loss import micro_batches
+from mgrpo_cli.config import build
 from mgrpo_cli.data.models import build_byte_tokenizer
 from mgrpo_cli.rollout.prompts import PromptRenderer
 
@@ -97,9 +98,9 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     from mgrpo_cli.rollout.engine import HFEngine
 
     tok = build_byte_tokenizer()
-    model = build_tiny_model(OmegaConf.structured(ModelConfig()), tok, seed=3)
+    model = build_tiny_model(build.model_spec(OmegaConf.structured(ModelConfig())), tok, seed=3)
     torch.manual_seed(0)
-    ro = HFEngine(model, tok, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
+    ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
     adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 0.7, 0.0, -0.7])
     settings = LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, scale_rewards="group",
                         std_eps=1e-4, temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
@@ -155,7 +156,9 @@ def _fake_result(inputs, rewards, n=2):
 def _spec(**kw):
     from mgrpo_cli.algo.layers import LayerSpec
 
-    return LayerSpec(**{"depth": 1, "n": 2, "max_new_tokens": 4, "dynamic_sampling": True, **kw})
+    return LayerSpec(**{"depth": 1, "n": 2, "max_new_tokens": 4, "reward": "correct", "improvement_bonus": 0.0,
+                        "weight": 1.0, "keep_successful": False, "select": None, "k": 2, "phrases": (),
+                        "dynamic_sampling": True, "max_sampling_rounds": 1, **kw})
 
 
 
@@ -229,20 +232,19 @@ NAN_ = float("nan")
 
 
 def test_reward_terms_for_gdpo_carry_the_improvement_bonus_as_a_term():
-    from mgrpo_cli.algo.layers import LayerSpec, reward_terms
+    from mgrpo_cli.algo.layers import reward_terms
     from mgrpo_cli.grading.rewards import Scored
 
     scored = Scored(rewards=[1.2, 0.0, None, 1.0], correct=[True, False, None, True],
                     terms=[[1.0, 1.0], [0.0, 0.0], [None, 1.0], [1.0, 0.0]], weights=[1.0, 0.2])
     prev = [False, True, True, True]
-    terms, weights = reward_terms(scored, prev, LayerSpec(depth=2, n=2, max_new_tokens=4, reward="improvement",
-                                                          improvement_bonus=0.5), n=2)
+    terms, weights = reward_terms(scored, prev, _spec(depth=2, reward="improvement", improvement_bonus=0.5), n=2)
     assert weights.tolist() == pytest.approx([1.0, 0.2, 1.0])
     # wrong -> right +0.5, right -> wrong -0.5, ungradable (None) no bonus, right -> right 0
     expected = [[[1.0, 1.0, 0.5], [0.0, 0.0, -0.5]], [[NAN_, 1.0, 0.0], [1.0, 0.0, 0.0]]]
     assert torch.equal(torch.isnan(terms), torch.isnan(torch.tensor(expected)))
     assert torch.allclose(terms.nan_to_num(7.0), torch.tensor(expected).nan_to_num(7.0))
-    plain, _ = reward_terms(scored, prev, LayerSpec(depth=1, n=2, max_new_tokens=4), n=2)
+    plain, _ = reward_terms(scored, prev, _spec(), n=2)
     assert plain.shape == (2, 2, 2)
-    assert reward_terms(Scored(rewards=[1.0], correct=[True]), [None], LayerSpec(depth=1, n=1, max_new_tokens=4),
+    assert reward_terms(Scored(rewards=[1.0], correct=[True]), [None], _spec(n=1),
                         n=1) == (None, None)

@@ -19,6 +19,7 @@ from mgrpo_cli.algo.loss import (
     policy_loss_backward,
     prepare_layer_loss,
 )
+from mgrpo_cli.config import build
 from mgrpo_cli.config.schema import ModelConfig
 from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.engine import HFEngine, Rollout
@@ -129,8 +130,8 @@ def spec(**kw) -> LossSpec:
 def setup():
     """A tiny model and 3 groups of 4 completions of at most 8 tokens."""
     tok = build_byte_tokenizer()
-    model = build_tiny_model(OmegaConf.structured(ModelConfig()), tok, seed=3)
-    ro = HFEngine(model, tok, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
+    model = build_tiny_model(build.model_spec(OmegaConf.structured(ModelConfig())), tok, seed=3)
+    ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
     model.train()
     return model, ro
 

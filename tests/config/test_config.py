@@ -31,13 +31,13 @@ def test_every_option_composes_and_validates(config_name, group):
 
 
 def test_options_build_their_objects():
+    from mgrpo_cli.config import build
     from mgrpo_cli.data.loaders import load_problems
     from mgrpo_cli.data.models import build_byte_tokenizer
-    from mgrpo_cli.grading.rewards import build_reward
     from mgrpo_cli.rollout.prompts import PromptRenderer
 
     for name in options("reward"):
-        build_reward(compose("train", [f"reward={name}"]).reward).close()
+        build.reward(compose("train", [f"reward={name}"])).close()
     for name in options("layer"):
         lay = compose("train", [f"layer={name}"]).layer
         PromptRenderer(build_byte_tokenizer(), "plain", "", lay.input_mode, lay.phrase_template, lay.new_turn_prompt)

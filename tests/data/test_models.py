@@ -16,6 +16,7 @@ from conftest import compose
 from safetensors.torch import load_file
 
 from mgrpo_cli.algo.loss import completion_logps
+from mgrpo_cli.config import build
 from mgrpo_cli.data.models import (
     apply_lora,
     build_byte_tokenizer,
@@ -84,7 +85,7 @@ def test_model_config_loads_a_random_init_model_of_the_real_architecture(name, t
     # checked on the meta device; the others are really built, and run forward
     real = name != "qwen7b"
     with contextlib.nullcontext() if real else torch.device("meta"):
-        model, tok = load_policy(cfg.model, "cpu", seed=0)
+        model, tok = load_policy(build.model_spec(cfg.model), "cpu", seed=0)
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (
         "qwen2", 2, numbers["hidden_size"], numbers["intermediate_size"])
@@ -104,7 +105,7 @@ def test_model_config_loads_a_random_init_model_of_the_real_architecture(name, t
         with torch.no_grad():
             logits = model.eval()(input_ids=ids).logits
         assert logits.shape == (1, ids.shape[1], numbers["vocab_size"]) and torch.isfinite(logits).all()
-        again, _ = load_policy(cfg.model, "cpu", seed=0)  # the seed fixes the random weights
+        again, _ = load_policy(build.model_spec(cfg.model), "cpu", seed=0)  # the seed fixes the random weights
         assert torch.equal(next(again.parameters()), next(model.parameters()))
 
 
@@ -112,7 +113,7 @@ class ParityReward:
     """A reward with variance on a random model: 1 when the first character's code is even."""
 
     def __init__(self):
-        self.grader = Grader()
+        self.grader = Grader(timeout_s=2.0, last_number_fallback=False)
 
     def __call__(self, completions, golds, **fields):
         ok = [bool(c) and ord(c[0]) % 2 == 0 for c in completions]
@@ -122,21 +123,19 @@ class ParityReward:
 def test_reference_policy_by_beta_and_lora(small_cfg):
     cfg = small_cfg()
     tok = build_byte_tokenizer()
-    policy = build_tiny_model(cfg.model, tok)
+    policy = build_tiny_model(build.model_spec(cfg.model), tok)
     assert reference_policy(policy, beta=0.0) is None
     ref = reference_policy(policy, beta=0.04)
     assert ref is not policy and not any(p.requires_grad for p in ref.parameters())
-    assert reference_policy(apply_lora(policy, small_cfg("lora=default").lora), beta=0.04) is None
+    assert reference_policy(apply_lora(policy, build.lora_spec(small_cfg("lora=default").lora)), beta=0.04) is None
 
 
 def test_lora_steps_train_only_the_adapter_and_the_reference_is_the_base(small_cfg):
-    from mgrpo_cli.config import build
-
     cfg = small_cfg("lora=default", "grpo.beta=0.1", "model.max_completion_length=8", "trainer.max_steps=2")
     tok = build_byte_tokenizer()
-    base = build_tiny_model(cfg.model, tok, seed=0)
+    base = build_tiny_model(build.model_spec(cfg.model), tok, seed=0)
     pristine = copy.deepcopy(base).eval()
-    policy = apply_lora(base, cfg.lora)
+    policy = apply_lora(base, build.lora_spec(cfg.lora))
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     reward = ParityReward()
     module = build.module(cfg, policy, tok, reward)
@@ -151,7 +150,7 @@ def test_lora_steps_train_only_the_adapter_and_the_reference_is_the_base(small_c
     assert trainer.callback_metrics["train/layer1/kl"] > 0
 
     policy.eval()
-    rollout = HFEngine(policy, tok, seed=1).generate(["3+4=\n", "12-5=\n"], n=3, max_new_tokens=10, temperature=1.0)
+    rollout = HFEngine(policy, tok, max_prompt_length=512, seed=1).generate(["3+4=\n", "12-5=\n"], n=3, max_new_tokens=10, temperature=1.0)
     rows = torch.arange(len(rollout.texts))
     ref = module._ref_logps(rollout, rows)
     torch.testing.assert_close(ref, completion_logps(pristine, rollout, rows, 1.0), rtol=0, atol=1e-6)
@@ -166,27 +165,27 @@ def test_export_then_reload_gives_identical_logps(mode, tmp_path):
     tok = build_byte_tokenizer()
     cfg = compose("train", ["lora=default" if mode != "full" else "lora=none", f"lora.export={'adapter' if mode == 'adapter' else 'merged'}"])
     base_dir = tmp_path / "base"
-    build_tiny_model(cfg.model, tok, seed=0).save_pretrained(base_dir)
+    build_tiny_model(build.model_spec(cfg.model), tok, seed=0).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    policy, tok = load_policy(cfg.model, "cpu", path=str(base_dir))
+    policy, tok = load_policy(build.model_spec(cfg.model), "cpu", path=str(base_dir))
     gen = torch.Generator().manual_seed(0)
     if mode == "full":
         for p in policy.parameters():
             p.data.add_(0.02 * torch.randn(p.shape, generator=gen))
     else:
-        policy = apply_lora(policy, cfg.lora)
+        policy = apply_lora(policy, build.lora_spec(cfg.lora))
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.data.copy_(0.05 * torch.randn(p.shape, generator=gen))
     policy.eval()
-    rollout = HFEngine(policy, tok, seed=0).generate(["3+4=\n", "12-5+1=\n"], n=2, max_new_tokens=12, temperature=1.0)
+    rollout = HFEngine(policy, tok, max_prompt_length=512, seed=0).generate(["3+4=\n", "12-5+1=\n"], n=2, max_new_tokens=12, temperature=1.0)
     rows = torch.arange(len(rollout.texts))
     want = completion_logps(policy, rollout, rows, 1.0)
 
     folder = export(policy, tok, tmp_path / "export", merge_lora=mode != "adapter")
     assert (folder / "adapter_config.json").is_file() == (mode == "adapter")
     assert is_peft(policy) == (mode != "full")  # merging worked on a copy
-    loaded = [load_policy(cfg.model, "cpu", path=str(folder))[0],  # what `mgrpo eval model.path=<folder>` does
+    loaded = [load_policy(build.model_spec(cfg.model), "cpu", path=str(folder))[0],  # what `mgrpo eval model.path=<folder>` does
               AutoModelForCausalLM.from_pretrained(folder)]  # plain transformers (peft loads an adapter's base)
     for model in loaded:
         got = completion_logps(model.eval(), rollout, rows, 1.0)
@@ -198,7 +197,7 @@ def test_export_then_reload_gives_identical_logps(mode, tmp_path):
 def test_adapter_export_needs_a_base_on_disk(small_cfg):
     tok = build_byte_tokenizer()
     with pytest.raises(ValueError, match="lora.export=adapter"):
-        apply_lora(build_tiny_model(small_cfg().model, tok), small_cfg("lora=default", "lora.export=adapter").lora)
+        apply_lora(build_tiny_model(build.model_spec(small_cfg().model), tok), build.lora_spec(small_cfg("lora=default", "lora.export=adapter").lora))
 
 
 def test_lora_run_exports_merged_and_eval_exports_the_same_from_its_checkpoint(small_cfg, tmp_path):
@@ -221,12 +220,12 @@ def test_disable_dropout_makes_train_mode_log_probs_deterministic():
     from mgrpo_cli.data.models import disable_dropout
 
     tok = build_byte_tokenizer()
-    model = build_tiny_model(compose("train").model, tok, seed=0)
+    model = build_tiny_model(build.model_spec(compose("train").model), tok, seed=0)
     model.config.attention_dropout = 0.5
     for m in model.modules():
         if hasattr(m, "attention_dropout"):
             m.attention_dropout = 0.5
-    model = apply_lora(model, compose("train", ["lora=default"]).lora)  # LoRA's nn.Dropout, p = 0.05
+    model = apply_lora(model, build.lora_spec(compose("train", ["lora=default"]).lora))  # LoRA's nn.Dropout, p = 0.05
     model.train()
     ids = torch.tensor([[65, 66, 67, 68, 69, 70]])
     with torch.no_grad():
@@ -242,7 +241,7 @@ def test_fp32_head_keeps_the_tie_and_runs_in_float32_under_bf16():
     from mgrpo_cli.data.models import Fp32Head, cast_lm_head_to_fp32
 
     tok = build_byte_tokenizer()
-    model = build_tiny_model(compose("train").model, tok, seed=0).to(torch.bfloat16)
+    model = build_tiny_model(build.model_spec(compose("train").model), tok, seed=0).to(torch.bfloat16)
     cast_lm_head_to_fp32(model)
     head = model.get_output_embeddings()
     assert type(head) is Fp32Head and head.weight is model.get_input_embeddings().weight  # still tied

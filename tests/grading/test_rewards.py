@@ -15,11 +15,12 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from mgrpo_cli.config import build
 from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.config.schema import RewardConfig
+from mgrpo_cli.config.schema import TrainAppConfig
 from mgrpo_cli.grading.extract import extract_answer, extract_gold_gsm8k, last_boxed
-from mgrpo_cli.grading.grader import Grader, is_correct
-from mgrpo_cli.grading.rewards import RewardFunction, accuracy_reward, build_reward, format_reward
+from mgrpo_cli.grading.grader import Grader
+from mgrpo_cli.grading.rewards import RewardFunction, format_reward
 from mgrpo_cli.grading.terms import RewardTermError
 from mgrpo_cli.grading.worker import Worker
 
@@ -135,7 +136,7 @@ CASES = (
 
 @pytest.fixture(scope="module")
 def grader():
-    with Grader(timeout_s=2.0) as g:
+    with Grader(timeout_s=2.0, last_number_fallback=False) as g:
         yield g
 
 
@@ -167,7 +168,7 @@ def test_injection_executes_nothing(payload, fallback, grader, fallback_grader, 
 def test_parent_imports_neither_torch_nor_math_verify():
     code = (
         "import sys; from mgrpo_cli.grading.grader import Grader;"
-        "g = Grader(); assert g.correct(['\\\\boxed{1,000}'], ['1000']) == [True];"
+        "g = Grader(timeout_s=2.0, last_number_fallback=False); assert g.correct(['\\\\boxed{1,000}'], ['1000']) == [True];"
         "assert not {'torch', 'math_verify', 'sympy'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -199,8 +200,10 @@ def test_extract_answer_rules():
 
 
 def test_last_number_fallback_grades():
-    assert is_correct("so it is 1,234 apples", "1234", last_number_fallback=True)
-    assert not is_correct("so it is 1,234 apples", "1234")
+    with Grader(timeout_s=2.0, last_number_fallback=True) as g:
+        assert g.correct(["so it is 1,234 apples"], ["1234"]) == [True]
+    with Grader(timeout_s=2.0, last_number_fallback=False) as g:
+        assert g.correct(["so it is 1,234 apples"], ["1234"]) == [False]
 
 
 def test_extract_gold_gsm8k():
@@ -221,7 +224,7 @@ HOSTILE = {
 
 def test_hostile_inputs_are_wrong_within_the_limit():
     limit = 1.0
-    with Grader(timeout_s=limit) as g:
+    with Grader(timeout_s=limit, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])  # worker started outside the timed calls
         for name, completion in HOSTILE.items():
             start = time.monotonic()
@@ -239,7 +242,7 @@ def test_hard_limit_kills_a_stuck_worker_off_the_main_thread(monkeypatch):
         out["verdict"] = g.correct([HOSTILE["tower"], b("\\sqrt{9}")], ["7", "3"])
         out["seconds"] = time.monotonic() - start
 
-    with Grader(timeout_s=limit) as g:
+    with Grader(timeout_s=limit, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])
         thread = threading.Thread(target=grade, args=(g,))
         thread.start()
@@ -291,7 +294,7 @@ MATH_VERIFY_JOBS = ([b("\\sqrt{9}"), b("\\sqrt{16}"), b("\\sqrt{25}")], ["3", "4
 
 
 def test_worker_killed_mid_batch_loses_only_the_answer_in_flight(monkeypatch):
-    with Grader(timeout_s=5.0) as g:
+    with Grader(timeout_s=5.0, last_number_fallback=False) as g:
         assert g.correct([b("\\sqrt{4}")], ["2"]) == [True]  # worker up
         g.pop_stats()
         _kill_on_next_sends(monkeypatch, g, 1)
@@ -303,7 +306,7 @@ def test_worker_killed_mid_batch_loses_only_the_answer_in_flight(monkeypatch):
 
 
 def test_worker_killed_twice_in_a_batch_counts_the_rest_and_the_next_batch_restarts_it(monkeypatch):
-    with Grader(timeout_s=5.0) as g:
+    with Grader(timeout_s=5.0, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])
         g.pop_stats()
         _kill_on_next_sends(monkeypatch, g, 2)
@@ -314,7 +317,7 @@ def test_worker_killed_twice_in_a_batch_counts_the_rest_and_the_next_batch_resta
 
 
 def test_worker_killed_between_batches_or_failing_to_restart_never_raises(monkeypatch):
-    reward = RewardFunction([("accuracy", 1.0)], Grader(timeout_s=5.0))
+    reward = RewardFunction([("accuracy", 1.0)], Grader(timeout_s=5.0, last_number_fallback=False), "boxed")
     with reward:
         reward([b("\\sqrt{4}")], ["2"])
         reward.grader._worker._proc.kill()
@@ -332,7 +335,7 @@ def test_worker_killed_between_batches_or_failing_to_restart_never_raises(monkey
 
 
 def test_worker_ignores_the_stop_signals_meant_for_the_trainer():
-    with Grader(timeout_s=5.0) as g:
+    with Grader(timeout_s=5.0, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             os.kill(g._worker._proc.pid, sig)
@@ -343,7 +346,7 @@ def test_worker_ignores_the_stop_signals_meant_for_the_trainer():
 
 # Counters, None, validation -----------------------------------------------------------------
 def test_stats_and_ungradable():
-    with Grader() as g:
+    with Grader(timeout_s=2.0, last_number_fallback=False) as g:
         verdicts = g.correct([b("18"), b("19"), "nothing", b("x+y"), b("1")], ["18", "18", "18", "y+x", ""])
         assert verdicts == [True, False, False, True, None]
         popped = g.pop_stats()
@@ -353,14 +356,7 @@ def test_stats_and_ungradable():
         assert g.pop_stats()["graded"] == 0 and g.stats()["graded"] == 4
         with pytest.raises(ValueError, match="2 completions but 1 gold"):
             g.correct(["a", "b"], ["1"])
-    with pytest.raises(ValueError, match="-1"):
-        Grader(timeout_s=-1)
 
-
-def test_is_correct():
-    assert is_correct("so $\\boxed{\\dfrac{1}{2}}$", "0.5")
-    assert not is_correct("so $\\boxed{2}$", "\\frac{1}{2}")
-    assert not is_correct("\\boxed{1}", "")
 
 
 # Rewards ------------------------------------------------------------------------------------
@@ -369,23 +365,17 @@ def test_format_reward():
              "<think>a</think><answer>1</answer> trailing", "<think>a</think><answer></answer>",
              "<think>a</think><think>b</think><answer>1</answer>"]  # fmt: skip
     assert format_reward(think, [""] * 6, style="think") == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    assert format_reward(["\\boxed{1}", "\\boxed{}", "1", "\\boxed{1"], [""] * 4) == [1.0, 0.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match="'xml'"):
-        format_reward(["a"], ["1"], style="xml")
+    assert format_reward(["\\boxed{1}", "\\boxed{}", "1", "\\boxed{1"], [""] * 4, style="boxed") == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_reward_function_weights_and_none(grader):
     completions, golds = [b("5"), "5", b("4"), b("5")], ["5", "5", "5", ""]
-    assert accuracy_reward(completions, golds, grader=grader) == [1.0, 0.0, 0.0, None]
-    scored = RewardFunction([("accuracy", 1.0), ("format", 0.1)], grader)(completions, golds)
+    assert RewardFunction([("accuracy", 1.0)], grader, "boxed")(completions, golds).rewards == [1.0, 0.0, 0.0, None]
+    scored = RewardFunction([("accuracy", 1.0), ("format", 0.1)], grader, "boxed")(completions, golds)
     assert scored.rewards == [1.1, 0.0, 0.1, None]
     assert scored.correct == [True, False, False, None]
     # each term's own value, for GDPO's per-term normalisation (reward.multi_objective_aggregation)
     assert scored.terms == [[1.0, 1.0], [0.0, 0.0], [0.0, 1.0], [None, 1.0]] and scored.weights == [1.0, 0.1]
-    with pytest.raises(ValueError, match="'acc'"):
-        RewardFunction([("acc", 1.0)], grader)
-    with pytest.raises(ValueError, match="'html'"):
-        RewardFunction([("format", 1.0)], grader, format_style="html")
 
 
 def test_own_reward_functions_get_the_row_fields(grader, monkeypatch):
@@ -395,7 +385,7 @@ def test_own_reward_functions_get_the_row_fields(grader, monkeypatch):
     from examples.rewards import BREVITY_CHARS
 
     reward = RewardFunction([("accuracy", 1.0), ("examples.rewards:brevity", 0.5),
-                             ("examples.rewards:steps_shown", 0.25)], grader)
+                             ("examples.rewards:steps_shown", 0.25)], grader, "boxed")
     completions = ["3+4=7 7-2=5 \\boxed{5}", "3+4-2=5 \\boxed{5}", "no"]
     scored = reward(completions, ["5", "5", "5"], operands=[3, 3, 3], question=["3+4-2"] * 3)
     brevity = [1 - len(c) / BREVITY_CHARS for c in completions]
@@ -429,7 +419,7 @@ not_a_function = 3
 def test_own_reward_function_errors_at_call_are_one_line(grader, tmp_path, monkeypatch, name, message):
     (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    reward = RewardFunction([("accuracy", 1.0), (name, 1.0)], grader)
+    reward = RewardFunction([("accuracy", 1.0), (name, 1.0)], grader, "boxed")
     with pytest.raises(RewardTermError) as info:
         reward(["ab", "cd"], ["1", "1"])
     assert isinstance(info.value, UserError)  # the command line shows it as one line, exit 2
@@ -447,14 +437,14 @@ def test_own_reward_function_bad_paths_fail_at_build(grader, tmp_path, monkeypat
     (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardTermError) as info:
-        RewardFunction([(name, 1.0)], grader)
+        RewardFunction([(name, 1.0)], grader, "boxed")
     assert str(info.value) == message
 
 
 def test_own_reward_none_is_ungradable(grader, tmp_path, monkeypatch):
     (tmp_path / "own_terms_mod.py").write_text(OWN_TERMS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    scored = RewardFunction([("accuracy", 1.0), ("own_terms_mod:none_for_short", 2.0)], grader)([b("1"), "x"], ["1", "1"])
+    scored = RewardFunction([("accuracy", 1.0), ("own_terms_mod:none_for_short", 2.0)], grader, "boxed")([b("1"), "x"], ["1", "1"])
     assert scored.rewards == [2.0, None] and scored.correct == [True, False]
 
 
@@ -462,18 +452,14 @@ def test_own_reward_none_is_ungradable(grader, tmp_path, monkeypatch):
 def test_reward_configs_build(path):
     raw = yaml.safe_load(path.read_text())
     assert raw["name"] == path.stem
-    cfg = OmegaConf.merge(OmegaConf.structured(RewardConfig), raw)
-    with build_reward(cfg) as reward:
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainAppConfig), {"reward": raw})
+    with build.reward(cfg) as reward:
         scored = reward(["<think>x</think><answer>\\boxed{3}</answer>", "3"], ["3", "3"])
-        weights = {t.name: t.weight for t in cfg.terms}
+        weights = {t.name: t.weight for t in cfg.reward.terms}
         assert scored.correct == [True, False]
         assert scored.rewards == [sum(weights.values()), 0.0]
 
 
-def test_build_reward_names_bad_values():
-    cfg = OmegaConf.merge(OmegaConf.structured(RewardConfig), {"terms": [{"name": "length", "weight": 1.0}]})
-    with pytest.raises(ValueError, match="'length'"):
-        build_reward(cfg)
 
 
 # Oracles on the real data -------------------------------------------------------------------
@@ -492,7 +478,7 @@ def _rows(name: str) -> list[dict]:
 @pytest.mark.parametrize("shortcuts", [True, False], ids=["default", "math_verify_only"])
 def test_math500_oracle(shortcuts):
     rows = _rows("math500")
-    with Grader() as g:
+    with Grader(timeout_s=2.0, last_number_fallback=False) as g:
         g._shortcuts = shortcuts
         verdicts = g.correct([r["solution"] for r in rows], [r["answer"] for r in rows])
     misses = {r["unique_id"]: r["answer"] for r, v in zip(rows, verdicts) if v is not True}

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mgrpo_cli.algo.loss import completion_logps
+from mgrpo_cli.config import build
 from mgrpo_cli.config.schema import ModelConfig
 from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model, load_policy
 from mgrpo_cli.rollout.decode import lean_supported
@@ -19,7 +20,7 @@ PADDED = ["12+7-5\n", "3+4\n", "18-9+1-2\n", "7\n"]  # left padding
 
 def _tiny(seed=0, attn="eager"):
     tok = build_byte_tokenizer()
-    model = build_tiny_model(OmegaConf.structured(ModelConfig(attn_implementation=attn)), tok, seed=seed).eval()
+    model = build_tiny_model(build.model_spec(OmegaConf.structured(ModelConfig(attn_implementation=attn))), tok, seed=seed).eval()
     return model, tok
 
 
@@ -40,7 +41,7 @@ def _warm_start():
     from mgrpo_cli.training.warmup import SHIPPED
 
     path = next(p for p in sorted(SHIPPED.iterdir()) if (p / "warmup.json").is_file())
-    model, tok = load_policy(OmegaConf.structured(ModelConfig(path=str(path), dtype="float32")))
+    model, tok = load_policy(build.model_spec(OmegaConf.structured(ModelConfig(path=str(path), dtype="float32"))))
     return model.eval(), tok
 
 
@@ -192,7 +193,7 @@ def test_bf16_greedy_tokens_on_cuda_are_the_plain_forwards_argmax(lean, n):
     from mgrpo_cli.training.warmup import SHIPPED
 
     path = next(p for p in sorted(SHIPPED.iterdir()) if (p / "warmup.json").is_file())
-    model, tok = load_policy(OmegaConf.structured(ModelConfig(path=str(path), dtype="bfloat16")), "gpu")
+    model, tok = load_policy(build.model_spec(OmegaConf.structured(ModelConfig(path=str(path), dtype="bfloat16"))), "gpu")
     model = model.cuda().eval()
     assert model.dtype == torch.bfloat16
     prompts = PADDED + ["2+20-11+5\n", "15-3\n"]
@@ -217,7 +218,7 @@ def test_bf16_greedy_tokens_on_cuda_are_the_plain_forwards_argmax(lean, n):
 def test_logps_equal_plain_forward_and_groups_repeat(device):
     model, tok = _tiny(seed=1)
     model.to(device)
-    engine = HFEngine(model, tok)
+    engine = HFEngine(model, tok, max_prompt_length=512)
     ro = engine.generate(["5+5\n", "1-19+3\n"], n=3, max_new_tokens=12, temperature=0.0)
     assert ro.completion_ids.shape[0] == 6 and ro.num_groups == 2
     assert ro.texts[0] == ro.texts[1] == ro.texts[2]  # greedy: the group is identical
@@ -239,7 +240,7 @@ def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn, device
     """Running each prompt once for its group's rows changes neither log-probs nor gradients."""
     model, tok = _tiny(seed=2, attn=attn)
     _bias_eos(model, tok, scale=2.0)
-    ro = HFEngine(model, tok, seed=1).generate(["5+5\n", "12-3+4\n", "7\n"], n=3, max_new_tokens=12,
+    ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["5+5\n", "12-3+4\n", "7\n"], n=3, max_new_tokens=12,
                                                temperature=1.0)  # sampled on the CPU: seeded
     assert ro.prompt_mask.sum(-1).unique().numel() > 1 and ro.lengths.unique().numel() > 1
     model, ro = model.to(device), _on(ro, device)
@@ -259,7 +260,7 @@ def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn, device
 def test_gradient_checkpointing_runs_one_sequence_per_row():
     """Checkpointed layers drop the cache when gradients are on, so the shared-prompt pass must not be used."""
     model, tok = _tiny(seed=2)
-    ro = HFEngine(model, tok, seed=1).generate(["5+5\n", "12-3+4\n"], n=3, max_new_tokens=8, temperature=1.0)
+    ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["5+5\n", "12-3+4\n"], n=3, max_new_tokens=8, temperature=1.0)
     want = completion_logps(model, ro, torch.arange(6), temperature=1.0).detach()
     model.gradient_checkpointing_enable()
     model.train()
@@ -271,8 +272,8 @@ def test_gradient_checkpointing_runs_one_sequence_per_row():
 
 def test_sampling_is_seeded():
     model, tok = _tiny()
-    a = HFEngine(model, tok, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
-    b = HFEngine(model, tok, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
+    a = HFEngine(model, tok, max_prompt_length=512, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
+    b = HFEngine(model, tok, max_prompt_length=512, seed=3).generate(["2+2\n"], n=4, max_new_tokens=8, temperature=1.0)
     assert a.texts == b.texts and len(set(a.texts)) > 1
 
 
@@ -288,7 +289,7 @@ def test_tokenizer_survives_autotokenizer_round_trip():
         ids = again(text, add_special_tokens=False).input_ids
         assert again.decode(ids) == text
         assert ids == tok(text, add_special_tokens=False).input_ids
-        reloaded, tok2 = load_policy(OmegaConf.structured(ModelConfig(path=d)))
+        reloaded, tok2 = load_policy(build.model_spec(OmegaConf.structured(ModelConfig(path=d))))
         assert tok2.eos_token_id == tok.eos_token_id and tok2.padding_side == "left"
         x = torch.tensor([ids])
         with torch.no_grad():
@@ -325,11 +326,11 @@ def test_lean_decoder_drives_lora_adapters_and_leaves_other_models_to_their_forw
 def test_truncated_rows_are_the_ones_the_budget_cut_off():
     model, tok = _tiny(seed=4)
     _bias_eos(model, tok, scale=6.0)
-    ro = HFEngine(model, tok, seed=3).generate(PADDED, n=4, max_new_tokens=6, temperature=1.0)
+    ro = HFEngine(model, tok, max_prompt_length=512, seed=3).generate(PADDED, n=4, max_new_tokens=6, temperature=1.0)
     ended = [bool(ro.completion_mask[r].sum() < 6 or ro.completion_ids[r, 5] == tok.eos_token_id) for r in range(16)]
     assert ro.truncated.tolist() == [not e for e in ended]
     assert 0 < sum(ended) < 16  # both kinds present
-    never = HFEngine(model, tok, seed=3, stop_at_eos=False).generate(PADDED, n=2, max_new_tokens=3, temperature=1.0)
+    never = HFEngine(model, tok, max_prompt_length=512, seed=3, stop_at_eos=False).generate(PADDED, n=2, max_new_tokens=3, temperature=1.0)
     assert never.truncated.all()
 
 
@@ -338,7 +339,7 @@ def test_groups_and_concat_keep_rows_and_log_probs():
     give each row the log-probs it had in its own rollout."""
     model, tok = _tiny(seed=1)
     _bias_eos(model, tok)
-    engine = HFEngine(model, tok, seed=5)
+    engine = HFEngine(model, tok, max_prompt_length=512, seed=5)
     a = engine.generate(PADDED, n=2, max_new_tokens=7, temperature=1.0)
     b = engine.generate(["1+1\n"], n=2, max_new_tokens=3, temperature=1.0)
     picked = a.groups([2, 0])

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from mgrpo_cli.config import build
+from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.training.guard import NonFiniteGuard, finite, grads_finite
 
 
@@ -40,10 +42,10 @@ def test_guard_counts_in_a_row_and_stops_at_the_limit():
     assert resumed.exhausted and resumed.total == 5
 
 
-def test_guard_limit_zero_never_stops_and_negative_is_refused():
+def test_guard_limit_zero_never_stops_and_negative_is_refused(small_cfg):
     guard = NonFiniteGuard(limit=0)
     for _ in range(10):
         guard.observe(False)
     assert not guard.exhausted and guard.total == 10
-    with pytest.raises(ValueError, match="max_nonfinite_steps=-1"):
-        NonFiniteGuard(limit=-1)
+    with pytest.raises(UserError, match=r"^trainer.max_nonfinite_steps=-1: "):
+        build.check(small_cfg("trainer.max_nonfinite_steps=-1"))

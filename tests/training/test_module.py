@@ -16,7 +16,7 @@ class ParityReward:
     """A test double with real variance on a random model: 1 when the first character's code is even."""
 
     def __init__(self):
-        self.grader = Grader()
+        self.grader = Grader(timeout_s=2.0, last_number_fallback=False)
         self.calls = []
 
     def __call__(self, completions, golds, **fields):
@@ -28,7 +28,7 @@ class ParityReward:
 def _module(cfg, reward):
     """The module of ``cfg`` on a random tiny model, built as mgrpo train builds it, and its train loader."""
     tok = build_byte_tokenizer()
-    module = build.module(cfg, build_tiny_model(cfg.model, tok, seed=0), tok, reward)
+    module = build.module(cfg, build_tiny_model(build.model_spec(cfg.model), tok, seed=0), tok, reward)
     return module, build.train_loader(build.problem_stream(cfg), module)
 
 
@@ -91,7 +91,7 @@ def test_bf16_true_keeps_the_rotary_frequencies_in_float32(small_cfg):
     """Lightning's bf16-true casts the whole module; the rotary inverse frequencies go back to float32
     (bf16 would move a rotation angle by up to ~2 radians at position 1000)."""
     cfg = small_cfg("layer=grpo", "model.max_completion_length=4")
-    want = build_tiny_model(cfg.model, build_byte_tokenizer(), seed=0).model.rotary_emb.inv_freq
+    want = build_tiny_model(build.model_spec(cfg.model), build_byte_tokenizer(), seed=0).model.rotary_emb.inv_freq
     seen = []
 
     def at_rollout(ro, policy):  # what the rollout runs with
