@@ -702,11 +702,12 @@ def run_callbacks(cfg: Any, out: Path, run_logger=None) -> list:
 
 
 def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
-    """The Lightning Trainer: step-based checkpoints under ``<out>/checkpoints``, the rich progress bar."""
+    """The Lightning Trainer: step-based checkpoints under ``<out>/checkpoints``, the rich progress bar
+    in steps (``step 120/300``)."""
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from mgrpo_cli.training.checkpointing import StepCheckpoint
+    from mgrpo_cli.training.progress import StepProgressBar
 
     t = cfg.trainer
     ckpt = StepCheckpoint(out / "checkpoints", every=t.checkpoint_every)
@@ -714,7 +715,7 @@ def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1, logger=logger or False,
-        callbacks=[ckpt, RichProgressBar(), *(callbacks or [])], enable_checkpointing=False,
+        callbacks=[ckpt, StepProgressBar(), *(callbacks or [])], enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False)
 
 
