@@ -117,7 +117,12 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
     reward_fn = build.reward(cfg)
     try:
         problems = build.data(cfg) if not cfg.warmup.only else None
-        start_from = build.warm_start(cfg, reward_fn)
+        from mgrpo_cli.training.warmup import WarmupStopped
+
+        try:
+            start_from = build.warm_start(cfg, reward_fn, should_stop=lambda: requests.requested)
+        except WarmupStopped:
+            return {}, True  # nothing half-written: the warm start is saved whole or not at all
         if cfg.warmup.only:
             log.info("warm start ready: %s", start_from)
             return {}, False

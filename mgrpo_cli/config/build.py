@@ -441,17 +441,18 @@ def warmup_spec(cfg: Any):
                       steps=w.steps, batch_size=w.batch_size, lr=w.lr, eval_every=w.eval_every,
                       target_accuracy=w.target_accuracy, correction_share=w.correction_share,
                       cache_dir=str(w.cache_dir), phrases=tuple(cfg.layer.phrases),
-                      phrase_template=cfg.layer.phrase_template, max_new_tokens=correction_budget(cfg), seed=cfg.seed)
+                      phrase_template=cfg.layer.phrase_template, max_new_tokens=correction_budget(cfg), seed=w.seed)
 
 
-def warm_start(cfg: Any, reward_fn) -> Optional[str]:
+def warm_start(cfg: Any, reward_fn, should_stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
     """The embedded tiny model's warm start (a folder; trained first if not cached), or None when the
-    policy is a configured model or ``warmup.enabled=false``. Logged as its own step."""
+    policy is a configured model or ``warmup.enabled=false``. ``should_stop`` ends a warm-up in
+    progress (``warmup.WarmupStopped``)."""
     if not (_is_embedded(cfg) and cfg.warmup.enabled):
         return None
     from mgrpo_cli.training.warmup import warm_start as make_warm_start
 
-    return str(make_warm_start(warmup_spec(cfg), reward_fn.grader.correct))
+    return str(make_warm_start(warmup_spec(cfg), reward_fn.grader.correct, should_stop or (lambda: False)))
 
 
 def model_spec(m: Any):

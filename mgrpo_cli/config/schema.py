@@ -252,6 +252,8 @@ class WarmupConfig:
     correction_share: float = 0.3
     cache_dir: str = "${paths.outputs}/warmstart"
     only: bool = False  # stop after the warm start (to make or refresh it)
+    # the warm-up's own seed: every run seed starts from the same warm start (the shipped one by default)
+    seed: int = 0
     # the arith task the warm-up trains on: dataset = the run's dataset.arith; default = the default
     # task (its warm start ships), so a harder variant starts from a model made for easier problems
     task: WarmupTask = WarmupTask.dataset

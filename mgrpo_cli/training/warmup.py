@@ -8,20 +8,33 @@ first attempt (right, or with one step off), a guiding phrase, then a careful on
 solution (loss on the part after the phrase), so the model starts with a little self-correction.
 
 The result is saved with ``save_pretrained`` under ``warmup.cache_dir/<key>`` (key = hash of
-everything that shapes it) and reused by later runs. The warm start of the default configuration
-ships with the package (``mgrpo_cli/warmstart/<key>``, 2 MB), made by
-``mgrpo train warmup.only=true warmup.cache_dir=mgrpo_cli/warmstart``; any other configuration is
-warmed up on first use.
+everything that shapes it) and reused by later runs. The warm-up has its own seed (``warmup.seed``,
+default 0), not the run's: every run seed starts from the same base model, as every seed of a study
+starts from one pretrained model. The warm start of the default configuration ships with the package
+(``mgrpo_cli/warmstart/<key>``, 2 MB), made by ``mgrpo train warmup.only=true
+warmup.cache_dir=mgrpo_cli/warmstart``; any other configuration is warmed up on first use.
+
+Jobs that need the same new warm start (a sweep under joblib) build it once: the builder holds a lock
+on ``<cache_dir>/<key>.lock`` (``fcntl``), writes into a private folder and renames it to ``<key>``
+when complete, so a reader finds the whole folder or none; the others wait for the lock and reuse it.
+A stop request (SIGTERM, SIGUSR1, Ctrl+C: ``should_stop``) ends the warm-up after the current step
+with nothing saved (:class:`WarmupStopped`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -146,15 +159,71 @@ def cache_key(spec: WarmupSpec) -> str:
 SHIPPED = Path(__file__).resolve().parents[1] / "warmstart"
 
 
-def warm_start(spec: WarmupSpec, grader_correct) -> Path:
-    """Return the folder of the warmed-up tiny model, training it first if it is not cached."""
-    key = cache_key(spec)
+class WarmupStopped(Exception):
+    """A stop request ended the warm-up; nothing was saved."""
+
+
+def _cached(spec: WarmupSpec, key: str) -> Optional[Path]:
     for folder in (Path(spec.cache_dir) / key, SHIPPED / key):
         if (folder / "warmup.json").is_file():
             log.info("warm start: reusing %s (%s)", folder, (folder / "warmup.json").read_text().strip())
             return folder
-    log.info("warm start: training the tiny model on arith (cached under %s)", Path(spec.cache_dir) / key)
+    return None
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (waiting for another process that holds it; a
+    stop request while waiting raises :class:`WarmupStopped`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.info("warm start: another job is building it (%s held); waiting", path)
+                    waited = True
+                if should_stop():
+                    raise WarmupStopped("stopped while waiting for another job's warm-up") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def warm_start(spec: WarmupSpec, grader_correct, should_stop: Callable[[], bool] = lambda: False) -> Path:
+    """Return the folder of the warmed-up tiny model, training it first if it is not cached (see the
+    module docstring for the lock and for ``should_stop``)."""
+    key = cache_key(spec)
+    found = _cached(spec, key)
+    if found is not None:
+        return found
     out = Path(spec.cache_dir) / key
+    with build_lock(out.with_name(f"{key}.lock"), should_stop):
+        found = _cached(spec, key)  # built by the job that held the lock
+        if found is not None:
+            return found
+        log.info("warm start: training the tiny model on arith (cached under %s)", out)
+        model, tokenizer, info = _train(spec, grader_correct, should_stop)
+        tmp = out.with_name(f".{key}.{os.getpid()}.partial")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "warmup.json").write_text(json.dumps(info))
+            os.replace(tmp, out)  # the complete folder appears at once
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("warm start saved to %s: %s", out, info)
+    return out
+
+
+def _train(spec: WarmupSpec, grader_correct, should_stop: Callable[[], bool]):
+    """(model, tokenizer, info): the supervised warm-up itself."""
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     tokenizer = build_byte_tokenizer()
@@ -177,6 +246,9 @@ def warm_start(spec: WarmupSpec, grader_correct) -> Path:
                                     list(spec.phrases), spec.correction_share, rng)
             loss = sft_step(model, opt, tokenizer, pairs)
             bar.update(task_id, advance=1, loss=loss)
+            if should_stop():
+                log.warning("warm-up stopped at step %d by a stop request; nothing saved", step)
+                raise WarmupStopped(f"stopped at warm-up step {step}")
             if step % spec.eval_every == 0 or step == spec.steps:
                 solved = solve(engine, renderer, grader_correct, questions, golds, check)
                 acc = sum(1 for row in solved.t1_correct if row[0]) / len(questions)
@@ -185,10 +257,4 @@ def warm_start(spec: WarmupSpec, grader_correct) -> Path:
                 bar.update(task_id, acc=acc)
                 if acc >= spec.target_accuracy:
                     break
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    info = {"steps": step, "valid_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "warmup.json").write_text(json.dumps(info))
-    log.info("warm start saved to %s: %s", out, info)
-    return out
+    return model, tokenizer, {"steps": step, "valid_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}
