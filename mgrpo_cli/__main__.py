@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: mgrpo <command> [key=value ...] [-m] [--cfg job] [--help]
+USAGE = """usage: mgrpo <command> [key=value ...] [-m] [--cfg job] [--help] | mgrpo --version
 
 commands:
   train   train a policy with GRPO / MGRPO          (mgrpo train model=qwen1.5b layer=grpo)
   eval    score a model on a dataset, t1 and t2     (mgrpo eval dataset=gsm8k model.path=DIR)
   report  compare the runs of a sweep, with intervals (mgrpo report outputs/train/multiruns/<sweep>)
+  data    fill the data folder from the Hub            (mgrpo data gsm8k math500; alone: what it holds)
 
 examples:
   mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~5 min on 2 CPU cores
@@ -26,7 +27,8 @@ examples:
   mgrpo report outputs/train/multiruns/<sweep>  # report.md/.html: groups, 95% intervals, verdicts
 """
 
-COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.cli.report"}
+COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.cli.report",
+            "data": "mgrpo_cli.cli.data"}
 # Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
 # mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
 # command travels to them in this variable (they also get LOCAL_RANK).
@@ -40,6 +42,11 @@ def main(argv: list[str] | None = None) -> int | None:
         argv = [argv[0], relaunched, *argv[1:]]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[1] in ("--version", "-V"):
+        from mgrpo_cli import __version__
+
+        print(f"mgrpo {__version__}")
         return 0
     command = argv[1]
     if command not in COMMANDS:

@@ -1,20 +1,31 @@
 """Shared fixtures: the REAL conf/ composed and shrunk (CPU, few steps, tmp paths)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# the data folder of real benchmark files (<name>/<split>.jsonl) beside the clone; MGRPO_DATA_DIR, when
+# set (CI sets it), wins; made absolute so that subprocesses in other folders find it too
+DATA = Path(os.environ.get("MGRPO_DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+os.environ["MGRPO_DATA_DIR"] = str(DATA)
 
+# no test touches the network; datasets' own cache of what it reads (local folders) is the tests' own
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mgrpo-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None):

@@ -310,8 +310,6 @@ def _check_dataset(cfg: Any) -> None:
             raise bad_value("dataset.arith.ops", a.ops, "only '+' and '-' are supported")
         if not 0 <= a.shortcut_prob <= 1:
             raise bad_value("dataset.arith.shortcut_prob", a.shortcut_prob, "a probability is in [0, 1]")
-    elif d.kind == "hub" and not d.hub_name:
-        raise bad_value("dataset.hub_name", None, f"dataset.kind=hub needs a hub data set name for {d.name}")
 
 
 def check_writable(folder: str, key: str) -> None:
@@ -579,7 +577,7 @@ def problem_stream(cfg: Any):
     size = cfg.grpo.prompts_per_step
     if cfg.dataset.kind == "arith":
         return ProblemStream(size, cfg.seed, arith=ArithTask(**cfg.dataset.arith))
-    loaded = load_problems(cfg.dataset, "train")
+    loaded = load_problems(cfg.dataset, "train", data_dir=cfg.paths.data)
     if loaded.skipped:
         log.warning("skipped %d malformed training rows of %s", loaded.skipped, loaded.source)
     return ProblemStream(size, cfg.seed, pool=loaded.problems)
@@ -590,7 +588,8 @@ def held_out(cfg: Any, seed: int = 0):
     from mgrpo_cli.data.loaders import load_problems
 
     ev = cfg.eval
-    loaded = load_problems(cfg.dataset, ev.split, limit=ev.limit, seed=None if ev.limit is None else seed)
+    loaded = load_problems(cfg.dataset, ev.split, limit=ev.limit, seed=None if ev.limit is None else seed,
+                           data_dir=cfg.paths.data)
     if loaded.skipped:
         log.warning("skipped %d malformed held-out rows of %s", loaded.skipped, loaded.source)
     return loaded

@@ -18,15 +18,23 @@ from hydra.core.config_store import ConfigStore
 
 
 def conf_dir() -> Path:
-    """The project's ``conf/`` folder: ``$MGRPO_CONF_DIR`` or the one beside the package."""
+    """The ``conf/`` folder: ``$MGRPO_CONF_DIR``; else the installed package's ``mgrpo_cli/conf`` (a wheel
+    carries a copy); else the one at the top of the repository (a clone, an editable install)."""
     env = os.environ.get("MGRPO_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "train.yaml").is_file():
-        raise FileNotFoundError(
-            f"mgrpo: no conf/train.yaml under {path}. Install the project editable "
-            "(pip install -e .) from its clone, or set MGRPO_CONF_DIR to its conf/ folder."
-        )
-    return path
+    package = Path(__file__).resolve().parents[1]
+    candidates = [Path(env)] if env else [package / "conf", package.parent / "conf"]
+    for path in candidates:
+        if (path / "train.yaml").is_file():
+            return path
+    raise FileNotFoundError(
+        f"mgrpo: no conf/train.yaml under {' or '.join(str(c) for c in candidates)}. Reinstall the package "
+        "(a wheel carries conf/; from a clone: pip install -e .), or set MGRPO_CONF_DIR to a conf/ folder."
+    )
+
+
+# The data folder holds <dataset name>/<split>.jsonl: the environment variable, else this cache folder
+DATA_DIR_ENV = "MGRPO_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.cache/mgrpo/data"
 
 
 def _choice(name: str, *values: str) -> type[StrEnum]:
@@ -108,14 +116,20 @@ class ArithConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "arith"
+    name: str = "arith"  # also the data folder's subfolder: <paths.data>/<name>/<split>.jsonl
+    # arith: the embedded task | file: {split}_path, else the data folder | hub: {split}_path, else the
+    # data folder, else the Hub (written to the data folder on first use)
     kind: DatasetKind = DatasetKind.arith
     train_path: Optional[str] = None
     test_path: Optional[str] = None
+    # hub data set (org/name, or a local folder datasets.load_dataset reads), its config and split names;
+    # a split set to null does not exist on the Hub (e.g. MATH-500 has only a test split)
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: Optional[str] = "train"
+    test_split: Optional[str] = "test"
+    # the Hub's column names -> the names `fields` uses, applied when a split is written to the data folder
+    hub_rename: dict[str, str] = field(default_factory=dict)
     fields: FieldMap = field(default_factory=FieldMap)
     # how the gold answer is read: answer (as is) | gsm8k (#### N) | boxed (last \boxed{} of solution,
     # or answer when given) | list (a Python-style list in a string, as OlympiadBench's final_answer)
@@ -321,6 +335,9 @@ class EvalConfig:
 @dataclass
 class PathsConfig:
     outputs: str = "outputs"
+    # the data folder: <dataset name>/<split>.jsonl is read from here, and a split loaded from the Hub is
+    # written here on first use; $MGRPO_DATA_DIR, else ~/.cache/mgrpo/data
+    data: str = f"${{oc.env:{DATA_DIR_ENV},'{DEFAULT_DATA_DIR}'}}"
 
 
 @dataclass

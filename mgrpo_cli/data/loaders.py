@@ -1,7 +1,17 @@
-"""Load a data set's problems: the embedded ``arith`` task, a JSON Lines / Parquet file, or a hub set.
+"""Load a data set's problems: the embedded ``arith`` task, a JSON Lines / Parquet file, or a Hub set.
 
-``load_problems(cfg.dataset, split)`` maps each row's fields through ``cfg.fields`` and reads the
-gold answer by ``cfg.answer_format``:
+``load_problems(cfg.dataset, split, data_dir=cfg.paths.data)`` finds the split's rows, first found wins:
+
+1. ``dataset.<split>_path``, the user's own file (``.jsonl``/``.json`` JSON Lines, or ``.parquet``);
+   a relative path is taken from the current folder;
+2. the data folder, ``<data_dir>/<dataset name>/<split>.jsonl`` (or ``.parquet``);
+3. for ``kind: hub``, the Hub: ``datasets.load_dataset(hub_name, hub_config, split=<hub split>)``
+   (``hub_name`` may be a local folder ``load_dataset`` reads), its columns renamed by ``hub_rename``
+   and written once into the data folder as JSON Lines (a temporary file, then renamed), so later
+   runs read that file and never ask the Hub. No file, no Hub (offline, unknown name): one line that
+   names the data set and both ways out.
+
+It then maps each row's fields through ``cfg.fields`` and reads the gold answer by ``cfg.answer_format``:
 
 - ``answer``: the answer field as is (stripped);
 - ``gsm8k``: the text after ``####`` of the answer field, commas removed (``grading.extract.extract_gold_gsm8k``);
@@ -12,8 +22,7 @@ gold answer by ``cfg.answer_format``:
 
 A malformed row (bad JSON, not an object, blank question, no gold answer) raises :class:`DataError`
 naming ``file:line`` under ``on_bad_row=error``, or is logged and counted under ``on_bad_row=skip``.
-Left out: streaming (files are read whole), answer normalisation (the grader's job), and any
-download; ``kind: hub`` needs the optional ``datasets`` package and a network or a local cache.
+Left out: streaming (files are read whole) and answer normalisation (the grader's job).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -30,11 +40,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.config.schema import DATA_DIR_ENV, DEFAULT_DATA_DIR
 from mgrpo_cli.data.problems import ArithTask, Problem
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ARITH_TRAIN_DEFAULT = 10_000
 # a list-valued gold longer than this is refused rather than parsed (it is data, but keep it bounded)
 LIST_MAX_CHARS = 4_000
@@ -54,7 +64,7 @@ class Loaded:
 
     problems: list[Problem]
     skipped: int  # rows skipped under on_bad_row=skip (each logged with file:line and why)
-    source: str  # file path, "<hub name>:<split>" or "arith:<split>"
+    source: str  # the file read (the data folder's copy for a Hub set), or "arith:<split>"
 
 
 class _BadRow(Exception):
@@ -69,12 +79,13 @@ class _Missing(_BadRow):
         self.key = key
 
 
-def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None,
-                  seed: Optional[int] = None) -> Loaded:
+def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None, seed: Optional[int] = None,
+                  data_dir: Optional[str | Path] = None) -> Loaded:
     """The problems of ``split`` ("train" or "test"; arith also "valid") of the data set ``cfg``.
 
-    ``cfg`` is a ``DatasetConfig`` (dataclass or OmegaConf node). ``limit`` keeps the first N usable
-    rows, or with ``seed`` a seeded random sample of N (kept in file order).
+    ``cfg`` is a ``DatasetConfig`` (dataclass or OmegaConf node); ``data_dir`` the data folder
+    (``paths.data``; None = :func:`default_data_dir`). ``limit`` keeps the first N usable rows, or with
+    ``seed`` a seeded random sample of N (kept in file order).
     """
     name = str(_get(cfg, "name", "dataset"))
     kind = _get(cfg, "kind", "arith")
@@ -87,17 +98,8 @@ def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None,
     answer_format = _get(cfg, "answer_format", "answer")  # the schema's closed sets: answer|gsm8k|boxed|list,
     on_bad_row = _get(cfg, "on_bad_row", "error")  # error|skip, arith|file|hub
     fields = _field_map(cfg, answer_format)
-
-    if kind == "file":
-        key = f"{split}_path"
-        path = _resolve_path(_get(cfg, key), key, name)
-        source, rows = str(path), _read_file(path)
-    else:
-        hub_name = _get(cfg, "hub_name")
-        if not hub_name:
-            raise DataError(f"dataset.hub_name is not set for {name}")
-        hub_split = _get(cfg, f"{split}_split", split)
-        source, rows = f"{hub_name}:{hub_split}", _read_hub(hub_name, _get(cfg, "hub_config"), hub_split)
+    path = split_file(cfg, split, data_dir)
+    source, rows = str(path), _read_file(path)
 
     problems, skipped, seen = [], 0, 0
     for line, row in rows:
@@ -137,16 +139,111 @@ def _load_arith(cfg: Any, split: str, limit: Optional[int], seed: Optional[int])
     return Loaded(problems=problems, skipped=0, source=f"arith:{split}")
 
 
-def _resolve_path(value: Optional[str], key: str, name: str) -> Path:
-    if value is None or str(value).strip() == "":
-        raise DataError(f"dataset.{key} is not set for {name}")
+def default_data_dir() -> Path:
+    """The data folder when none is given: ``$MGRPO_DATA_DIR``, else ``~/.cache/mgrpo/data``."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def _data_dir(data_dir: Optional[str | Path]) -> Path:
+    return default_data_dir() if data_dir is None or str(data_dir) == "" else Path(str(data_dir)).expanduser()
+
+
+def data_folder_file(data_dir: Optional[str | Path], name: str, split: str) -> Optional[Path]:
+    """``<data_dir>/<name>/<split>.jsonl`` (or ``.parquet``) when it exists, else None."""
+    folder = _data_dir(data_dir) / name
+    for suffix in (".jsonl", ".parquet"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def split_file(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> Path:
+    """The file holding ``split`` of ``cfg``: the user's ``<split>_path``, else the data folder's file,
+    else (``kind: hub``) the Hub's split, written into the data folder first (:func:`fetch_split`)."""
+    name, kind, key = str(_get(cfg, "name", "dataset")), _get(cfg, "kind", "file"), f"{split}_path"
+    own = _get(cfg, key)
+    if own is not None and str(own).strip() != "":
+        return _resolve_path(own, key)
+    found = data_folder_file(data_dir, name, split)
+    if found is not None:
+        return found
+    if kind == "hub":
+        return fetch_split(cfg, split, data_dir)
+    target = _data_dir(data_dir) / name / f"{split}.jsonl"
+    raise DataError(f"dataset.{key} is not set for {name}, and there is no {target} (paths.data, or "
+                    f"{DATA_DIR_ENV}, is the data folder)")
+
+
+def fetch_split(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> Path:
+    """Load ``split`` of the Hub set of ``cfg`` through ``datasets.load_dataset``, rename its columns by
+    ``hub_rename`` and write it to ``<data_dir>/<name>/<split>.jsonl`` (temporary file, then rename)."""
+    name = str(_get(cfg, "name", "dataset"))
+    hub_name, hub_config = _get(cfg, "hub_name"), _get(cfg, "hub_config")
+    hub_split = _get(cfg, f"{split}_split", split)
+    target = _data_dir(data_dir) / name / f"{split}.jsonl"
+    if not hub_name:
+        raise DataError(f"dataset.hub_name is not set for {name}, and there is no {target}: give the hub "
+                        f"data set, or put the file there (paths.data, or {DATA_DIR_ENV}, is the data folder)")
+    if not hub_split:
+        raise DataError(f"dataset={name}: {hub_name} has no {split} split (dataset.{split}_split is null) and "
+                        f"there is no {target}; give your own file with dataset.{split}_path=FILE, or use "
+                        "another data set for it")
+    what = f"{hub_name} (config {hub_config or 'default'}, split {hub_split})"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"dataset={name}: loading {what} needs the 'datasets' package, which is not "
+                        f"installed; install it, or put the file at {target}") from None
+    # without a network huggingface_hub logs a warning per retry before it gives up (about 20 s); the
+    # one line below says what went wrong
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        ds = datasets.load_dataset(hub_name, hub_config, split=hub_split)
+    except Exception as e:  # offline, unknown name, config or split: all user-facing
+        raise DataError(f"dataset={name}: no {target}, and {what} could not be loaded ({_first_line(e)}); "
+                        f"put the file there (paths.data=DIR or {DATA_DIR_ENV}=DIR is the data folder), "
+                        f"or run once with a network (mgrpo data {name})") from None
+    finally:
+        hub_log.setLevel(level)
+    rename = _to_dict(_get(cfg, "hub_rename")) or {}
+    if rename:
+        try:
+            ds = ds.rename_columns(dict(rename))
+        except ValueError as e:
+            raise DataError(f"dataset.hub_rename={rename}: {_first_line(e)}") from None
+    _write_jsonl(ds, target)
+    log.info("wrote %d rows of %s to %s", len(ds), what, target)
+    return target
+
+
+def _write_jsonl(rows: Any, target: Path) -> None:
+    """Rows as JSON Lines at ``target``, atomically: readers see the whole file or none."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise DataError(f"paths.data={target.parent.parent}: cannot write {target} ({e.strerror or e}); "
+                        f"give a writable data folder (paths.data=DIR or {DATA_DIR_ENV}=DIR)") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _resolve_path(value: str, key: str) -> Path:
     path = Path(str(value)).expanduser()
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataError(f"dataset.{key}: file not found: {str(value)!r} (looked at {looked})")
+    if path.is_file():
+        return path.resolve()
+    raise DataError(f"dataset.{key}: file not found: {str(value)!r} (looked at {path.absolute()})")
 
 
 def _read_file(path: Path) -> Iterator[tuple[int, Any]]:
@@ -210,20 +307,6 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: cannot read Parquet: {e}") from None
     return enumerate(table.to_pylist(), start=1)
-
-
-def _read_hub(hub_name: str, hub_config: Optional[str], split: str) -> Iterator[tuple[int, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"dataset.kind=hub ({hub_name!r}) needs the 'datasets' package, which is not "
-                        "installed; install it, or download the set and use kind=file") from None
-    try:
-        ds = datasets.load_dataset(hub_name, hub_config, split=split)
-    except Exception as e:  # network, unknown name, unknown split: all user-facing
-        raise DataError(f"cannot load hub dataset {hub_name!r} (config {hub_config!r}, split "
-                        f"{split!r}): {e}") from None
-    return enumerate(ds, start=1)
 
 
 # ------------------------------------------------------------------------------------------ rows

@@ -3,7 +3,7 @@
 The tiny model is a Qwen2-architecture causal LM built from a config, with a byte-level tokenizer
 the project makes itself: one token per byte (256 byte symbols, no merges) plus pad/bos/eos/unk.
 It is laid out as a byte-level BPE with no merges, so transformers' ``AutoTokenizer`` (which always
-rebuilds ``Qwen2Tokenizer`` for ``model_type="qwen2"``, see ``../shared/STACK.md``) loads it back
+rebuilds ``Qwen2Tokenizer`` for ``model_type="qwen2"`` in transformers 5) loads it back
 unchanged, spaces and newlines included. Also here: LoRA wrapping, the reference policy for the KL
 term, export with ``save_pretrained``, and weight checksums (multi-process runs compare them).
 

@@ -32,7 +32,7 @@ def test_every_option_composes_and_validates(config_name, group):
 
 def test_options_build_their_objects():
     from mgrpo_cli.config import build
-    from mgrpo_cli.data.loaders import load_problems
+    from mgrpo_cli.data.loaders import data_folder_file, load_problems
     from mgrpo_cli.data.models import build_byte_tokenizer
     from mgrpo_cli.rollout.prompts import PromptRenderer
 
@@ -44,7 +44,7 @@ def test_options_build_their_objects():
         assert lay.depth >= 1 and len(lay.phrases) == 7
     for name in options("dataset"):
         ds = compose("train", [f"dataset={name}"]).dataset
-        if ds.kind == "arith" or (ds.test_path and (ROOT / ds.test_path).exists()):
+        if ds.kind == "arith" or data_folder_file(None, ds.name, "test"):  # the data folder: MGRPO_DATA_DIR
             assert len(load_problems(ds, "test", limit=3).problems) == 3
 
 

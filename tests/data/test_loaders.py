@@ -1,4 +1,5 @@
-"""Tests for ``mgrpo_cli.data.loaders``: malformed rows, skip mode, formats, and the four real data sets."""
+"""Tests for ``mgrpo_cli.data.loaders``: malformed rows, skip mode, formats, the data folder, the Hub path
+(through a local folder, as ``datasets.load_dataset`` reads one), and the four real data sets."""
 from __future__ import annotations
 
 import json
@@ -7,13 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA, compose
 from omegaconf import OmegaConf
 
 from mgrpo_cli.config.schema import ArithConfig, DatasetConfig, FieldMap
-from mgrpo_cli.data.loaders import PROJECT_ROOT, DataError, Loaded, load_problems
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-CONF_DIR = PROJECT_ROOT / "conf"
+from mgrpo_cli.data.loaders import DataError, Loaded, load_problems
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -124,19 +123,19 @@ def test_missing_file_names_key_and_path(tmp_path):
         load_problems(cfg, "test")
 
 
-def test_unset_split_path():
+def test_unset_split_path_and_no_data_folder_file(tmp_path):
     cfg = DatasetConfig(name="math500", kind="file", test_path="x.jsonl")
-    with pytest.raises(DataError, match=r"^dataset\.train_path is not set for math500$"):
-        load_problems(cfg, "train")
+    want = rf"^dataset\.train_path is not set for math500, and there is no {tmp_path}/math500/train\.jsonl "
+    with pytest.raises(DataError, match=want):
+        load_problems(cfg, "train", data_dir=tmp_path)
 
 
-def test_relative_path_from_cwd_then_project_root(tmp_path, monkeypatch):
+def test_relative_path_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "sets").mkdir()
     write_jsonl(tmp_path / "sets" / "t.jsonl", [GOOD])
     monkeypatch.chdir(tmp_path)
     assert len(load_problems(file_cfg(Path("sets/t.jsonl")), "test").problems) == 1
-    # not under cwd: looked up under the project root (conf/ lives there)
-    with pytest.raises(DataError, match=str(PROJECT_ROOT / "other" / "t.jsonl")):
+    with pytest.raises(DataError, match=str(tmp_path / "other" / "t.jsonl")):
         load_problems(file_cfg(Path("other/t.jsonl")), "test")
 
 
@@ -155,16 +154,92 @@ def test_unknown_suffix(tmp_path):
         load_problems(file_cfg(path), "test")
 
 
-def test_hub_without_datasets_package(monkeypatch):
+# ------------------------------------------------------------------------ data folder and Hub
+
+
+def test_data_folder_file_is_read_and_own_path_wins(tmp_path):
+    write_jsonl((tmp_path / "toy").mkdir() or tmp_path / "toy" / "test.jsonl", [GOOD, GOOD])
+    for kind in ("file", "hub"):  # hub: the file is there, the Hub (no hub_name here) is not asked
+        loaded = load_problems(DatasetConfig(name="toy", kind=kind), "test", data_dir=tmp_path)
+        assert (len(loaded.problems), loaded.source) == (2, str(tmp_path / "toy" / "test.jsonl"))
+    own = write_jsonl(tmp_path / "own.jsonl", [GOOD])
+    cfg = DatasetConfig(name="toy", kind="hub", hub_name="org/none", test_path=str(own))
+    assert load_problems(cfg, "test", data_dir=tmp_path).source == str(own)
+
+
+def test_data_folder_from_the_environment(tmp_path, monkeypatch):
+    write_jsonl((tmp_path / "toy").mkdir() or tmp_path / "toy" / "test.jsonl", [GOOD])
+    monkeypatch.setenv("MGRPO_DATA_DIR", str(tmp_path))
+    assert load_problems(DatasetConfig(name="toy", kind="file"), "test").source == str(tmp_path / "toy" / "test.jsonl")
+
+
+def hub_folder(root: Path, rows: list[dict], split: str = "test") -> Path:
+    """A folder ``datasets.load_dataset`` reads as a data set with one split (a Parquet file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def test_hub_split_is_written_once_to_the_data_folder(tmp_path):
+    rows = [{"q": f"{i}+1?", "a": str(i + 1), "tags": ["x", "y"]} for i in range(5)]
+    hub = hub_folder(tmp_path / "hub", rows, split="train")
+    data = tmp_path / "data"
+    cfg = DatasetConfig(name="toy", kind="hub", hub_name=str(hub), test_split="train", hub_rename={"q": "question"},
+                        fields=FieldMap(question="question", answer="a"))
+    loaded = load_problems(cfg, "test", data_dir=data)
+    target = data / "toy" / "test.jsonl"
+    assert loaded.source == str(target) and [p.answer for p in loaded.problems] == ["1", "2", "3", "4", "5"]
+    assert loaded.problems[0].question == "0+1?" and loaded.problems[0].extra == {"tags": ["x", "y"]}
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [
+        {"question": r["q"], "a": r["a"], "tags": r["tags"]} for r in rows]
+    assert sorted(p.name for p in (data / "toy").iterdir()) == ["test.jsonl"]  # no temporary file left
+    # later runs read the file: the Hub set may be gone
+    cfg.hub_name = str(tmp_path / "gone")
+    assert load_problems(cfg, "test", data_dir=data).problems == loaded.problems
+
+
+def test_hub_offline_is_one_line_naming_both_ways_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = DatasetConfig(name="gsm8k", kind="hub", hub_name="openai/gsm8k", hub_config="main")
+    with pytest.raises(DataError) as e:
+        load_problems(cfg, "test", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"dataset=gsm8k: no {tmp_path}/gsm8k/test.jsonl, and openai/gsm8k "
+                                              "(config main, split test) could not be loaded (")
+    assert "paths.data=DIR or MGRPO_DATA_DIR=DIR" in msg and msg.endswith("(mgrpo data gsm8k)")
+    assert not (tmp_path / "gsm8k").exists()
+
+
+def test_hub_split_that_does_not_exist(tmp_path):
+    cfg = DatasetConfig(name="m5", kind="hub", hub_name="org/m5", train_split=None)
+    with pytest.raises(DataError, match=r"^dataset=m5: org/m5 has no train split \(dataset\.train_split is null\)"):
+        load_problems(cfg, "train", data_dir=tmp_path)
+
+
+def test_hub_bad_rename_and_unwritable_data_folder(tmp_path):
+    hub = hub_folder(tmp_path / "hub", [{"question": "1+1?", "answer": "2"}])
+    cfg = DatasetConfig(name="toy", kind="hub", hub_name=str(hub), hub_rename={"nope": "question"})
+    with pytest.raises(DataError, match=r"^dataset\.hub_rename=\{'nope': 'question'\}: "):
+        load_problems(cfg, "test", data_dir=tmp_path / "data")
+    (tmp_path / "file").write_text("")  # a file where the data folder should be
+    cfg.hub_rename = {}
+    with pytest.raises(DataError, match=rf"^paths\.data={tmp_path}/file: cannot write .*give a writable data folder"):
+        load_problems(cfg, "test", data_dir=tmp_path / "file")
+
+
+def test_hub_without_datasets_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     cfg = DatasetConfig(name="gsm8k", kind="hub", hub_name="openai/gsm8k", hub_config="main")
     with pytest.raises(DataError, match="needs the 'datasets' package, which is not installed"):
-        load_problems(cfg, "test")
+        load_problems(cfg, "test", data_dir=tmp_path)
 
 
-def test_hub_name_unset():
-    with pytest.raises(DataError, match="dataset.hub_name is not set for x"):
-        load_problems(DatasetConfig(name="x", kind="hub"), "test")
+def test_hub_name_unset(tmp_path):
+    with pytest.raises(DataError, match=f"^dataset.hub_name is not set for x, and there is no {tmp_path}/x/test.jsonl"):
+        load_problems(DatasetConfig(name="x", kind="hub"), "test", data_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------ mapping and formats
@@ -299,28 +374,30 @@ def test_arith_bad_split():
 
 
 def compose_dataset(name: str):
-    from hydra import compose, initialize_config_dir
-
-    from mgrpo_cli.config.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=[f"+dataset={name}"]).dataset
+    """conf/dataset/<name>.yaml over the schema's defaults."""
+    return compose("train", [f"dataset={name}"]).dataset
 
 
-@pytest.mark.parametrize("name", ["gsm8k", "math500", "math", "minerva", "olympiadbench"])
-def test_dataset_configs_compose(name):
+@pytest.mark.parametrize("name,hub", [
+    ("gsm8k", ("openai/gsm8k", "main", "train", "test")),
+    ("math500", ("HuggingFaceH4/MATH-500", None, None, "test")),
+    ("math", ("DigitalLearningGmbH/MATH-lighteval", None, "train", "test")),
+    ("minerva", ("math-ai/minervamath", None, None, "test")),
+    ("olympiadbench", ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", None, "train")),
+])
+def test_dataset_configs_name_their_hub_sets(name, hub):
     cfg = compose_dataset(name)
-    assert cfg.name == name and cfg.kind == "file"
+    assert cfg.name == name and cfg.kind == "hub" and not (cfg.train_path or cfg.test_path)
+    assert (cfg.hub_name, cfg.hub_config, cfg.train_split, cfg.test_split) == hub
 
 
-def test_math_config_has_no_paths():
-    cfg = compose_dataset("math")
-    with pytest.raises(DataError, match="^dataset.test_path is not set for math$"):
-        load_problems(cfg, "test")
+def test_math_from_the_hub_offline_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"^dataset=math: no .*, and DigitalLearningGmbH/MATH-lighteval \(config "
+                                        r"default, split train\) could not be loaded"):
+        load_problems(compose_dataset("math"), "train", data_dir=tmp_path)
 
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
 
 
 @needs_data
@@ -333,7 +410,13 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not
     ("olympiadbench", 675, dict(answer="2", id="1606", meta={"subject": "Combinatorics", "id": 1606})),
 ])
 def test_real_test_sets(name, n, first, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # relative ../shared/data paths resolve from the project root
+    if name == "minerva" and not (DATA / "minerva").is_dir():
+        # the shared folder holds the set as minerva_math/, and its minerva alias is not a folder on every
+        # checkout: a data folder whose minerva/ is that folder
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "minerva").symlink_to(DATA / "minerva_math")
+        monkeypatch.setenv("MGRPO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # the data folder is MGRPO_DATA_DIR, whatever the current folder
     loaded = load_problems(compose_dataset(name), "test")
     assert (len(loaded.problems), loaded.skipped) == (n, 0)
     p = loaded.problems[0]
@@ -349,7 +432,7 @@ def test_real_gsm8k_train_and_details():
     assert len(gsm.problems) == 7473
     assert all(p.answer.lstrip("-").isdigit() for p in gsm.problems)  # commas stripped, integers
     assert "####" in gsm.problems[0].solution
-    with pytest.raises(DataError, match="^dataset.train_path is not set for minerva$"):
+    with pytest.raises(DataError, match="^dataset=minerva: math-ai/minervamath has no train split"):
         load_problems(compose_dataset("minerva"), "train")
 
 
