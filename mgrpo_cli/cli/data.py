@@ -22,16 +22,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     names = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
     try:
-        known = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml") if p.stem != "arith")
+        known = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))
         for name in names:
             if name.startswith("-") or name not in known:
                 raise UserError(f"dataset={name}: not a data set of conf/dataset; known: {', '.join(known)}")
         if not names:
             for name in known:
-                print(_listing(_compose(name, overrides)))
+                cfg = _compose(name, overrides)
+                if cfg.dataset.kind != "arith":
+                    print(_listing(cfg))
             return
         for name in names:
             cfg = _compose(name, overrides)
+            if cfg.dataset.kind == "arith":
+                print(f"{name}: the embedded task, made on the fly; nothing to download")
+                continue
             for split in ("train", "test"):
                 print(_fill(cfg, split))
     except UserError as e:

@@ -1,6 +1,6 @@
 """Bad input through the real CLI: one line that names it, a non-zero exit, no traceback.
 
-Every case runs `mgrpo train|eval <overrides>` in a subprocess (all cases at once, a few in
+Every case runs `mgrpo train|eval|data <overrides>` in a subprocess (all cases at once, a few in
 parallel, in a module-scoped fixture); each parametrized test then checks its own result.
 """
 from __future__ import annotations
@@ -100,6 +100,13 @@ CASES = [
     ("null for a number", "train", lambda f: ["grpo.lr=null"], "grpo.lr=null: grpo.lr cannot be null"),
     ("override syntax", "train", lambda f: ["grpo.lr=["], "grpo.lr=[: cannot parse it"),
     ("eval wrong type", "eval", lambda f: ["eval.n=abc"], "eval.n=abc: expected an integer"),
+    # no data folder, and the Hub offline (the tests' environment): one line naming both ways out
+    ("no data folder, hub offline", "eval", lambda f: ["dataset=gsm8k", "paths.data=/no/such/data"],
+     "dataset=gsm8k: no /no/such/data/gsm8k/test.jsonl, and openai/gsm8k (config main, split test) could not be loaded"),
+    ("no train split", "train", lambda f: ["dataset=math500", "paths.data=/no/such/data"],
+     "dataset=math500: HuggingFaceH4/MATH-500 has no train split"),
+    ("data: hub offline", "data", lambda f: ["gsm8k", "paths.data=/no/such/data"], "(mgrpo data gsm8k)"),
+    ("data: unknown set", "data", lambda f: ["nope"], "dataset=nope: not a data set of conf/dataset; known: arith, "),
     ("eval n>1 greedy", "eval", lambda f: ["dataset=arith", "eval.n=4", "eval.temperature=0"], "eval.temperature=0.0"),
     ("eval missing checkpoint", "eval", lambda f: ["checkpoint=/no/such.ckpt"], "checkpoint=/no/such.ckpt: no such file"),
     ("eval missing rescore", "eval", lambda f: ["rescore=/no/such.jsonl"], "/no/such.jsonl"),
