@@ -49,14 +49,15 @@ def _compose(name: str, overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from mgrpo_cli.config.errors import hydra_error_line, one_line
+
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"dataset={name}", *overrides])
         str(cfg.paths.data)  # resolves the data folder's interpolation
     except (HydraException, OmegaConfBaseException) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"{' '.join(overrides)}: {lines[0] if lines else type(e).__name__}") from None
+        raise UserError(hydra_error_line(e) or f"{' '.join(overrides)}: {one_line(e)}") from None
     return cfg
 
 
