@@ -64,7 +64,7 @@ def test_two_step_train_then_eval_on_gsm8k_and_math500(tmp_path):
         params = {k for (k,) in con.execute("select key from params")}
     assert {"train/layer1/reward_mean", "train/layer2/accuracy", "train/layer2/wrong_to_right",
             "train/layer1/zero_variance_groups", "train/layer1/clip_region", "val/acc_t1",
-            "val/delta_i2c", "train/step_time"} <= keys
+            "val/delta_i2c", "val/fix_rate", "train/step_time"} <= keys  # val/break_rate: only with a t1-right problem
     assert {"grpo.num_generations", "layer.select", "model.name"} <= params
     # per-problem rows of the held-out evaluations before and after the two steps, also in MLflow
     steps = sorted(p.name for p in (run / "heldout").iterdir())
