@@ -1,11 +1,11 @@
-"""Test sessions: `nox` runs `tests` (the default, fast); `nox -s lint`, `nox -s slow`, `nox -s bench`.
+"""Test sessions: `nox` runs `lint` and `tests` (the default, fast); `nox -s slow`, `nox -s bench`.
 
 Sessions reuse the current environment (`python=False`): install once as the README says, then run.
 """
 import nox
 import nox.virtualenv
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["lint", "tests"]
 nox.options.default_venv_backend = "none"
 # Every session runs in the current environment, so no virtualenv backend is needed: telling nox
 # that the optional ones (uv among them) are absent keeps it from probing for them at each session.
@@ -26,6 +26,7 @@ def slow(session):
 
 @nox.session(python=False)
 def lint(session):
+    """ruff over the package, the tests, the benchmarks and the scripts."""
     session.run("ruff", "check", "mgrpo_cli", "tests", "benchmarks", "scripts", "noxfile.py")
 
 

@@ -79,7 +79,7 @@ def main() -> None:
                                      eos_token_id=engine.eos_token_id, pad_token_id=tok.pad_token_id)
             one_by_one.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
         one_at_a_time = time.perf_counter() - t
-    same = sum(solved.t1_texts[i][0] == text for i, text in zip(single, one_by_one))
+    same = sum(solved.t1_texts[i][0] == text for i, text in zip(single, one_by_one, strict=True))
     result = {"model": source, "threads": args.threads, "batched_problems": len(problems),
               "batched_seconds": batched, "batched_problems_per_s": len(problems) / batched,
               "single_problems": len(single), "single_seconds": one_at_a_time,

@@ -141,7 +141,7 @@ def ours(args) -> None:
         batches = [stream.batch(step) for step in range(args.steps)]
     else:
         data = _baseline().make_dataset(256)  # TRL's prompts "{a}+{b}=" and answers
-        problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"]))]
+        problems = [Problem(str(i), q, a) for i, (q, a) in enumerate(zip(data["prompt"], data["answer"], strict=True))]
         batches = [[problems[(s * PROMPTS_PER_STEP + j) % len(problems)] for j in range(PROMPTS_PER_STEP)]
                    for s in range(args.steps)]
 
@@ -179,8 +179,8 @@ def ours(args) -> None:
     median = statistics.median(timer.times[FIRST_TIMED_STEP - 1:])
     cpu = statistics.median(timer.cpu[FIRST_TIMED_STEP - 1:])
     timed = slice(FIRST_TIMED_STEP - 1, None)
-    tokens_per_second = statistics.median(n / t for n, t in zip(timer.tokens[timed], timer.times[timed]))
-    computed_per_second = statistics.median(n / t for n, t in zip(timer.computed[timed], timer.times[timed]))
+    tokens_per_second = statistics.median(n / t for n, t in zip(timer.tokens[timed], timer.times[timed], strict=True))
+    computed_per_second = statistics.median(n / t for n, t in zip(timer.computed[timed], timer.times[timed], strict=True))
     print(f"[ours] per-step seconds: {' '.join(f'{t:.3f}' for t in timer.times)}")
     print(f"[ours] completion length per step: {' '.join(f'{x:.1f}' for x in timer.lengths)}")
     print(f"[ours] device {timer.device}")
@@ -355,9 +355,9 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least squares y = a + b x: (a, b, R^2)."""
     mx, my = statistics.mean(xs), statistics.mean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
     a = my - b * mx
-    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
     ss_tot = sum((y - my) ** 2 for y in ys)
     return a, b, 1.0 - ss_res / ss_tot if ss_tot else 1.0
 

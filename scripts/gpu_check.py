@@ -376,9 +376,9 @@ def part_loss(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> No
         if chunked is None:
             chunked = shape["vocab_size"] >= CHUNKED_VOCAB  # completion_logps's default for this plain head
         if checkpointing:
-            policy.gradient_checkpointing_enable()
+            policy.activation_checkpointing_enable()
         else:
-            policy.gradient_checkpointing_disable()
+            policy.activation_checkpointing_disable()
         flops = perf.loss_pass_flops(perf.ModelShape.from_config(shape), a.loss_groups, a.n, a.prompt_len,
                                      a.loss_completion_len, reference=True, policy_shared_prompts=not checkpointing)
         r = {"gradient_checkpointing": checkpointing, "chunked_logps": chunked, **flops}
@@ -501,7 +501,7 @@ def time_steps(cfg, steps: int, device, cudnn_sdp: bool) -> dict:
             _sync(device)
             seconds = time.perf_counter() - self.t0
             rollout_s, gen, through = (x - y for x, y in zip((timed.seconds, timed.generated, timed.through_loss),
-                                                             self.r0))
+                                                             self.r0, strict=True))
             per_step.append({"seconds": seconds, "rollout_seconds": rollout_s, "generated_tokens": gen,
                              "loss_tokens": through})
 

@@ -43,9 +43,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
     valid = ~torch.isnan(rewards)
     r = torch.where(valid, rewards, torch.zeros_like(rewards))
     n = valid.sum(-1, keepdim=True)
-    hi = torch.where(valid, rewards, torch.full_like(rewards, -float("inf"))).amax(-1, keepdim=True)
-    lo = torch.where(valid, rewards, torch.full_like(rewards, float("inf"))).amin(-1, keepdim=True)
-    flat = (hi <= lo) | (n < 2)  # (n_groups, 1): no signal in this group
+    flat = ~varied_groups(rewards).unsqueeze(-1)  # (n_groups, 1): no signal in this group
     mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
     centred = torch.where(valid & ~flat, r - mean, torch.zeros_like(r))
     if scale == "group":
@@ -188,7 +186,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
         return picked - torch.logsumexp(logits, dim=-1)
     # half precision: upcast one row at a time so the float32 copy stays small
     out = []
-    for row_logits, row_index in zip(logits, index):
+    for row_logits, row_index in zip(logits, index, strict=True):
         row = row_logits.float()
         out.append(row.gather(-1, row_index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
     return torch.stack(out)
@@ -559,23 +557,6 @@ def pass_normalizer(mask: torch.Tensor, loss_type: str, batch_norm: float, passe
     if not AGGREGATIONS[loss_type].local:
         return batch_norm
     return float(max(mask.sum().item(), 1)) * max(passes, 1)
-
-
-def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,
-                    ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
-                    eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token token-level GRPO loss (B, T), the per-token KL (zeros when beta == 0) and the clip mask."""
-    out = PolicyLoss(eps_low, eps_high, None, beta)(logp, advantages, torch.ones_like(logp), old_logp=old_logp,
-                                                     ref_logp=ref_logp)
-    return out.loss, out.kl, out.low | out.high
-
-
-def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "grpo",
-              max_completion_length: int | None = None, **kw) -> torch.Tensor:
-    """The whole-batch scalar loss (for tests and single-batch callers)."""
-    per_token, _, _ = grpo_token_loss(logp, advantages, **kw)
-    terms = sequence_terms(per_token, mask, loss_type)
-    return terms.sum() / loss_normalizer(mask, loss_type, max_completion_length or mask.shape[1])
 
 
 def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:

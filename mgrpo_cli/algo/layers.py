@@ -118,7 +118,7 @@ def layer_rewards(base: torch.Tensor, correct: Sequence[Optional[bool]], prev: S
     if mode == "correct":
         return base
     shaped = base.clone()
-    for j, (c, p) in enumerate(zip(correct, prev)):
+    for j, (c, p) in enumerate(zip(correct, prev, strict=True)):
         if c is not None and p is not None:
             shaped[j] += bonus * (int(c) - int(p))
     return shaped
@@ -127,8 +127,8 @@ def layer_rewards(base: torch.Tensor, correct: Sequence[Optional[bool]], prev: S
 def transitions(prev: Sequence[Optional[bool]], now: Sequence[Optional[bool]]) -> dict[str, float]:
     """wrong->right and right->wrong shares over pairs (None counts as wrong)."""
     n = max(len(now), 1)
-    i2c = sum(1 for p, c in zip(prev, now) if not p and c)
-    c2i = sum(1 for p, c in zip(prev, now) if p and not c)
+    i2c = sum(1 for p, c in zip(prev, now, strict=True) if not p and c)
+    c2i = sum(1 for p, c in zip(prev, now, strict=True) if p and not c)
     return {"wrong_to_right": i2c / n, "right_to_wrong": c2i / n}
 
 
@@ -238,16 +238,16 @@ def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]],
     over the merged groups (so ``scale_rewards=batch`` sees the batch that is trained on); metrics left
     to the caller."""
     n = parts[0].rollout.n
-    rollout = concat_rollouts([r.rollout.groups(g) for r, g in zip(parts, groups)], pad_token_id)
-    inputs = [r.inputs[i] for r, g in zip(parts, groups) for i in g]
-    correct = [r.correct[i * n + j] for r, g in zip(parts, groups) for i in g for j in range(n)]
-    rewards = torch.cat([r.rewards[list(g)] for r, g in zip(parts, groups)]).view(-1, n)
+    rollout = concat_rollouts([r.rollout.groups(g) for r, g in zip(parts, groups, strict=True)], pad_token_id)
+    inputs = [r.inputs[i] for r, g in zip(parts, groups, strict=True) for i in g]
+    correct = [r.correct[i * n + j] for r, g in zip(parts, groups, strict=True) for i in g for j in range(n)]
+    rewards = torch.cat([r.rewards[list(g)] for r, g in zip(parts, groups, strict=True)]).view(-1, n)
     keep = None
     if parts[0].keep is not None:
-        keep = torch.cat([r.keep.view(-1, n)[list(g)].reshape(-1) for r, g in zip(parts, groups)])
+        keep = torch.cat([r.keep.view(-1, n)[list(g)].reshape(-1) for r, g in zip(parts, groups, strict=True)])
     terms = weights = None
     if parts[0].terms is not None:
-        terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups)])
+        terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups, strict=True)])
         weights = parts[0].term_weights
     advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     return LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights)

@@ -9,8 +9,7 @@ pass that stores pi_old's log-probs (``num_iterations`` > 1) and the token entro
 (``top_entropy_quantile`` < 1); then each of the ``num_iterations`` optimizer steps runs
 :func:`loss_pass`, which accumulates ``weight`` x the layer's loss (``LossSpec.objective``, aggregated
 per ``loss_type``: over the layer's batch, or per micro-batch for bnpo; minus the entropy bonus when
-the caller gives a coefficient) into the gradients. :func:`policy_loss_backward` is the two for one
-update.
+the caller gives a coefficient) into the gradients.
 """
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from typing import Optional
 import torch
 
 from mgrpo_cli.algo import grpo
-from mgrpo_cli.data.models import Fp32Head
-from mgrpo_cli.rollout.engine import Rollout
+from mgrpo_cli.data.models import Fp32Head, base_model
+from mgrpo_cli.rollout.engine import Rollout, trim_shared_padding
 
 
 @dataclass(frozen=True)
@@ -108,14 +107,10 @@ class LossSpec:
 CHUNKED_VOCAB = 32768
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def output_weight(model) -> Optional[torch.Tensor]:
     """The (V, H) lm_head weight when the logits are ``decoder(x).last_hidden_state @ weight.T`` and
     nothing else (a plain bias-free ``nn.Linear`` head, not wrapped by an adapter, not sharded), else None."""
-    base = _base(model)
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) not in (torch.nn.Linear, Fp32Head) or head.bias is not None or not hasattr(base, "model"):
         return None
@@ -129,7 +124,7 @@ def _outputs(model, weight: Optional[torch.Tensor], keep: int = 0, **kw) -> torc
     its decoder's last hidden states there (the chunked path applies the head itself)."""
     if weight is None:
         return model(**kw, logits_to_keep=keep).logits
-    hidden = _base(model).model(**kw).last_hidden_state
+    hidden = base_model(model).model(**kw).last_hidden_state
     return hidden[:, -keep:] if keep else hidden
 
 
@@ -166,14 +161,9 @@ def completion_logps_and_entropy(model, rollout: Rollout, rows: torch.Tensor, te
     weight = weight if chunked else None
     prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
     comp_ids, comp_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
-    # trim padding shared by every row of this micro-batch
-    left = int((prompt_mask.sum(0) == 0).sum().item())
-    width = int(comp_mask.sum(-1).max().item())
-    prompt_ids, prompt_mask = prompt_ids[:, left:], prompt_mask[:, left:]
-    comp_ids, comp_mask = comp_ids[:, :width], comp_mask[:, :width]
-    group = rows // rollout.n
-    first_of_run = torch.ones_like(group, dtype=torch.bool)
-    first_of_run[1:] = group[1:] != group[:-1]
+    prompt_ids, prompt_mask, comp_ids, comp_mask = trim_shared_padding(prompt_ids, prompt_mask, comp_ids, comp_mask)
+    width = comp_ids.shape[1]
+    first_of_run = _first_of_run(rows, rollout.n)
     # gradient checkpointing drops the cache in passes with gradients: one sequence per row then
     checkpointing = torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -289,10 +279,16 @@ def _row_tokens(rollout: Rollout, rows: torch.Tensor, shared: bool) -> tuple[int
     per_row = int(prompts.sum().item()) + completions
     if not shared:
         return per_row, per_row
-    groups = rows // rollout.n
+    return per_row, int(prompts[_first_of_run(rows, rollout.n)].sum().item()) + completions
+
+
+def _first_of_run(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(b,) bool: the rows (of a rollout with ``n`` rows a group) that start a run of one group's rows,
+    whose prompt a shared-prompt forward runs once."""
+    groups = rows // n
     first = torch.ones_like(groups, dtype=torch.bool)
     first[1:] = groups[1:] != groups[:-1]
-    return per_row, int(prompts[first].sum().item()) + completions
+    return first
 
 
 def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec, *, weight: float = 1.0,
@@ -424,13 +420,3 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
 
 # the loss-pass stats that add up over passes (the others are averaged)
 TOKEN_COUNTS = ("loss_tokens", "loss_tokens_computed")
-
-
-def policy_loss_backward(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec,
-                         backward: Callable[[torch.Tensor], None], *, weight: float = 1.0,
-                         keep: Optional[torch.Tensor] = None,
-                         ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
-    """One update: :func:`prepare_layer_loss`, then one :func:`loss_pass`; their stats together."""
-    layer = prepare_layer_loss(model, rollout, advantages, spec, weight=weight, keep=keep, ref_logps=ref_logps)
-    stats = loss_pass(model, layer, spec, backward, ref_logps=ref_logps)
-    return {**layer.stats, **stats, **{k: layer.stats.get(k, 0.0) + stats[k] for k in TOKEN_COUNTS}}

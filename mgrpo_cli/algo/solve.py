@@ -66,7 +66,7 @@ def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, quest
     t1_correct = [flat_ok[i * n:(i + 1) * n] for i in range(len(questions))]
     solved = Solved(t1, t1_correct, prompts=prompts)
     if spec.phrase is not None:
-        t2_prompts = [renderer.render(q, ((row[0], spec.phrase),)) for q, row in zip(questions, t1)]
+        t2_prompts = [renderer.render(q, ((row[0], spec.phrase),)) for q, row in zip(questions, t1, strict=True)]
         t2 = [row[0] for row in generate_all(t2_prompts, 1, 0.0, spec.max_new_tokens_t2)]
         solved.t2_texts, solved.t2_prompts = t2, t2_prompts
         solved.t2_correct = grader_correct(t2, list(golds))

@@ -36,7 +36,7 @@ def grade_records(records: list[dict], grader) -> list[dict]:
     flat = [(i, c) for i, r in enumerate(records) for c in r["completions"]]
     verdicts = grader.correct([c for _, c in flat], [records[i]["gold"] for i, _ in flat])
     correct: list[list] = [[] for _ in records]
-    for (i, _), v in zip(flat, verdicts):
+    for (i, _), v in zip(flat, verdicts, strict=True):
         correct[i].append(v)
     with_t2 = [r for r in records if r.get("t2_completion") is not None]
     t2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2]) if with_t2 else []
@@ -78,7 +78,7 @@ def summarize(records: list[dict]) -> dict[str, Any]:
         out[f"maj@{n}"] = sum(maj_at_k(r["answers"], r["correct"], n) for r in records) / len(records)
     if all(r.get("t2_correct") is not None or r.get("t2_completion") is not None for r in records):
         out.update(self_correction(t1, [bool(r.get("t2_correct")) for r in records]))
-    rows = [{"correct": ok, "level": r.get("level"), "subject": r.get("subject")} for r, ok in zip(records, t1)]
+    rows = [{"correct": ok, "level": r.get("level"), "subject": r.get("subject")} for r, ok in zip(records, t1, strict=True)]
     for key in ("level", "subject"):
         if any(r.get(key) is not None for r in records):
             out[f"by_{key}"] = breakdown(rows, key)

@@ -50,7 +50,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def build_byte_tokenizer():
@@ -191,7 +191,7 @@ def load_policy(cfg: ModelSpec, accelerator: str = "cpu", seed: int = 0, path: O
     _align_special_tokens(model, tok)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing also back-propagates through frozen inputs (LoRA needs that)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tok
 
 
@@ -245,6 +245,11 @@ def apply_lora(model, cfg: LoraSpec):
 
 def _reloadable_base(model) -> bool:
     return bool(getattr(model.config, "_name_or_path", "")) and not getattr(model, "_mgrpo_random_init", False)
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def is_peft(model) -> bool:

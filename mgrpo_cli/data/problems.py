@@ -32,13 +32,13 @@ class Problem:
 
 def _eval_left_to_right(operands: list[int], ops: list[str]) -> int:
     value = operands[0]
-    for op, x in zip(ops, operands[1:]):
+    for op, x in zip(ops, operands[1:], strict=True):
         value = value + x if op == "+" else value - x
     return value
 
 
 def arith_question(operands: list[int], ops: list[str]) -> str:
-    return str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:]))
+    return str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:], strict=True))
 
 
 def careful_solution(operands: list[int], ops: list[str]) -> str:
@@ -49,7 +49,7 @@ def careful_solution(operands: list[int], ops: list[str]) -> str:
 def merged_solution(operands: list[int], ops: list[str], merge: list[bool]) -> str:
     """Steps joined where ``merge[i]`` says step i+1 continues step i: ``12+7-5=14 \\boxed{14}``."""
     steps, value, expr = [], operands[0], str(operands[0])
-    for i, (op, x) in enumerate(zip(ops, operands[1:])):
+    for i, (op, x) in enumerate(zip(ops, operands[1:], strict=True)):
         expr += f"{op}{x}"
         value = value + x if op == "+" else value - x
         if i < len(merge) and merge[i]:

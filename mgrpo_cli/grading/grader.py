@@ -150,12 +150,12 @@ class Grader:
         with self._lock:
             verdicts: list[bool | str | None] = [None] * len(golds)
             pending: dict[tuple[str, str], list[int]] = {}
-            for i, (completion, gold) in enumerate(zip(completions, golds)):
+            for i, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
                 verdicts[i] = self._local(completion, gold, i, pending)
             if pending:
                 todo = list(pending)
                 restarts = self._worker.restarts
-                for job, result in zip(todo, self._worker.grade(todo)):
+                for job, result in zip(todo, self._worker.grade(todo), strict=True):
                     self._remember(job, result)
                     for i in pending[job]:
                         verdicts[i] = result

@@ -124,12 +124,12 @@ def group_runs(runs: list[Run]) -> Grouping:
         if len(varying) == 1:
             label = shown[0]
         else:
-            label = ", ".join(f"{k}={v}" for k, v in zip(varying, shown)) or "all runs"
+            label = ", ".join(f"{k}={v}" for k, v in zip(varying, shown, strict=True)) or "all runs"
         groups.append(Group(values, label, sorted(members, key=lambda r: r.seed)))
     pairs = []
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
-            differ = [k for k, x, y in zip(varying, a.values, b.values) if x != y]
+            differ = [k for k, x, y in zip(varying, a.values, b.values, strict=True) if x != y]
             if len(differ) == 1:
                 pairs.append((differ[0], a, b))
     if len(groups) > 1 and not pairs:

@@ -28,7 +28,7 @@ def plot_transitions(sc: dict[str, Any], path: Union[str, Path]) -> Path:
     shares = [float(sc[key]) for key, _, _ in TRANSITIONS]
     bars = ax.bar([label for _, label, _ in TRANSITIONS], shares, color=[c for _, _, c in TRANSITIONS])
     n = sc.get("n")
-    for bar, share in zip(bars, shares):
+    for bar, share in zip(bars, shares, strict=True):
         text = f"{share:.1%}" + (f"\n({round(share * n)})" if n else "")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=9)
@@ -53,7 +53,7 @@ def plot_breakdown(breakdowns: dict[str, dict], path: Union[str, Path], title: s
         names = list(groups)
         accs = [float(groups[g]["acc"]) for g in names]
         bars = ax.bar(range(len(names)), accs, color="#5b8cc4")
-        for bar, g in zip(bars, names):
+        for bar, g in zip(bars, names, strict=True):
             ax.annotate(f"n={groups[g]['n']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)))
@@ -101,10 +101,10 @@ def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, flo
 
     if window <= 1 or len(points) < window:
         return points
-    steps, values = zip(*points)
+    steps, values = zip(*points, strict=True)
     kernel = np.ones(window) / window
     smooth = np.convolve(np.asarray(values, dtype=float), kernel, mode="valid")
-    return list(zip(steps[window - 1:], smooth.tolist()))
+    return list(zip(steps[window - 1:], smooth.tolist(), strict=True))
 
 
 def plot_heldout(an: Analysis, path: Path) -> Optional[Path]:
@@ -115,7 +115,7 @@ def plot_heldout(an: Analysis, path: Path) -> Optional[Path]:
     fig, canvas = _figure((5.0 * len(shown), 3.8))
     for j, (m, label, _) in enumerate(shown):
         ax = fig.add_subplot(1, len(shown), j + 1)
-        for g, color in zip(groups, _colors(len(groups))):
+        for g, color in zip(groups, _colors(len(groups)), strict=True):
             series = [[(e.step, float(per_problem(e.rows, an.ids, m).mean())) for e in r.evaluations] for r in g.runs]
             steps, mean, low, high = _band(series)
             ax.plot(steps, 100 * mean, marker="o", color=color, label=f"{g.label} (n={len(g.runs)})")
@@ -145,7 +145,7 @@ def plot_training(an: Analysis, path: Path) -> Optional[Path]:
         for j, depth in enumerate(depths):
             ax = fig.add_subplot(len(names), len(depths), i * len(depths) + j + 1)
             key = f"train/layer{depth}/{m}"
-            for g, color in zip(groups, _colors(len(groups))):
+            for g, color in zip(groups, _colors(len(groups)), strict=True):
                 series = [_smooth(r.history[key], window) for r in g.runs if r.history.get(key)]
                 if not series:
                     continue
@@ -176,13 +176,13 @@ def plot_transition_bars(an: Analysis, path: Path) -> Optional[Path]:
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(groups)
     x = np.arange(len(TRANSITIONS))
-    for k, (g, color) in enumerate(zip(groups, _colors(len(groups)))):
+    for k, (g, color) in enumerate(zip(groups, _colors(len(groups)), strict=True)):
         ivs = [an.transitions[g.label][t] for t, _, _ in TRANSITIONS]
         means = np.array([iv.mean for iv in ivs]) * 100
         err = np.array([[iv.mean - iv.low, iv.high - iv.mean] if iv.defined else [0, 0] for iv in ivs]).T * 100
         bars = ax.bar(x + (k - (len(groups) - 1) / 2) * width, means, width, yerr=err, capsize=3, color=color,
                       label=f"{g.label} (n={len(g.runs)})")
-        for bar, v in zip(bars, means):
+        for bar, v in zip(bars, means, strict=True):
             ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x)
@@ -209,14 +209,14 @@ def plot_vanishing(an: Analysis, path: Path) -> Optional[Path]:
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(labels)
     x = np.arange(len(keys))
-    for k, (g, color) in enumerate(zip(labels, _colors(len(labels)))):
+    for k, (g, color) in enumerate(zip(labels, _colors(len(labels)), strict=True)):
         ivs = [an.vanishing[g].get(key) for key in keys]
         means = np.array([100 * iv.mean if iv else np.nan for iv in ivs])
         err = np.array([[iv.mean - iv.low, iv.high - iv.mean] if iv and iv.defined else [0, 0] for iv in ivs]).T * 100
         n = max(iv.n for iv in ivs if iv)
         bars = ax.bar(x + (k - (len(labels) - 1) / 2) * width, np.nan_to_num(means), width, yerr=err, capsize=3,
                       color=color, label=f"{g} (n={n})")
-        for bar, v in zip(bars, means):
+        for bar, v in zip(bars, means, strict=True):
             if not np.isnan(v):
                 ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
                             textcoords="offset points", ha="center", va="bottom", fontsize=7)

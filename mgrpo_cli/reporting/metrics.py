@@ -34,7 +34,7 @@ def self_correction(t1: Sequence[bool], t2: Sequence[bool]) -> dict[str, Optiona
     n = len(t1)
     if n == 0:
         raise ValueError("self_correction: no problems (t1 and t2 are empty)")
-    counts = Counter((bool(a), bool(b)) for a, b in zip(t1, t2))
+    counts = Counter((bool(a), bool(b)) for a, b in zip(t1, t2, strict=True))
     n_rr, n_wr = counts[(True, True)], counts[(False, True)]
     n_rw, n_ww = counts[(True, False)], counts[(False, False)]
     delta_i2c, delta_c2i = n_wr / n, n_rw / n
@@ -92,7 +92,7 @@ def maj_at_k(answers: Sequence[Optional[str]], verdicts: Sequence[Optional[bool]
         raise ValueError(f"maj_at_k: need k >= 1, got k={k}")
     votes: Counter[str] = Counter()
     first_verdict: dict[str, Optional[bool]] = {}
-    for answer, verdict in zip(answers[:k], verdicts[:k]):
+    for answer, verdict in zip(answers[:k], verdicts[:k], strict=True):
         if answer is None:
             continue
         key = normalize_vote(answer)

@@ -148,7 +148,7 @@ def generation_bound(s: ModelShape, gpu: GPU, prompts: int, n: int, prompt_len: 
     memory_s = sum(b / gpu.bandwidth for b in step_bytes)
     compute_s = sum(f / gpu.peak_flops for f in step_flops)
     bound_s = (max(prefill_bytes / gpu.bandwidth, prefill_flops / gpu.peak_flops)
-               + sum(max(b / gpu.bandwidth, f / gpu.peak_flops) for b, f in zip(step_bytes, step_flops)))
+               + sum(max(b / gpu.bandwidth, f / gpu.peak_flops) for b, f in zip(step_bytes, step_flops, strict=True)))
     tokens = batch * new_tokens
     return {
         "tokens": tokens, "decode_steps": len(step_bytes),

@@ -24,15 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mgrpo_cli.data.models import base_model
+
 LLAMA_FAMILY = {"qwen2", "qwen3", "llama", "mistral"}
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def lean_supported(model) -> bool:
-    base = _base(model)
+    base = base_model(model)
     config = base.config
     if getattr(config, "model_type", None) not in LLAMA_FAMILY:
         return False
@@ -57,7 +55,7 @@ class LeanDecoder:
 
     def __init__(self, model, cache, prompt_mask: torch.Tensor, n: int, max_new_tokens: int, max_position: int,
                  static: bool = False):
-        base = _base(model)
+        base = base_model(model)
         self.inner, self.lm_head = base.model, base.lm_head
         self.layers = list(self.inner.layers)
         self.static = static

@@ -47,10 +47,6 @@ class Rollout:
                                          device=self.completion_ids.device)
 
     @property
-    def num_groups(self) -> int:
-        return self.prompt_ids.shape[0] // self.n
-
-    @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
@@ -58,11 +54,18 @@ class Rollout:
         """The rows of groups ``keep`` (in that order), padding shared by all of them trimmed."""
         rows = torch.tensor([g * self.n + i for g in keep for i in range(self.n)], dtype=torch.long,
                             device=self.prompt_ids.device)
-        prompt_mask, comp_mask = self.prompt_mask[rows], self.completion_mask[rows]
-        left = int((prompt_mask.sum(0) == 0).sum()) if len(rows) else 0
-        width = int(comp_mask.sum(-1).max()) if len(rows) else 0
-        return Rollout(self.prompt_ids[rows][:, left:], prompt_mask[:, left:], self.completion_ids[rows][:, :width],
-                       comp_mask[:, :width], [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+        trimmed = trim_shared_padding(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                                      self.completion_mask[rows])
+        return Rollout(*trimmed, [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+
+
+def trim_shared_padding(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows without the padding all of them share: the prompts' left columns that are padding in
+    every row, the completions' right columns past the longest completion."""
+    left = int((prompt_mask.sum(0) == 0).sum()) if len(prompt_mask) else 0
+    width = int(completion_mask.sum(-1).max()) if len(completion_mask) else 0
+    return prompt_ids[:, left:], prompt_mask[:, left:], completion_ids[:, :width], completion_mask[:, :width]
 
 
 def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:

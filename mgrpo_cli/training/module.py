@@ -129,6 +129,12 @@ class MGRPOModule(L.LightningModule):
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
 
+    @property
+    def reference(self):
+        """The frozen KL reference policy; None when there is none (beta = 0) or LoRA's disabled
+        adapter serves as the reference."""
+        return self._reference[0]
+
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -345,7 +351,7 @@ class MGRPOModule(L.LightningModule):
         updated = True
         for _ in range(self.loss.num_iterations):
             loss = 0.0
-            for (spec, layer, _), total in zip(pending, totals):
+            for (spec, layer, _), total in zip(pending, totals, strict=True):
                 stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps,
                                   entropy_coef=self._entropy_coef(spec.depth) if self.loss.entropy_bonus else 0.0)
                 loss += stats["loss"]
@@ -354,7 +360,7 @@ class MGRPOModule(L.LightningModule):
             updated &= self._step_optimizer(opt, loss)
             self._sync_reference()
         mu = self.loss.num_iterations
-        for (spec, layer, sampled), total in zip(pending, totals):
+        for (spec, layer, sampled), total in zip(pending, totals, strict=True):
             passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
             for k in TOKEN_COUNTS:
                 passes[k] += layer.stats.get(k, 0.0)

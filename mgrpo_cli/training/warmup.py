@@ -79,7 +79,7 @@ def flawed_attempt(problem: Problem, rng: random.Random, shortcut_prob: float, e
     bad_step = rng.randrange(n_steps)
     offset = rng.choice([-1, 1]) * rng.randint(1, 10)
     steps, value, expr, step = [], operands[0], str(operands[0]), 0
-    for i, (op, x) in enumerate(zip(ops, operands[1:])):
+    for i, (op, x) in enumerate(zip(ops, operands[1:], strict=True)):
         expr += f"{op}{x}"
         value = value + x if op == "+" else value - x
         if i < len(merges) and merges[i]:

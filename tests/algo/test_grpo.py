@@ -251,12 +251,18 @@ def test_loss_aggregation_variants_on_masks():
     assert set(grpo.ADV_ESTIMATORS) == {e.value for e in AdvEstimator}
 
 
+def _batch_loss(logp, adv, mask, **kw):
+    """The whole batch's token-level GRPO loss: the policy term per token, aggregated as grpo."""
+    per_token = grpo.policy_loss(**kw)(logp, adv, mask, **{k: v for k, v in kw.items() if k == "ref_logp"}).loss
+    return grpo.sequence_terms(per_token, mask, "grpo").sum() / grpo.loss_normalizer(mask, "grpo", mask.shape[1])
+
+
 def test_grpo_loss_gradient_is_policy_gradient():
     # one update per rollout: ratio = 1, so dL/dlogp_t = -A / |o| for each valid token (grpo aggregation)
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], requires_grad=True)
     adv = torch.tensor([2.0, -1.0])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss = grpo.grpo_loss(logp, adv, mask)
+    loss = _batch_loss(logp, adv, mask)
     loss.backward()
     expected = torch.tensor([[-2.0 / 2 / 2, -2.0 / 2 / 2], [1.0 / 1 / 2, 0.0]])
     assert torch.allclose(logp.grad, expected)
@@ -268,9 +274,13 @@ def test_kl_term_enters_loss_only_with_beta():
     ref = torch.tensor([[-2.0]])
     mask = torch.ones(1, 1)
     adv = torch.zeros(1)
-    assert grpo.grpo_loss(logp, adv, mask, ref_logp=ref, beta=0.0).item() == pytest.approx(0.0)
+    def loss(beta):
+        per_token = grpo.policy_loss(beta=beta)(logp, adv, mask, ref_logp=ref).loss
+        return (grpo.sequence_terms(per_token, mask, "grpo").sum() / grpo.loss_normalizer(mask, "grpo", 1)).item()
+
+    assert loss(0.0) == pytest.approx(0.0)
     kl = math.exp(-1.0) + 1.0 - 1.0
-    assert grpo.grpo_loss(logp, adv, mask, ref_logp=ref, beta=0.1).item() == pytest.approx(0.1 * kl)
+    assert loss(0.1) == pytest.approx(0.1 * kl)
 
 
 def test_selective_log_softmax_matches_full_and_half_precision():
@@ -309,7 +319,7 @@ def test_chunked_log_softmax_equals_the_whole_logits_path(chunk, temperature):
     assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-12)
     g_got = torch.autograd.grad(got, (hidden, weight), grad_out)
     g_want = torch.autograd.grad(want, (hidden, weight), grad_out)
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_got, g_want))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_got, g_want, strict=True))
 
 
 def test_chunked_log_softmax_passes_gradcheck_and_skips_a_frozen_weight():
@@ -358,8 +368,8 @@ def test_chunked_log_softmax_through_a_model_gives_its_log_probs_and_gradients(v
     (got, g_got), (want, g_want) = results
     assert got.dtype == torch.float64
     eps_bound = 10 * (vocab + 64 + ids[:, 1:].numel()) * torch.finfo(torch.float64).eps
-    for a, b in [(got, want), *zip(g_got, g_want)]:
-        torch.testing.assert_close(a, b, rtol=0, atol=eps_bound * max(float(b.abs().max()), 1.0))
+    for a, b in [(got, want), *zip(g_got, g_want, strict=True)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=eps_bound * max(float(b.detach().abs().max()), 1.0))
 
 
 def test_chunked_log_softmax_never_keeps_the_whole_logits():
@@ -395,7 +405,7 @@ def test_chunked_log_softmax_in_bf16_is_the_plain_path_within_rounding():
     assert (got - want).abs().max() < 0.05  # |log-probs| ~ 10: one bf16 step of a logit is 0.0078-0.0625
     g_got = torch.autograd.grad(got.sum(), (hidden, weight))
     g_want = torch.autograd.grad(want.sum(), (hidden, weight))
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         assert a.dtype == torch.bfloat16
         assert torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), 0) > 0.999
 
@@ -507,7 +517,7 @@ def test_sapo_soft_gate_by_hand():
         torch.testing.assert_close(sur.loss, torch.tensor([[-s * 4 / tau * a for s in sig]], dtype=torch.float64))
         sur.loss.sum().backward()
         # d/dlogp = -A * 4 sigma (1 - sigma) * rho: exactly -A at rho = 1, attenuated smoothly at 1.5
-        grads = [-a * 4 * s * (1 - s) * r for s, r in zip(sig, (1.0, 1.5))]
+        grads = [-a * 4 * s * (1 - s) * r for s, r in zip(sig, (1.0, 1.5), strict=True)]
         torch.testing.assert_close(lp.grad, torch.tensor([grads], dtype=torch.float64))
         assert lp.grad[0, 0].item() == pytest.approx(-a)
         assert abs(lp.grad[0, 1].item()) < abs(a) * 1.5  # below what the unclipped ratio would give
@@ -576,7 +586,7 @@ def test_reinforce_plus_plus_baseline_whitens_over_the_batch_tokens():
     adv = grpo.reinforce_plus_plus_baseline_advantages(r, lengths, eps=0.0)
     centred = [0.5, -0.5, 0.0, 0.0, -0.5, 0.5]  # r - group mean
     weights = [2, 1, 3, 3, 1, 1]
-    tokens = [c for c, w in zip(centred, weights) for _ in range(w)]
+    tokens = [c for c, w in zip(centred, weights, strict=True) for _ in range(w)]
     mean = sum(tokens) / len(tokens)
     std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1))
     expected = [(c - mean) / std for c in centred]

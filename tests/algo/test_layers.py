@@ -92,7 +92,13 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     from omegaconf import OmegaConf
 
     from mgrpo_cli.algo import grpo, loss
-    from mgrpo_cli.algo.loss import LossSpec, completion_logps, completion_logps_and_entropy, policy_loss_backward
+    from mgrpo_cli.algo.loss import (
+        LossSpec,
+        completion_logps,
+        completion_logps_and_entropy,
+        loss_pass,
+        prepare_layer_loss,
+    )
     from mgrpo_cli.config.schema import ModelConfig
     from mgrpo_cli.data.models import build_tiny_model
     from mgrpo_cli.rollout.engine import HFEngine
@@ -108,14 +114,14 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     monkeypatch.setattr(loss, "completion_logps_and_entropy", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
                         or completion_logps_and_entropy(m, r, rows, *a, **k))
     model.train()
-    stats = policy_loss_backward(model, ro, adv, settings, lambda loss: loss.backward())
+    stats = loss_pass(model, prepare_layer_loss(model, ro, adv, settings), settings, lambda loss: loss.backward())
     skipped = {p: p.grad.clone() for p in model.parameters()}
     assert sorted(r for rows in seen for r in rows) == [4, 5, 6, 7, 9, 11]
 
     model.zero_grad()
     mask = ro.completion_mask.float()
     logp = completion_logps(model, ro, torch.arange(12), 1.0)
-    per_token, _, _ = grpo.grpo_token_loss(logp, adv, beta=0.0, eps_low=0.2, eps_high=0.2)
+    per_token = grpo.policy_loss(epsilon=0.2, epsilon_high=0.2, beta=0.0)(logp, adv, mask).loss
     loss = grpo.sequence_terms(per_token, mask, loss_type).sum() / grpo.loss_normalizer(mask, loss_type, 8)
     loss.backward()
     assert abs(stats["loss"] - loss.item()) < 1e-6

@@ -16,7 +16,6 @@ from mgrpo_cli.algo.loss import (
     completion_logps_and_entropy,
     loss_pass,
     output_weight,
-    policy_loss_backward,
     prepare_layer_loss,
 )
 from mgrpo_cli.config import build
@@ -75,7 +74,7 @@ def test_chunked_path_gives_the_whole_logits_log_probs_and_gradients(vocab, layo
     those orders depends on the CPU's kernels; float64 leaves only rounding far below a real error."""
     model = _qwen2(vocab, dtype=torch.float64).train()
     if layout == "checkpointing":
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     ro = _rollout(vocab)
     rows = torch.tensor([3, 4, 5, 0, 1, 6, 7, 8])  # runs of one group: the shared-prompt pass
     calls = []
@@ -90,7 +89,7 @@ def test_chunked_path_gives_the_whole_logits_log_probs_and_gradients(vocab, layo
     for got in (auto, chunked):
         assert got[0].dtype == torch.float64
         assert_same_sums(got[0], whole[0], terms)
-        for a, b in zip(got[1], whole[1]):
+        for a, b in zip(got[1], whole[1], strict=True):
             assert_same_sums(a, b, terms)
     with torch.no_grad():  # the reference's pass (prompts shared even with checkpointing: padding differs)
         mask = ro.completion_mask[rows].bool()
@@ -160,13 +159,20 @@ def _reference(model, ro, mask, token_mask=None, objective=None):
     return value.item(), _grads(model)
 
 
+def _update(model, ro, spec_, ref_logps=None):
+    """One update as the module makes it (``MGRPOModule._update``): the layer's loss prepared, then one
+    loss pass whose backward accumulates the gradients; the pass's stats."""
+    layer = prepare_layer_loss(model, ro, ADV, spec_, ref_logps=ref_logps)
+    return loss_pass(model, layer, spec_, lambda x: x.backward(), ref_logps=ref_logps)
+
+
 def test_one_iteration_is_the_plain_batch_gradient(setup):
     model, ro = setup
-    stats = policy_loss_backward(model, ro, ADV, spec(), lambda x: x.backward())
+    stats = _update(model, ro, spec())
     got = _grads(model)
     value, want = _reference(model, ro, ro.completion_mask.float())
     assert stats["loss"] == pytest.approx(value, abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
     assert stats["clip_region"] == 0.0 and stats["entropy"] > 0
     assert stats["loss_tokens"] == sum(int(ro.prompt_mask[r].sum() + ro.completion_mask[r].sum()) for r in ACTIVE)
     # as computed: one micro-batch, each of its two groups' prompts once
@@ -175,7 +181,7 @@ def test_one_iteration_is_the_plain_batch_gradient(setup):
     # two iterations: the first pass runs against the stored log-probs of the same weights: the same gradient
     layer = prepare_layer_loss(model, ro, ADV, spec(num_iterations=2))
     first = loss_pass(model, layer, spec(num_iterations=2), lambda x: x.backward())
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_grads(model), want))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_grads(model), want, strict=True))
     assert first["clip_region"] == 0.0 and layer.stats["loss_tokens"] == stats["loss_tokens"]
 
 
@@ -204,12 +210,12 @@ def test_truncated_completions_leave_the_loss(setup, monkeypatch):
     run = loss.completion_logps_and_entropy
     monkeypatch.setattr(loss, "completion_logps_and_entropy",
                         lambda m, r, rows, *a, **k: seen.append(rows.tolist()) or run(m, r, rows, *a, **k))
-    policy_loss_backward(model, ro, ADV, spec(mask_truncated_completions=True), lambda x: x.backward())
+    _update(model, ro, spec(mask_truncated_completions=True))
     assert sorted(r for rows in seen for r in rows) == [r for r in ACTIVE if not cut[r]]
     got = _grads(model)
     mask = ro.completion_mask.float() * (~ro.truncated).float().unsqueeze(-1)
     _, want = _reference(model, ro, mask)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
 
 
 def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(setup):
@@ -225,16 +231,16 @@ def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(setup):
     assert torch.equal(layer.token_mask, top)
     assert 0.2 < top.sum() / counted.sum() <= 0.35
     _, want = _reference(model, ro, ro.completion_mask.float(), token_mask=top)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
 
 
 def test_sequence_level_ratio_gives_the_token_level_gradient_at_ratio_one(setup):
     """At the first update (ratio 1) GSPO's gradient A/|y| sum_t grad log p_t is GRPO's (grpo aggregation)."""
     model, ro = setup
-    token = policy_loss_backward(model, ro, ADV, spec(), lambda x: x.backward())
+    token = _update(model, ro, spec())
     want = _grads(model)
-    seq = policy_loss_backward(model, ro, ADV, spec(importance_sampling_level="sequence"), lambda x: x.backward())
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_grads(model), want))
+    seq = _update(model, ro, spec(importance_sampling_level="sequence"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_grads(model), want, strict=True))
     assert seq["loss"] == pytest.approx(token["loss"], abs=1e-6)
     assert spec(importance_sampling_level="sequence").objective.log_ratio is grpo.sequence_log_ratio
 
@@ -254,7 +260,7 @@ def test_reference_log_probs_are_stored_once_for_several_iterations(setup):
     assert sum(calls) == 12  # every row once (beta > 0 runs zero-advantage rows too), not once per pass
     once = spec(beta=0.1)
     calls.clear()
-    policy_loss_backward(model, ro, ADV, once, lambda x: x.backward(), ref_logps=ref)
+    _update(model, ro, once, ref_logps=ref)
     assert sum(calls) == 12
 
 
@@ -287,13 +293,13 @@ def test_bnpo_divides_each_micro_batch_by_its_own_tokens(setup):
     value = sum(parts) / len(parts)
     value.backward()
     assert stats["loss"] == pytest.approx(value.item(), abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model)))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model), strict=True))
     assert sorted(int(r) for rows in layer.batches for r in rows) == list(range(12))  # zero-advantage rows too
-    one = policy_loss_backward(model, ro, ADV, spec(loss_type="bnpo"), lambda x: x.backward())
+    one = _update(model, ro, spec(loss_type="bnpo"))
     one_grads = _grads(model)
-    dapo = policy_loss_backward(model, ro, ADV, spec(loss_type="dapo"), lambda x: x.backward())
+    dapo = _update(model, ro, spec(loss_type="dapo"))
     assert one["loss"] == pytest.approx(dapo["loss"], abs=1e-7)
-    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(one_grads, _grads(model)))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(one_grads, _grads(model), strict=True))
 
 
 def test_entropy_bonus_is_the_mean_token_entropy_of_every_counted_row(setup):
@@ -314,7 +320,7 @@ def test_entropy_bonus_is_the_mean_token_entropy_of_every_counted_row(setup):
     value = policy - 0.1 * (ent * mask).sum() / mask.sum()
     value.backward()
     assert stats["loss"] == pytest.approx(value.item(), abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model)))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, _grads(model), strict=True))
     no_bonus = loss_pass(model, layer, s, lambda x: x.backward(), entropy_coef=0.0)  # coefficient 0: none
     assert no_bonus["loss"] == pytest.approx(policy.item(), abs=1e-6)
     model.zero_grad()

@@ -93,7 +93,7 @@ def test_installed_wheel_trains_and_evaluates_outside_the_clone(installed, tmp_p
     with ThreadPoolExecutor(max_workers=3) as pool:
         done = dict(zip(jobs, pool.map(lambda args: _run(site, args, tmp_path / "elsewhere",
                                                          MGRPO_DATA_DIR=str(DATA), HF_DATASETS_OFFLINE="1"),
-                                       jobs.values())))
+                                       jobs.values()), strict=True))
     for name, res in done.items():
         assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
 

@@ -139,7 +139,7 @@ def test_lora_steps_train_only_the_adapter_and_the_reference_is_the_base(small_c
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     reward = ParityReward()
     module = build.module(cfg, policy, tok, reward)
-    assert module._reference[0] is None  # no second copy: the adapter is disabled instead
+    assert module.reference is None  # no second copy: the adapter is disabled instead
     train_dl = build.train_loader(build.problem_stream(cfg), module)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)

@@ -481,7 +481,7 @@ def test_math500_oracle(shortcuts):
     with Grader(timeout_s=2.0, last_number_fallback=False) as g:
         g._shortcuts = shortcuts
         verdicts = g.correct([r["solution"] for r in rows], [r["answer"] for r in rows])
-    misses = {r["unique_id"]: r["answer"] for r, v in zip(rows, verdicts) if v is not True}
+    misses = {r["unique_id"]: r["answer"] for r, v in zip(rows, verdicts, strict=True) if v is not True}
     assert set(misses) == set(MATH500_EXPECTED_MISSES), misses
     assert 1 - len(misses) / len(rows) >= 0.99
 

@@ -251,7 +251,7 @@ RATE_ENDS = {("grpo", 0): (8, 2, 3, 7), ("grpo", 1): (5, 3, 6, 6),
 def _rows_by_counts(rr: int, rw: int, wr: int, ww: int) -> list[ProblemResult]:
     pairs = [(True, True)] * rr + [(True, False)] * rw + [(False, True)] * wr + [(False, False)] * ww
     assert len(pairs) == P
-    return [ProblemResult(pid, a, b, "1", "1") for pid, (a, b) in zip(IDS, pairs)]
+    return [ProblemResult(pid, a, b, "1", "1") for pid, (a, b) in zip(IDS, pairs, strict=True)]
 
 
 def _brute_ratio_bootstrap(parts, n: int = 20_000) -> tuple[float, float]:

@@ -220,7 +220,7 @@ def test_logps_equal_plain_forward_and_groups_repeat(device):
     model.to(device)
     engine = HFEngine(model, tok, max_prompt_length=512)
     ro = engine.generate(["5+5\n", "1-19+3\n"], n=3, max_new_tokens=12, temperature=0.0)
-    assert ro.completion_ids.shape[0] == 6 and ro.num_groups == 2
+    assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6 and ro.n == 3
     assert ro.texts[0] == ro.texts[1] == ro.texts[2]  # greedy: the group is identical
     logps = completion_logps(model, ro, torch.arange(6), temperature=1.0)
     for r in range(6):
@@ -254,7 +254,7 @@ def test_shared_prompt_pass_gives_plain_forward_logps_and_gradients(attn, device
     (shared, g_shared), (plain, g_plain) = results
     assert shared.device.type == device
     assert torch.allclose(shared, plain, **tol)
-    assert all(torch.allclose(a, b, **tol) for a, b in zip(g_shared, g_plain))
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(g_shared, g_plain, strict=True))
 
 
 def test_gradient_checkpointing_runs_one_sequence_per_row():
@@ -262,7 +262,7 @@ def test_gradient_checkpointing_runs_one_sequence_per_row():
     model, tok = _tiny(seed=2)
     ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["5+5\n", "12-3+4\n"], n=3, max_new_tokens=8, temperature=1.0)
     want = completion_logps(model, ro, torch.arange(6), temperature=1.0).detach()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     got = completion_logps(model, ro, torch.arange(6), temperature=1.0)
     assert got.requires_grad and torch.allclose(got, want, atol=1e-5)
@@ -350,7 +350,7 @@ def test_groups_and_concat_keep_rows_and_log_probs():
         got = completion_logps(model, both, torch.arange(6), 1.0)
         want = [(completion_logps(model, a, torch.tensor([4, 5, 0, 1]), 1.0), a.completion_mask[[4, 5, 0, 1]]),
                 (completion_logps(model, b, torch.arange(2), 1.0), b.completion_mask)]
-    for rows, (ref, ref_mask) in zip((slice(0, 4), slice(4, 6)), want):
+    for rows, (ref, ref_mask) in zip((slice(0, 4), slice(4, 6)), want, strict=True):
         assert torch.allclose(got[rows][both.completion_mask[rows].bool()], ref[ref_mask.bool()], atol=1e-5)
     with pytest.raises(ValueError, match="group sizes"):
         concat_rollouts([a, engine.generate(["1\n"], n=3, max_new_tokens=2, temperature=1.0)])

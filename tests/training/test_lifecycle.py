@@ -110,7 +110,7 @@ def test_checkpoints_every_n_minutes_besides_the_step_checkpoints_and_at_the_end
     cb.on_train_start(trainer, None)
     cb.requests.restore()
     # seconds at which steps 1..6 end; step 4 is ModelCheckpoint's, which restarts the clock
-    for step, t in zip(range(1, 7), (30, 70, 100, 130, 180, 200)):
+    for step, t in zip(range(1, 7), (30, 70, 100, 130, 180, 200), strict=True):
         trainer.global_step, clock[0] = step, t
         cb.on_train_batch_end(trainer, None, None, None, step - 1)
     assert trainer.saved == [2, 6] and not cb.stop_pending
