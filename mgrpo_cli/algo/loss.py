@@ -207,16 +207,28 @@ def _shared_prompt_outputs(model, weight: Optional[torch.Tensor], prompt_ids: to
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = _outputs(model, weight, 1, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
                    cache=cache, use_cache=True)
-    first = out[run_of_row]  # (B, 1, V or H): each prompt's last position predicts completion token 0
+    # Rows repeat their prompt: index_select, whose backward sums each prompt's rows in a fixed order.
+    # Advanced indexing (``out[run_of_row]``, the cache's ``batch_select_indices``) would back-propagate
+    # through index_put_(accumulate=True), which on CPU adds with atomics across threads: its rounding
+    # then depends on thread timing, and runs (a resumed one against an uninterrupted one) drift apart.
+    first = out.index_select(0, run_of_row)  # (B, 1, V or H): each prompt's last position predicts token 0
     if comp_ids.shape[1] == 1:
         return first
-    cache.batch_select_indices(run_of_row)
+    _repeat_cache_rows(cache, run_of_row)
     prompt_mask = prompt_mask[run_of_row]
     mask = torch.cat([prompt_mask, comp_mask[:, :-1]], 1)
     position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(comp_ids.shape[1] - 1, device=comp_ids.device)
     rest = _outputs(model, weight, input_ids=comp_ids[:, :-1], attention_mask=mask, position_ids=position_ids,
                     cache=cache, use_cache=True)  # (B, W - 1, V or H): completion token t predicts token t + 1
     return torch.cat([first, rest], 1)
+
+
+def _repeat_cache_rows(cache, index: torch.Tensor) -> None:
+    """The cache's batch rows ``index`` (with repeats), by ``index_select`` (see the caller)."""
+    for layer in cache.layers:
+        if layer.get_seq_length() > 0:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
 
 
 # what one more micro-batch costs (its extra forward/backward calls), counted in padded tokens

@@ -324,3 +324,38 @@ def test_entropy_bonus_is_the_mean_token_entropy_of_every_counted_row(setup):
     no_bonus = loss_pass(model, layer, s, lambda x: x.backward(), entropy_coef=0.0)  # coefficient 0: none
     assert no_bonus["loss"] == pytest.approx(policy.item(), abs=1e-6)
     model.zero_grad()
+
+
+def _backward_nodes(t: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("vocab", [260, CHUNKED_VOCAB])
+def test_shared_prompt_gradients_are_the_same_at_every_repeat_on_two_threads(vocab):
+    """The shared-prompt pass repeats each prompt's cache and last output over the prompt's rows. Its backward
+    must sum those rows in a fixed order: advanced indexing (IndexBackward0) back-propagates through
+    index_put_(accumulate=True), which on CPU adds with atomics across threads, so the gradient's rounding
+    followed thread timing and a resumed run drifted from an uninterrupted one. The graph holds no such
+    node, and 2-thread repeats agree bit for bit."""
+    model, ro = _qwen2(vocab).train(), _rollout(vocab)
+    rows = torch.arange(9)  # 3 groups of 3 rows
+    lp = completion_logps(model, ro, rows, temperature=0.7, share_prompts=True)
+    nodes = _backward_nodes(lp)
+    assert "IndexSelectBackward0" in nodes and "IndexBackward0" not in nodes and "IndexPutBackward0" not in nodes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = _logps_and_grads(model, ro, rows, share_prompts=True)[1]
+        for _ in range(5):
+            again = _logps_and_grads(model, ro, rows, share_prompts=True)[1]
+            assert all(torch.equal(a, b) for a, b in zip(again, first))
+    finally:
+        torch.set_num_threads(threads)
