@@ -53,7 +53,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never stops it
     cfg = compose("eval", ["dataset=gsm8k", "logger=none"] + ([f"model.path={args.model_dir}"] if args.model_dir else []))
-    problems = load_problems(cfg.dataset, "test", limit=args.n, seed=0).problems
+    problems = load_problems(build.dataset_spec(cfg.dataset), "test", limit=args.n, seed=0).problems
     single = sorted(random.Random(0).sample(range(len(problems)), min(args.n_single, len(problems))))
     with build.reward(cfg) as reward_fn:
         grader = reward_fn.grader

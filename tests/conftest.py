@@ -39,6 +39,21 @@ def compose(config_name: str = "train", overrides: list[str] | None = None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+
+def loss_spec(**changes):
+    """The default run's LossSpec (``build.loss_spec`` of the composed train config) with ``changes``."""
+    import dataclasses
+
+    from mgrpo_cli.config import build
+
+    global _DEFAULT_LOSS
+    if _DEFAULT_LOSS is None:
+        _DEFAULT_LOSS = build.loss_spec(compose("train"))
+    return dataclasses.replace(_DEFAULT_LOSS, **changes)
+
+
+_DEFAULT_LOSS = None
+
 # corrections get the first answer's budget (a test's model.max_completion_length), not the tiny
 # config's 48 tokens: an untrained model never stops early
 SMALL = ["debug=fast", "logger=none", "trainer.threads=2", "model.max_correction_length=null"]

@@ -437,17 +437,17 @@ class PolicyLoss:
     the KL term by the ratio (the unbiased estimate of KL(pi_theta || pi_ref) under pi_old's samples).
     """
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    delta: float | None = None
-    beta: float = 0.0
-    log_ratio: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = token_log_ratio
-    objective: Callable[..., Surrogate] = _clip_objective
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
-    off_policy_threshold: float | None = None
-    bias_correction_kl: bool = False
+    eps_low: float
+    eps_high: float
+    delta: float | None
+    beta: float
+    log_ratio: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    objective: Callable[..., Surrogate]
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    vespo: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
+    off_policy_threshold: float | None
+    bias_correction_kl: bool
 
     def __call__(self, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                  old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,

@@ -38,28 +38,28 @@ class LossSpec:
     top_p: float
     micro_batch_tokens: int
     max_completion_length: int  # dr_grpo's constant normaliser
-    num_iterations: int = 1  # mu: optimizer steps per rollout, each a pass over the layer batches
-    mask_truncated_completions: bool = False  # completions cut off by the budget leave the loss
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    delta: Optional[float] = None  # cap of the ratio (INTELLECT-2); None = off
-    top_entropy_quantile: float = 1.0  # share of completion tokens (highest entropy) in the policy term
-    top_k: int = 0  # sampling: the k most likely tokens (0 = all)
-    min_p: Optional[float] = None  # sampling: tokens under min_p x the top probability dropped (None = off)
-    repetition_penalty: float = 1.0  # sampling: seen tokens' logits divided (positive) or multiplied (negative)
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
-    adv_estimator: str = "grpo"  # grpo.ADV_ESTIMATORS
-    multi_objective_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO)
-    off_policy_mask_threshold: Optional[float] = None  # DeepSeek-V3.2's off-policy sequence mask; None = off
-    bias_correction_kl: bool = False  # the KL term times the ratio
+    num_iterations: int  # mu: optimizer steps per rollout, each a pass over the layer batches
+    mask_truncated_completions: bool  # completions cut off by the budget leave the loss
+    importance_sampling_level: str  # token | sequence (GSPO)
+    delta: Optional[float]  # cap of the ratio (INTELLECT-2); None = off
+    top_entropy_quantile: float  # share of completion tokens (highest entropy) in the policy term
+    top_k: int  # sampling: the k most likely tokens (0 = all)
+    min_p: Optional[float]  # sampling: tokens under min_p x the top probability dropped (None = off)
+    repetition_penalty: float  # sampling: seen tokens' logits divided (positive) or multiplied (negative)
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    vespo: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
+    adv_estimator: str  # grpo.ADV_ESTIMATORS
+    multi_objective_aggregation: str  # sum_then_normalize | normalize_then_sum (GDPO)
+    off_policy_mask_threshold: Optional[float]  # DeepSeek-V3.2's off-policy sequence mask; None = off
+    bias_correction_kl: bool  # the KL term times the ratio
     # entropy bonus: the starting coefficient and, adaptive, its controller (grpo.next_entropy_coef)
-    entropy_coef: float = 0.0
-    adaptive_entropy: bool = False
-    entropy_target: float = 0.0
-    entropy_coef_delta: float = 0.005
-    entropy_coef_min: float = 0.0
-    entropy_coef_max: float = 1.0
+    entropy_coef: float
+    adaptive_entropy: bool
+    entropy_target: float
+    entropy_coef_delta: float
+    entropy_coef_min: float
+    entropy_coef_max: float
     # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
     # passes (each is a collective there), each one forward call; the extra passes carry zero weight
     lockstep: Optional[Callable[[int], int]] = None

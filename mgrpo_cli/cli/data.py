@@ -62,6 +62,7 @@ def _compose(name: str, overrides: list[str]) -> Any:
 
 
 def _fill(cfg: Any, split: str) -> str:
+    from mgrpo_cli.config import build
     from mgrpo_cli.data.loaders import data_folder_file, load_problems
 
     d = cfg.dataset
@@ -69,7 +70,7 @@ def _fill(cfg: Any, split: str) -> str:
             and data_folder_file(cfg.paths.data, d.name, split) is None:
         return f"{d.name} {split}: none (the Hub set {d.hub_name} has no {split} split)"
     there = data_folder_file(cfg.paths.data, d.name, split) is not None or bool(d.get(f"{split}_path"))
-    loaded = load_problems(d, split, data_dir=cfg.paths.data)
+    loaded = load_problems(build.dataset_spec(d), split, data_dir=cfg.paths.data)
     how = "already there" if there else f"from {d.hub_name}"
     skipped = f", {loaded.skipped} rows skipped" if loaded.skipped else ""
     return f"{d.name} {split}: {len(loaded.problems)} problems in {loaded.source} ({how}{skipped})"

@@ -569,6 +569,18 @@ def solve_spec(cfg: Any, *, command: str = "train"):
     return SolveSpec(first, correction_budget(cfg), ev.batch_size, phrase=phrase)
 
 
+def dataset_spec(d: Any):
+    """The ``dataset`` section (a node, or a ``DatasetConfig``) as the plain ``loaders.DatasetSpec``."""
+    import dataclasses
+
+    from mgrpo_cli.data.loaders import DatasetSpec
+
+    if dataclasses.is_dataclass(d):
+        d = OmegaConf.structured(d)
+    plain = OmegaConf.to_container(d, resolve=True, enum_to_str=True)
+    return DatasetSpec(**{f.name: plain[f.name] for f in dataclasses.fields(DatasetSpec)})
+
+
 def problem_stream(cfg: Any):
     """Training problems by step (``data.ProblemStream``): arith draws fresh ones, other data sets a pool."""
     from mgrpo_cli.data.loaders import load_problems
@@ -577,7 +589,7 @@ def problem_stream(cfg: Any):
     size = cfg.grpo.prompts_per_step
     if cfg.dataset.kind == "arith":
         return ProblemStream(size, cfg.seed, arith=ArithTask(**cfg.dataset.arith))
-    loaded = load_problems(cfg.dataset, "train", data_dir=cfg.paths.data)
+    loaded = load_problems(dataset_spec(cfg.dataset), "train", data_dir=cfg.paths.data)
     if loaded.skipped:
         log.warning("skipped %d malformed training rows of %s", loaded.skipped, loaded.source)
     return ProblemStream(size, cfg.seed, pool=loaded.problems)
@@ -588,7 +600,7 @@ def held_out(cfg: Any, seed: int = 0):
     from mgrpo_cli.data.loaders import load_problems
 
     ev = cfg.eval
-    loaded = load_problems(cfg.dataset, ev.split, limit=ev.limit, seed=None if ev.limit is None else seed,
+    loaded = load_problems(dataset_spec(cfg.dataset), ev.split, limit=ev.limit, seed=None if ev.limit is None else seed,
                            data_dir=cfg.paths.data)
     if loaded.skipped:
         log.warning("skipped %d malformed held-out rows of %s", loaded.skipped, loaded.source)

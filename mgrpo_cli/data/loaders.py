@@ -1,6 +1,7 @@
 """Load a data set's problems: the embedded ``arith`` task, a JSON Lines / Parquet file, or a Hub set.
 
-``load_problems(cfg.dataset, split, data_dir=cfg.paths.data)`` finds the split's rows, first found wins:
+``load_problems(spec, split, data_dir)`` (``spec``: a :class:`DatasetSpec`, ``build.dataset_spec`` of
+``dataset.*``; ``data_dir``: ``paths.data``) finds the split's rows, first found wins:
 
 1. ``dataset.<split>_path``, the user's own file (``.jsonl``/``.json`` JSON Lines, or ``.parquet``);
    a relative path is taken from the current folder;
@@ -59,6 +60,25 @@ class DataError(UserError):
 
 
 @dataclass(frozen=True)
+class DatasetSpec:
+    """A data set as the loaders read it (``config.build.dataset_spec`` makes it from ``dataset.*``)."""
+
+    name: str  # also the data folder's subfolder: <data_dir>/<name>/<split>.jsonl
+    kind: str  # arith | file | hub
+    train_path: Optional[str]
+    test_path: Optional[str]
+    hub_name: Optional[str]
+    hub_config: Optional[str]
+    train_split: Optional[str]  # the Hub's split name; None: the Hub set has no such split
+    test_split: Optional[str]
+    hub_rename: dict[str, str]  # the Hub's column names -> the names ``fields`` uses
+    fields: dict[str, Optional[str]]  # question, answer, solution, subject, level, id -> the row's field
+    answer_format: str  # answer | gsm8k | boxed | list
+    on_bad_row: str  # error | skip
+    arith: dict[str, Any]  # the embedded task's parameters (``ArithTask``)
+
+
+@dataclass(frozen=True)
 class Loaded:
     """The problems of one split, how many rows were skipped, and where they came from."""
 
@@ -79,24 +99,22 @@ class _Missing(_BadRow):
         self.key = key
 
 
-def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None, seed: Optional[int] = None,
+def load_problems(cfg: DatasetSpec, split: str, *, limit: Optional[int] = None, seed: Optional[int] = None,
                   data_dir: Optional[str | Path] = None) -> Loaded:
     """The problems of ``split`` ("train" or "test"; arith also "valid") of the data set ``cfg``.
 
-    ``cfg`` is a ``DatasetConfig`` (dataclass or OmegaConf node); ``data_dir`` the data folder
+    ``data_dir`` is the data folder
     (``paths.data``; None = :func:`default_data_dir`). ``limit`` keeps the first N usable rows, or with
     ``seed`` a seeded random sample of N (kept in file order).
     """
-    name = str(_get(cfg, "name", "dataset"))
-    kind = _get(cfg, "kind", "arith")
+    name, kind = cfg.name, cfg.kind
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit!r}")
     if kind == "arith":
         return _load_arith(cfg, split, limit, seed)
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test' for dataset {name!r} (kind {kind!r}), got {split!r}")
-    answer_format = _get(cfg, "answer_format", "answer")  # the schema's closed sets: answer|gsm8k|boxed|list,
-    on_bad_row = _get(cfg, "on_bad_row", "error")  # error|skip, arith|file|hub
+    answer_format, on_bad_row = cfg.answer_format, cfg.on_bad_row
     fields = _field_map(cfg, answer_format)
     path = split_file(cfg, split, data_dir)
     source, rows = str(path), _read_file(path)
@@ -123,8 +141,8 @@ def load_problems(cfg: Any, split: str, *, limit: Optional[int] = None, seed: Op
 # --------------------------------------------------------------------------------------- sources
 
 
-def _load_arith(cfg: Any, split: str, limit: Optional[int], seed: Optional[int]) -> Loaded:
-    params = _to_dict(_get(cfg, "arith")) or {}
+def _load_arith(cfg: DatasetSpec, split: str, limit: Optional[int], seed: Optional[int]) -> Loaded:
+    params = dict(cfg.arith)
     try:
         task = ArithTask(**params)  # dataset seed stays 0: the held-out sets never move
     except TypeError as e:
@@ -157,11 +175,11 @@ def data_folder_file(data_dir: Optional[str | Path], name: str, split: str) -> O
     return None
 
 
-def split_file(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> Path:
+def split_file(cfg: DatasetSpec, split: str, data_dir: Optional[str | Path] = None) -> Path:
     """The file holding ``split`` of ``cfg``: the user's ``<split>_path``, else the data folder's file,
     else (``kind: hub``) the Hub's split, written into the data folder first (:func:`fetch_split`)."""
-    name, kind, key = str(_get(cfg, "name", "dataset")), _get(cfg, "kind", "file"), f"{split}_path"
-    own = _get(cfg, key)
+    name, kind, key = cfg.name, cfg.kind, f"{split}_path"
+    own = getattr(cfg, key)
     if own is not None and str(own).strip() != "":
         return _resolve_path(own, key)
     found = data_folder_file(data_dir, name, split)
@@ -174,12 +192,11 @@ def split_file(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> P
                     f"{DATA_DIR_ENV}, is the data folder)")
 
 
-def fetch_split(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> Path:
+def fetch_split(cfg: DatasetSpec, split: str, data_dir: Optional[str | Path] = None) -> Path:
     """Load ``split`` of the Hub set of ``cfg`` through ``datasets.load_dataset``, rename its columns by
     ``hub_rename`` and write it to ``<data_dir>/<name>/<split>.jsonl`` (temporary file, then rename)."""
-    name = str(_get(cfg, "name", "dataset"))
-    hub_name, hub_config = _get(cfg, "hub_name"), _get(cfg, "hub_config")
-    hub_split = _get(cfg, f"{split}_split", split)
+    name, hub_name, hub_config = cfg.name, cfg.hub_name, cfg.hub_config
+    hub_split = getattr(cfg, f"{split}_split")
     target = _data_dir(data_dir) / name / f"{split}.jsonl"
     if not hub_name:
         raise DataError(f"dataset.hub_name is not set for {name}, and there is no {target}: give the hub "
@@ -207,7 +224,7 @@ def fetch_split(cfg: Any, split: str, data_dir: Optional[str | Path] = None) -> 
                         f"or run once with a network (mgrpo data {name})") from None
     finally:
         hub_log.setLevel(level)
-    rename = _to_dict(_get(cfg, "hub_rename")) or {}
+    rename = dict(cfg.hub_rename)
     if rename:
         try:
             ds = ds.rename_columns(dict(rename))
@@ -322,8 +339,8 @@ class _Fields:
     id: Optional[str]
 
 
-def _field_map(cfg: Any, answer_format: str) -> _Fields:
-    raw = _to_dict(_get(cfg, "fields")) or {}
+def _field_map(cfg: DatasetSpec, answer_format: str) -> _Fields:
+    raw = dict(cfg.fields)
     fields = _Fields(**{f.name: raw.get(f.name) for f in dataclasses.fields(_Fields)})
     if not fields.question:
         raise DataError(f"dataset.fields.question must name a field, got {fields.question!r}")
@@ -482,23 +499,3 @@ def _take(problems: list[Problem], limit: Optional[int], seed: Optional[int]) ->
         return problems[:limit]
     keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
     return [problems[i] for i in keep]
-
-
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    if isinstance(node, dict):
-        return node.get(key, default)
-    return getattr(node, key, default)
-
-
-def _to_dict(node: Any) -> Optional[dict]:
-    if node is None or isinstance(node, dict):
-        return node
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        return dataclasses.asdict(node)
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    raise DataError(f"expected a mapping, got {type(node).__name__}: {node!r}")

@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+from conftest import loss_spec
 
 from mgrpo_cli.algo import grpo
 from mgrpo_cli.algo.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
@@ -93,7 +94,6 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
 
     from mgrpo_cli.algo import grpo, loss
     from mgrpo_cli.algo.loss import (
-        LossSpec,
         completion_logps,
         completion_logps_and_entropy,
         loss_pass,
@@ -108,8 +108,8 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
     torch.manual_seed(0)
     ro = HFEngine(model, tok, max_prompt_length=512, seed=1).generate(["1+2\n", "13+4\n", "5-6\n"], n=4, max_new_tokens=8, temperature=1.0)
     adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 0.7, 0.0, -0.7])
-    settings = LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, scale_rewards="group",
-                        std_eps=1e-4, temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
+    settings = loss_spec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, scale_rewards="group",
+                         std_eps=1e-4, temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
     seen = []
     monkeypatch.setattr(loss, "completion_logps_and_entropy", lambda m, r, rows, *a, **k: seen.append(rows.tolist())
                         or completion_logps_and_entropy(m, r, rows, *a, **k))
@@ -169,10 +169,8 @@ def _spec(**kw):
 
 
 def _loss():
-    from mgrpo_cli.algo.loss import LossSpec
-
-    return LossSpec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group", std_eps=1e-4,
-                    temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=4)
+    return loss_spec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group", std_eps=1e-4,
+                     temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=4)
 
 
 def test_fill_layer_drops_zero_variance_groups_and_refills():

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import loss_spec
 from omegaconf import OmegaConf
 
 from mgrpo_cli.algo import grpo, loss
@@ -122,7 +123,7 @@ ACTIVE = [4, 5, 6, 7, 9, 11]  # the rows with a non-zero advantage
 def spec(**kw) -> LossSpec:
     base = dict(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group", std_eps=1e-4,
                 temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=8)
-    return LossSpec(**{**base, **kw})
+    return loss_spec(**{**base, **kw})
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def test_options_build_their_objects():
     for name in options("dataset"):
         ds = compose("train", [f"dataset={name}"]).dataset
         if ds.kind == "arith" or data_folder_file(None, ds.name, "test"):  # the data folder: MGRPO_DATA_DIR
-            assert len(load_problems(ds, "test", limit=3).problems) == 3
+            assert len(load_problems(build.dataset_spec(ds), "test", limit=3).problems) == 3
 
 
 def test_defaults_are_the_papers_choices():

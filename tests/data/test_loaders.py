@@ -11,8 +11,15 @@ import pytest
 from conftest import DATA, compose
 from omegaconf import OmegaConf
 
+from mgrpo_cli.config import build
 from mgrpo_cli.config.schema import ArithConfig, DatasetConfig, FieldMap
-from mgrpo_cli.data.loaders import DataError, Loaded, load_problems
+from mgrpo_cli.data import loaders
+from mgrpo_cli.data.loaders import DataError, Loaded
+
+
+def load(dataset, split: str, **kw) -> Loaded:
+    """``loaders.load_problems`` of a ``DatasetConfig`` (or its node), made plain as the build layer does."""
+    return loaders.load_problems(build.dataset_spec(dataset), split, **kw)
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -46,14 +53,14 @@ MALFORMED = [
 def test_malformed_row_error_names_file_and_line(tmp_path, bad, reason):
     path = write_jsonl(tmp_path / "test.jsonl", [GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError) as info:
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
     assert str(info.value) == f"{path}:3: {reason}"
 
 
 def test_malformed_row_is_a_value_error(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", ["nope"])
     with pytest.raises(ValueError, match=r"test\.jsonl:1: bad JSON"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 @pytest.mark.parametrize("fmt,row,reason", [
@@ -76,7 +83,7 @@ def test_malformed_gold_per_format(tmp_path, fmt, row, reason):
              "final_answer": ["1"]}
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(first), json.dumps(row)])
     with pytest.raises(DataError) as info:
-        load_problems(file_cfg(path, fields=fields, answer_format=fmt), "test")
+        load(file_cfg(path, fields=fields, answer_format=fmt), "test")
     assert str(info.value) == f"{path}:2: {reason}"
 
 
@@ -84,7 +91,7 @@ def test_skip_mode_counts_and_logs_each_row(tmp_path, caplog):
     lines = [GOOD, "{oops", json.dumps({"answer": "3"}), GOOD, "[]", json.dumps({"question": "q", "answer": ""})]
     path = write_jsonl(tmp_path / "test.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="mgrpo_cli.data.loaders"):
-        loaded = load_problems(file_cfg(path, on_bad_row="skip"), "test")
+        loaded = load(file_cfg(path, on_bad_row="skip"), "test")
     assert isinstance(loaded, Loaded)
     assert loaded.skipped == 4
     assert [p.id for p in loaded.problems] == ["toy-test-1", "toy-test-4"]
@@ -99,19 +106,19 @@ def test_skip_mode_counts_and_logs_each_row(tmp_path, caplog):
 def test_blank_lines_are_ignored_but_keep_line_numbers(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [GOOD, "", "  ", "{bad"])
     with pytest.raises(DataError, match=r"test\.jsonl:4: bad JSON"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 def test_empty_file(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [])
     with pytest.raises(DataError, match=r"test\.jsonl: no rows"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 def test_all_rows_skipped(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", ["{", "["])
     with pytest.raises(DataError, match="no usable rows, all 2 skipped"):
-        load_problems(file_cfg(path, on_bad_row="skip"), "test")
+        load(file_cfg(path, on_bad_row="skip"), "test")
 
 
 # -------------------------------------------------------------------------- config and paths
@@ -120,38 +127,38 @@ def test_all_rows_skipped(tmp_path):
 def test_missing_file_names_key_and_path(tmp_path):
     cfg = file_cfg(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=r"dataset\.test_path: file not found: '.*nope\.jsonl'"):
-        load_problems(cfg, "test")
+        load(cfg, "test")
 
 
 def test_unset_split_path_and_no_data_folder_file(tmp_path):
     cfg = DatasetConfig(name="math500", kind="file", test_path="x.jsonl")
     want = rf"^dataset\.train_path is not set for math500, and there is no {tmp_path}/math500/train\.jsonl "
     with pytest.raises(DataError, match=want):
-        load_problems(cfg, "train", data_dir=tmp_path)
+        load(cfg, "train", data_dir=tmp_path)
 
 
 def test_relative_path_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "sets").mkdir()
     write_jsonl(tmp_path / "sets" / "t.jsonl", [GOOD])
     monkeypatch.chdir(tmp_path)
-    assert len(load_problems(file_cfg(Path("sets/t.jsonl")), "test").problems) == 1
+    assert len(load(file_cfg(Path("sets/t.jsonl")), "test").problems) == 1
     with pytest.raises(DataError, match=str(tmp_path / "other" / "t.jsonl")):
-        load_problems(file_cfg(Path("other/t.jsonl")), "test")
+        load(file_cfg(Path("other/t.jsonl")), "test")
 
 
 def test_bad_split_and_limit(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [GOOD])
     with pytest.raises(DataError, match="got 'valid'"):
-        load_problems(file_cfg(path), "valid")
+        load(file_cfg(path), "valid")
     with pytest.raises(DataError, match="limit must be >= 0, got -1"):
-        load_problems(file_cfg(path), "test", limit=-1)
+        load(file_cfg(path), "test", limit=-1)
 
 
 def test_unknown_suffix(tmp_path):
     path = tmp_path / "test.csv"
     path.write_text("question,answer\n")
     with pytest.raises(DataError, match=r"unknown file type '\.csv'"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 # ------------------------------------------------------------------------ data folder and Hub
@@ -160,17 +167,17 @@ def test_unknown_suffix(tmp_path):
 def test_data_folder_file_is_read_and_own_path_wins(tmp_path):
     write_jsonl((tmp_path / "toy").mkdir() or tmp_path / "toy" / "test.jsonl", [GOOD, GOOD])
     for kind in ("file", "hub"):  # hub: the file is there, the Hub (no hub_name here) is not asked
-        loaded = load_problems(DatasetConfig(name="toy", kind=kind), "test", data_dir=tmp_path)
+        loaded = load(DatasetConfig(name="toy", kind=kind), "test", data_dir=tmp_path)
         assert (len(loaded.problems), loaded.source) == (2, str(tmp_path / "toy" / "test.jsonl"))
     own = write_jsonl(tmp_path / "own.jsonl", [GOOD])
     cfg = DatasetConfig(name="toy", kind="hub", hub_name="org/none", test_path=str(own))
-    assert load_problems(cfg, "test", data_dir=tmp_path).source == str(own)
+    assert load(cfg, "test", data_dir=tmp_path).source == str(own)
 
 
 def test_data_folder_from_the_environment(tmp_path, monkeypatch):
     write_jsonl((tmp_path / "toy").mkdir() or tmp_path / "toy" / "test.jsonl", [GOOD])
     monkeypatch.setenv("MGRPO_DATA_DIR", str(tmp_path))
-    assert load_problems(DatasetConfig(name="toy", kind="file"), "test").source == str(tmp_path / "toy" / "test.jsonl")
+    assert load(DatasetConfig(name="toy", kind="file"), "test").source == str(tmp_path / "toy" / "test.jsonl")
 
 
 def hub_folder(root: Path, rows: list[dict], split: str = "test") -> Path:
@@ -189,7 +196,7 @@ def test_hub_split_is_written_once_to_the_data_folder(tmp_path):
     data = tmp_path / "data"
     cfg = DatasetConfig(name="toy", kind="hub", hub_name=str(hub), test_split="train", hub_rename={"q": "question"},
                         fields=FieldMap(question="question", answer="a"))
-    loaded = load_problems(cfg, "test", data_dir=data)
+    loaded = load(cfg, "test", data_dir=data)
     target = data / "toy" / "test.jsonl"
     assert loaded.source == str(target) and [p.answer for p in loaded.problems] == ["1", "2", "3", "4", "5"]
     assert loaded.problems[0].question == "0+1?" and loaded.problems[0].extra == {"tags": ["x", "y"]}
@@ -198,14 +205,14 @@ def test_hub_split_is_written_once_to_the_data_folder(tmp_path):
     assert sorted(p.name for p in (data / "toy").iterdir()) == ["test.jsonl"]  # no temporary file left
     # later runs read the file: the Hub set may be gone
     cfg.hub_name = str(tmp_path / "gone")
-    assert load_problems(cfg, "test", data_dir=data).problems == loaded.problems
+    assert load(cfg, "test", data_dir=data).problems == loaded.problems
 
 
 def test_hub_offline_is_one_line_naming_both_ways_out(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = DatasetConfig(name="gsm8k", kind="hub", hub_name="openai/gsm8k", hub_config="main")
     with pytest.raises(DataError) as e:
-        load_problems(cfg, "test", data_dir=tmp_path)
+        load(cfg, "test", data_dir=tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"dataset=gsm8k: no {tmp_path}/gsm8k/test.jsonl, and openai/gsm8k "
                                               "(config main, split test) could not be loaded (")
@@ -216,30 +223,30 @@ def test_hub_offline_is_one_line_naming_both_ways_out(tmp_path, monkeypatch):
 def test_hub_split_that_does_not_exist(tmp_path):
     cfg = DatasetConfig(name="m5", kind="hub", hub_name="org/m5", train_split=None)
     with pytest.raises(DataError, match=r"^dataset=m5: org/m5 has no train split \(dataset\.train_split is null\)"):
-        load_problems(cfg, "train", data_dir=tmp_path)
+        load(cfg, "train", data_dir=tmp_path)
 
 
 def test_hub_bad_rename_and_unwritable_data_folder(tmp_path):
     hub = hub_folder(tmp_path / "hub", [{"question": "1+1?", "answer": "2"}])
     cfg = DatasetConfig(name="toy", kind="hub", hub_name=str(hub), hub_rename={"nope": "question"})
     with pytest.raises(DataError, match=r"^dataset\.hub_rename=\{'nope': 'question'\}: "):
-        load_problems(cfg, "test", data_dir=tmp_path / "data")
+        load(cfg, "test", data_dir=tmp_path / "data")
     (tmp_path / "file").write_text("")  # a file where the data folder should be
     cfg.hub_rename = {}
     with pytest.raises(DataError, match=rf"^paths\.data={tmp_path}/file: cannot write .*give a writable data folder"):
-        load_problems(cfg, "test", data_dir=tmp_path / "file")
+        load(cfg, "test", data_dir=tmp_path / "file")
 
 
 def test_hub_without_datasets_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     cfg = DatasetConfig(name="gsm8k", kind="hub", hub_name="openai/gsm8k", hub_config="main")
     with pytest.raises(DataError, match="needs the 'datasets' package, which is not installed"):
-        load_problems(cfg, "test", data_dir=tmp_path)
+        load(cfg, "test", data_dir=tmp_path)
 
 
 def test_hub_name_unset(tmp_path):
     with pytest.raises(DataError, match=f"^dataset.hub_name is not set for x, and there is no {tmp_path}/x/test.jsonl"):
-        load_problems(DatasetConfig(name="x", kind="hub"), "test", data_dir=tmp_path)
+        load(DatasetConfig(name="x", kind="hub"), "test", data_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------ mapping and formats
@@ -254,7 +261,7 @@ def test_field_mapping_meta_and_ids(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
     fields = FieldMap(question="problem", answer="ans", solution="sol", subject="topic", level="lvl", id="uid")
     cfg = OmegaConf.structured(file_cfg(path, fields=fields))  # an OmegaConf node works as well
-    p1, p2, p3 = load_problems(cfg, "test").problems
+    p1, p2, p3 = load(cfg, "test").problems
     assert (p1.id, p1.question, p1.answer, p1.solution) == ("a/1", "p1", "7", "s")
     assert p1.meta == {"subject": "Algebra", "level": 3, "id": "a/1"}
     assert (p2.id, p2.answer, p2.solution, p2.meta) == ("toy-test-2", "x", None, {"level": 5})
@@ -266,7 +273,7 @@ def test_unmapped_fields_are_kept_as_extra(tmp_path):
     """Own reward functions get a row's other fields (``Problem.extra``) as read."""
     rows = [{"problem": "p1", "ans": 7, "hint": "add", "tags": ["a", "b"], "weight": 0.5}]
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
-    (p,) = load_problems(file_cfg(path, fields=FieldMap(question="problem", answer="ans")), "test").problems
+    (p,) = load(file_cfg(path, fields=FieldMap(question="problem", answer="ans")), "test").problems
     assert p.extra == {"hint": "add", "tags": ["a", "b"], "weight": 0.5}
 
 
@@ -282,7 +289,7 @@ def test_unmapped_fields_are_kept_as_extra(tmp_path):
 def test_list_gold(tmp_path, value, gold):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "final_answer": value})])
     cfg = file_cfg(path, fields=FieldMap(answer="final_answer"), answer_format="list")
-    assert load_problems(cfg, "test").problems[0].answer == gold
+    assert load(cfg, "test").problems[0].answer == gold
 
 
 def test_list_gold_length_cap(tmp_path):
@@ -290,7 +297,7 @@ def test_list_gold_length_cap(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "final_answer": value})])
     cfg = file_cfg(path, fields=FieldMap(answer="final_answer"), answer_format="list")
     with pytest.raises(DataError, match="is 5004 characters, over 4000"):
-        load_problems(cfg, "test")
+        load(cfg, "test")
 
 
 def test_boxed_prefers_answer_field(tmp_path):
@@ -299,26 +306,26 @@ def test_boxed_prefers_answer_field(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
     cfg = file_cfg(path, fields=FieldMap(question="problem", answer="answer", solution="solution"),
                    answer_format="boxed")
-    assert [p.answer for p in load_problems(cfg, "test").problems] == ["5", "x^{2}"]
+    assert [p.answer for p in load(cfg, "test").problems] == ["5", "x^{2}"]
 
 
 def test_gsm8k_gold_strips_commas(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q", "answer": "5*2=10\n#### 1,250"})])
     cfg = file_cfg(path, answer_format="gsm8k")
-    assert load_problems(cfg, "test").problems[0].answer == "1250"
+    assert load(cfg, "test").problems[0].answer == "1250"
 
 
 def test_limit_and_seeded_sample(tmp_path):
     lines = [json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(20)]
     path = write_jsonl(tmp_path / "test.jsonl", lines)
     cfg = file_cfg(path)
-    assert [p.answer for p in load_problems(cfg, "test", limit=3).problems] == ["0", "1", "2"]
-    a = [p.answer for p in load_problems(cfg, "test", limit=5, seed=1).problems]
-    b = [p.answer for p in load_problems(cfg, "test", limit=5, seed=1).problems]
-    c = [p.answer for p in load_problems(cfg, "test", limit=5, seed=2).problems]
+    assert [p.answer for p in load(cfg, "test", limit=3).problems] == ["0", "1", "2"]
+    a = [p.answer for p in load(cfg, "test", limit=5, seed=1).problems]
+    b = [p.answer for p in load(cfg, "test", limit=5, seed=1).problems]
+    c = [p.answer for p in load(cfg, "test", limit=5, seed=2).problems]
     assert a == b and a != c and len(a) == 5
     assert a == sorted(a, key=int)  # the sample keeps file order
-    assert len(load_problems(cfg, "test", limit=50).problems) == 20
+    assert len(load(cfg, "test", limit=50).problems) == 20
 
 
 def test_parquet_round_trip(tmp_path):
@@ -331,7 +338,7 @@ def test_parquet_round_trip(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     cfg = file_cfg(path, fields=FieldMap(question="problem", answer="final_answer", level="level", id="idx"),
                    answer_format="list")
-    loaded = load_problems(cfg, "test")
+    loaded = load(cfg, "test")
     assert [(p.id, p.question, p.answer, p.meta) for p in loaded.problems] == [
         ("10", "p1", "3", {"level": 2, "id": 10}),
         ("11", "p2", "a, b", {"level": 4, "id": 11}),
@@ -345,7 +352,7 @@ def test_parquet_missing_question_names_row(tmp_path):
     path = tmp_path / "test.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "1"}, {"question": None, "answer": "2"}]), path)
     with pytest.raises(DataError, match=r"test\.parquet:2: missing field 'question' \(dataset\.fields\.question=question\)$"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 # ------------------------------------------------------------------------------------- arith
@@ -353,21 +360,21 @@ def test_parquet_missing_question_names_row(tmp_path):
 
 def test_arith_splits():
     cfg = DatasetConfig(arith=ArithConfig(n_test=30, n_valid=10))
-    test, valid = load_problems(cfg, "test"), load_problems(cfg, "valid")
+    test, valid = load(cfg, "test"), load(cfg, "valid")
     assert (len(test.problems), len(valid.problems), test.source) == (30, 10, "arith:test")
     assert not {p.question for p in test.problems} & {p.question for p in valid.problems}
-    train = load_problems(cfg, "train", limit=50)
+    train = load(cfg, "train", limit=50)
     assert len(train.problems) == 50 and train.skipped == 0
     held_out = {p.question for p in test.problems + valid.problems}
     assert not held_out & {p.question for p in train.problems}
     # a seed moves the training stream, never the held-out sets
-    assert load_problems(cfg, "train", limit=5, seed=3).problems != train.problems[:5]
-    assert load_problems(OmegaConf.structured(cfg), "test").problems == test.problems
+    assert load(cfg, "train", limit=5, seed=3).problems != train.problems[:5]
+    assert load(OmegaConf.structured(cfg), "test").problems == test.problems
 
 
 def test_arith_bad_split():
     with pytest.raises(DataError, match="got 'dev'"):
-        load_problems(DatasetConfig(), "dev")
+        load(DatasetConfig(), "dev")
 
 
 # --------------------------------------------------------------------------- real data sets
@@ -394,7 +401,7 @@ def test_dataset_configs_name_their_hub_sets(name, hub):
 def test_math_from_the_hub_offline_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"^dataset=math: no .*, and DigitalLearningGmbH/MATH-lighteval \(config "
                                         r"default, split train\) could not be loaded"):
-        load_problems(compose_dataset("math"), "train", data_dir=tmp_path)
+        load(compose_dataset("math"), "train", data_dir=tmp_path)
 
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
@@ -417,7 +424,7 @@ def test_real_test_sets(name, n, first, tmp_path, monkeypatch):
         (tmp_path / "data" / "minerva").symlink_to(DATA / "minerva_math")
         monkeypatch.setenv("MGRPO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)  # the data folder is MGRPO_DATA_DIR, whatever the current folder
-    loaded = load_problems(compose_dataset(name), "test")
+    loaded = load(compose_dataset(name), "test")
     assert (len(loaded.problems), loaded.skipped) == (n, 0)
     p = loaded.problems[0]
     assert (p.answer, p.id, p.meta) == (first["answer"], first["id"], first["meta"])
@@ -428,17 +435,17 @@ def test_real_test_sets(name, n, first, tmp_path, monkeypatch):
 
 @needs_data
 def test_real_gsm8k_train_and_details():
-    gsm = load_problems(compose_dataset("gsm8k"), "train")
+    gsm = load(compose_dataset("gsm8k"), "train")
     assert len(gsm.problems) == 7473
     assert all(p.answer.lstrip("-").isdigit() for p in gsm.problems)  # commas stripped, integers
     assert "####" in gsm.problems[0].solution
     with pytest.raises(DataError, match="^dataset=minerva: math-ai/minervamath has no train split"):
-        load_problems(compose_dataset("minerva"), "train")
+        load(compose_dataset("minerva"), "train")
 
 
 @needs_data
 def test_real_olympiadbench_multiple_answers():
-    ob = {p.id: p for p in load_problems(compose_dataset("olympiadbench"), "test").problems}
+    ob = {p.id: p for p in load(compose_dataset("olympiadbench"), "test").problems}
     assert ob["1664"].answer == "69, 84"  # stored as ['$69$,$84$']
     assert ob["1606"].solution.startswith("Sergey can determine")
     assert not any("$" in p.answer for p in ob.values())
@@ -446,7 +453,7 @@ def test_real_olympiadbench_multiple_answers():
 
 @needs_data
 def test_real_math500_levels():
-    levels = {p.meta["level"] for p in load_problems(compose_dataset("math500"), "test").problems}
+    levels = {p.meta["level"] for p in load(compose_dataset("math500"), "test").problems}
     assert levels == {1, 2, 3, 4, 5}
 
 
@@ -454,7 +461,7 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b'{"question": "q", "answer": "1"}\n{"question": "\xff", "answer": "2"}\n')
     with pytest.raises(DataError, match=r"mixed\.jsonl:2: not UTF-8 text \(byte 0xff at column 15\)"):
-        load_problems(file_cfg(path), "test")
+        load(file_cfg(path), "test")
 
 
 def test_a_field_mapping_that_matches_no_field_names_the_mapping(tmp_path):
@@ -463,4 +470,4 @@ def test_a_field_mapping_that_matches_no_field_names_the_mapping(tmp_path):
     cfg = file_cfg(path, fields=FieldMap(question="question_text"))
     with pytest.raises(DataError, match=r"rows\.jsonl:1: missing field 'question_text' "
                                         r"\(dataset\.fields\.question=question_text; the row's fields: problem, answer\)$"):
-        load_problems(cfg, "test")
+        load(cfg, "test")
