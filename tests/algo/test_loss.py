@@ -357,6 +357,6 @@ def test_shared_prompt_gradients_are_the_same_at_every_repeat_on_two_threads(voc
         first = _logps_and_grads(model, ro, rows, share_prompts=True)[1]
         for _ in range(5):
             again = _logps_and_grads(model, ro, rows, share_prompts=True)[1]
-            assert all(torch.equal(a, b) for a, b in zip(again, first))
+            assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
     finally:
         torch.set_num_threads(threads)
