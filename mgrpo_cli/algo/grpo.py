@@ -559,18 +559,6 @@ def pass_normalizer(mask: torch.Tensor, loss_type: str, batch_norm: float, passe
     return float(max(mask.sum().item(), 1)) * max(passes, 1)
 
 
-def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, C) right-padded completions -> (B,) bool: rows whose last token is not EOS.
-
-    Sampling stops a row at EOS or at its token budget, so these are the rows cut off by the budget
-    (DAPO's overlong completions); an empty row is not truncated."""
-    lengths = completion_mask.sum(-1)
-    if completion_ids.shape[-1] == 0:
-        return torch.zeros_like(lengths, dtype=torch.bool)
-    last = completion_ids.gather(-1, (lengths - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lengths > 0) & (last != eos_token_id)
-
-
 def token_entropy(logits: torch.Tensor, chunk_rows: int = 8, grad: bool = False) -> torch.Tensor:
     """Entropy of each position's next-token distribution, (B, T, V) -> (B, T) float32 (float64 for
     float64 logits); with a gradient only when ``grad`` (the entropy bonus).

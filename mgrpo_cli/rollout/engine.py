@@ -25,7 +25,6 @@ from typing import Optional, Protocol
 
 import torch
 
-from mgrpo_cli.algo.grpo import truncated_rows
 from mgrpo_cli.rollout.decode import LeanDecoder, lean_supported
 
 
@@ -57,6 +56,18 @@ class Rollout:
         trimmed = trim_shared_padding(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                                       self.completion_mask[rows])
         return Rollout(*trimmed, [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+
+
+def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, C) right-padded completions -> (B,) bool: rows whose last token is not EOS.
+
+    Sampling stops a row at EOS or at its token budget, so these are the rows cut off by the budget
+    (DAPO's overlong completions); an empty row is not truncated."""
+    lengths = completion_mask.sum(-1)
+    if completion_ids.shape[-1] == 0:
+        return torch.zeros_like(lengths, dtype=torch.bool)
+    last = completion_ids.gather(-1, (lengths - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lengths > 0) & (last != eos_token_id)
 
 
 def trim_shared_padding(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mgrpo_cli.algo import grpo
+from mgrpo_cli.rollout.engine import truncated_rows
 
 NAN = float("nan")
 
@@ -184,9 +185,9 @@ def test_truncated_row_adds_nothing_to_the_loss():
     eos = 9
     ids = torch.tensor([[3, 9, 0], [4, 5, 6], [7, 8, 9], [1, 0, 0]])  # budget 3: row 1 ran out, row 2 ended on EOS
     cmask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])
-    truncated = grpo.truncated_rows(ids, cmask, eos)
+    truncated = truncated_rows(ids, cmask, eos)
     assert truncated.tolist() == [False, True, False, True]  # row 3: one token, no EOS
-    assert not grpo.truncated_rows(ids[:, :0], cmask[:, :0], eos).any()  # empty rows
+    assert not truncated_rows(ids[:, :0], cmask[:, :0], eos).any()  # empty rows
     logp = torch.full((4, 3), -1.0, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
     mask = cmask.float() * (~truncated).float().unsqueeze(-1)
