@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int | None:
     for arg in argv[2:]:  # Hydra makes the run folder before the command runs: check where it goes first
         key, _, value = arg.partition("=")
         if key in ("paths.outputs", "++paths.outputs") and value and "," not in value:
-            from mgrpo_cli.config.build import check_writable
             from mgrpo_cli.config.errors import UserError
+            from mgrpo_cli.config.rules import check_writable
 
             try:
                 check_writable(value, "paths.outputs")

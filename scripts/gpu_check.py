@@ -481,9 +481,9 @@ def time_steps(cfg, steps: int, device, cudnn_sdp: bool) -> dict:
     import lightning as L
     import torch
 
-    from mgrpo_cli.config import build
+    from mgrpo_cli.config import build, rules
 
-    build.check(cfg, "train")
+    rules.check(cfg, "train")
     build.setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, cuDNN attention off on CUDA
     if cudnn_sdp and device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(True)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from mgrpo_cli.config import build
+from mgrpo_cli.config import build, rules
 from mgrpo_cli.config.errors import UserError, run_command
 from mgrpo_cli.config.schema import conf_dir, register_configs
 
@@ -166,7 +166,7 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    build.check(cfg, "eval")
+    rules.check(cfg, "eval")
     build.setup_runtime(cfg)
     from mgrpo_cli.data.models import device_for, export
     from mgrpo_cli.reporting.tracking import run_resources

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from mgrpo_cli.config import build
+from mgrpo_cli.config import build, rules
 from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError, one_line, run_command
 from mgrpo_cli.config.schema import conf_dir, register_configs
 from mgrpo_cli.training import resume
@@ -110,7 +110,7 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
     (``lifecycle.StopRequests``), ended it early)."""
     from mgrpo_cli.training import lifecycle
 
-    build.check(cfg, "train")
+    rules.check(cfg, "train")
     build.setup_runtime(cfg)
     from mgrpo_cli.training.distributed import weight_checksums_callback
 

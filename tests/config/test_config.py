@@ -125,12 +125,12 @@ BAD_COMBINATIONS = [
 
 @pytest.mark.parametrize("overrides,message", BAD_COMBINATIONS, ids=[" ".join(o) for o, _ in BAD_COMBINATIONS])
 def test_impossible_loss_combinations_are_one_line_errors(tmp_path, overrides, message):
-    from mgrpo_cli.config import build
+    from mgrpo_cli.config import rules
     from mgrpo_cli.config.errors import UserError
 
     cfg = compose("train", [f"paths.outputs={tmp_path}", *overrides])
     with pytest.raises(UserError) as err:
-        build.check(cfg)
+        rules.check(cfg)
     text = str(err.value)
     assert "\n" not in text and message in text, text
 

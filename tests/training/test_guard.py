@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mgrpo_cli.config import build
+from mgrpo_cli.config import rules
 from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.training.guard import NonFiniteGuard, finite, grads_finite
 
@@ -48,4 +48,4 @@ def test_guard_limit_zero_never_stops_and_negative_is_refused(small_cfg):
         guard.observe(False)
     assert not guard.exhausted and guard.total == 10
     with pytest.raises(UserError, match=r"^trainer.max_nonfinite_steps=-1: "):
-        build.check(small_cfg("trainer.max_nonfinite_steps=-1"))
+        rules.check(small_cfg("trainer.max_nonfinite_steps=-1"))

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from mgrpo_cli.config import build
+from mgrpo_cli.config import build, rules
 from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.grading.grader import Grader
 from mgrpo_cli.grading.rewards import Scored
@@ -377,7 +377,7 @@ def test_each_2026_option_trains_a_debug_step_on_every_layer(small_cfg, options,
     """A debug-size step per option, with the policy built as mgrpo train builds it (build.policy):
     the weights move and every layer's metrics, the option's own included, come out finite."""
     cfg = small_cfg(f"layer={layer}", "layer.select=all", "model.max_completion_length=6", *options)
-    build.check(cfg)
+    rules.check(cfg)
     reward = TermsReward()
     policy, tok, _ = build.policy(cfg)
     module = build.module(cfg, policy, tok, reward)
@@ -412,7 +412,7 @@ def test_adaptive_entropy_and_the_synced_reference_are_steered_and_survive_a_che
     cfg = small_cfg("model.max_completion_length=6", "grpo.use_adaptive_entropy=true", "grpo.entropy_target=9.0",
                     "grpo.entropy_coef=0.01", "grpo.entropy_coef_delta=0.005", "grpo.sync_ref_model=true",
                     "grpo.beta=0.1", "grpo.ref_model_sync_steps=1")
-    build.check(cfg)
+    rules.check(cfg)
     applied = []
 
     class Spy(L.Callback):
