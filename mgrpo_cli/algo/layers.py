@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from mgrpo_cli.algo import grpo
+from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.algo.loss import LossSpec
 from mgrpo_cli.data.problems import Problem
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, concat_rollouts
@@ -215,7 +215,7 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
         "reward_mean": rewards[valid].mean().item() if valid.any() else 0.0,
         "reward_std": rewards[valid].std().item() if valid.sum() > 1 else 0.0,
         "accuracy": sum(1 for c in correct if c) / max(len(correct), 1),
-        "zero_variance_groups": grpo.zero_variance_share(rewards) if rewards.numel() else 0.0,
+        "zero_variance_groups": advantage.zero_variance_share(rewards) if rewards.numel() else 0.0,
         **grpo.length_stats(rollout.lengths.cpu(), rollout.truncated.cpu()),
         "num_tokens": float(rollout.prompt_mask.sum().item() + rollout.completion_mask.sum().item()),
         # as sampling computes them: each group's prompt once (prefilled once, its cache shared)
@@ -266,18 +266,18 @@ def fill_layer(run: Callable[[list[LayerInput]], LayerResult], inputs: list[Laye
                draw: Callable[[int, int], list[LayerInput]], spec: LayerSpec, loss: LossSpec,
                pad_token_id: int = 0) -> Sampled:
     """DAPO's dynamic sampling for one layer: ``run`` the inputs, keep the groups whose rewards vary
-    (``grpo.varied_groups``) and, while fewer than ``len(inputs)`` are kept and fewer than
+    (``advantage.varied_groups``) and, while fewer than ``len(inputs)`` are kept and fewer than
     ``spec.max_sampling_rounds`` rollouts were made, ``draw(k, round)`` k more inputs and run them.
     The first ``len(inputs)`` kept groups are trained on; a draw that comes back empty ends the search."""
     target = len(inputs)
     rounds = [run(inputs)]
-    kept = [grpo.varied_groups(rounds[0].rewards).nonzero().squeeze(-1).tolist()]
+    kept = [advantage.varied_groups(rounds[0].rewards).nonzero().squeeze(-1).tolist()]
     while sum(map(len, kept)) < target and len(rounds) < spec.max_sampling_rounds:
         more = draw(target - sum(map(len, kept)), len(rounds))
         if not more:
             break
         rounds.append(run(more))
-        kept.append(grpo.varied_groups(rounds[-1].rewards).nonzero().squeeze(-1).tolist())
+        kept.append(advantage.varied_groups(rounds[-1].rewards).nonzero().squeeze(-1).tolist())
     budget, trimmed = target, []
     for g in kept:  # DAPO keeps exactly the batch size: extra groups of the last round are not trained on
         trimmed.append(g[:budget])

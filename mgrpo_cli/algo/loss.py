@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from mgrpo_cli.algo import grpo
+from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.data.models import Fp32Head, base_model
 from mgrpo_cli.rollout.engine import Rollout, trim_shared_padding
 
@@ -32,7 +32,7 @@ class LossSpec:
     epsilon: float  # clip range below 1
     epsilon_high: float  # clip range above 1
     loss_type: str  # grpo.LOSS_TYPES: the policy term and its aggregation (grpo.sequence_terms / grpo.loss_normalizer)
-    scale_rewards: str  # group | batch | none (grpo.group_advantages)
+    scale_rewards: str  # group | batch | none (advantage.group_advantages)
     std_eps: float
     temperature: float  # sampling temperature; log-probs are taken at the same temperature
     top_p: float
@@ -49,7 +49,7 @@ class LossSpec:
     sapo_temperature_pos: float
     sapo_temperature_neg: float
     vespo: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
-    adv_estimator: str  # grpo.ADV_ESTIMATORS
+    adv_estimator: str  # advantage.ADV_ESTIMATORS
     multi_objective_aggregation: str  # sum_then_normalize | normalize_then_sum (GDPO)
     off_policy_mask_threshold: Optional[float]  # DeepSeek-V3.2's off-policy sequence mask; None = off
     bias_correction_kl: bool  # the KL term times the ratio
@@ -66,7 +66,7 @@ class LossSpec:
     # the per-token loss of the choices above, made once
     objective: grpo.PolicyLoss = field(init=False, repr=False, compare=False)
     # rewards -> advantages of the estimator and aggregation above, made once
-    advantages: grpo.Advantages = field(init=False, repr=False, compare=False)
+    advantages: advantage.Advantages = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objective", grpo.policy_loss(
@@ -74,7 +74,7 @@ class LossSpec:
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             vespo=self.vespo, off_policy_threshold=self.off_policy_mask_threshold,
             bias_correction_kl=self.bias_correction_kl))
-        object.__setattr__(self, "advantages", grpo.advantage_fn(
+        object.__setattr__(self, "advantages", advantage.advantage_fn(
             self.adv_estimator, self.scale_rewards, self.std_eps, self.multi_objective_aggregation))
 
     @property

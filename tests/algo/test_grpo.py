@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mgrpo_cli.algo import grpo
+from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.rollout.engine import truncated_rows
 
 NAN = float("nan")
@@ -12,7 +12,7 @@ NAN = float("nan")
 
 def test_group_advantages_hand_computed():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    adv = grpo.group_advantages(r, "group", eps=0.0)
+    adv = advantage.group_advantages(r, "group", eps=0.0)
     # group 1: mean 0.5, unbiased std sqrt(1/3)
     s1 = math.sqrt(1 / 3)
     assert torch.allclose(adv[0], torch.tensor([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1]))
@@ -22,9 +22,9 @@ def test_group_advantages_hand_computed():
 
 def test_zero_variance_group_gets_zero_advantage():
     r = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    adv = grpo.group_advantages(r, "group")
+    adv = advantage.group_advantages(r, "group")
     assert torch.equal(adv[0], torch.zeros(3)) and torch.equal(adv[1], torch.zeros(3))
-    assert grpo.zero_variance_share(r) == pytest.approx(2 / 3)
+    assert advantage.zero_variance_share(r) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,7 +35,7 @@ def test_flat_groups_of_any_reward_value_get_exactly_zero(dtype, scale, eps):
     r = torch.tensor([[0.1] * 8, [1.1] * 8, [0.3, NAN, 0.3, 0.3, NAN, 0.3, 0.3, 0.3],
                       [2.7, NAN, NAN, NAN, NAN, NAN, NAN, NAN], [1.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]],
                      dtype=dtype)
-    adv = grpo.group_advantages(r, scale, eps=eps)
+    adv = advantage.group_advantages(r, scale, eps=eps)
     assert adv.dtype == dtype
     assert torch.equal(adv[:4], torch.zeros(4, 8, dtype=dtype))  # exactly 0, never NaN
     # the one group with a spread: mean 0.225, deviations 0.875 and -0.125, unbiased std sqrt(0.125)
@@ -51,27 +51,27 @@ def test_flat_groups_of_any_reward_value_get_exactly_zero(dtype, scale, eps):
 
 def test_only_flat_groups_with_zero_eps_are_zero_not_nan():
     for scale in ("group", "batch", "none"):
-        adv = grpo.group_advantages(torch.tensor([[0.1, 0.1], [0.1, 0.1]]), scale, eps=0.0)
+        adv = advantage.group_advantages(torch.tensor([[0.1, 0.1], [0.1, 0.1]]), scale, eps=0.0)
         assert torch.equal(adv, torch.zeros(2, 2))
 
 
 def test_ungradable_left_out_of_group_statistics():
     r = torch.tensor([[1.0, NAN, 0.0]])
-    adv = grpo.group_advantages(r, "group", eps=0.0)
+    adv = advantage.group_advantages(r, "group", eps=0.0)
     s = math.sqrt(0.5)  # unbiased std of (1, 0)
     assert torch.allclose(adv, torch.tensor([[0.5 / s, 0.0, -0.5 / s]]))
-    assert grpo.zero_variance_share(torch.tensor([[1.0, NAN, NAN]])) == 1.0
+    assert advantage.zero_variance_share(torch.tensor([[1.0, NAN, NAN]])) == 1.0
 
 
 def test_batch_and_no_scaling():
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    none = grpo.group_advantages(r, "none")
+    none = advantage.group_advantages(r, "none")
     assert torch.allclose(none, torch.tensor([[0.5, -0.5], [0.0, 0.0]]))
-    batch = grpo.group_advantages(r, "batch", eps=0.0)
+    batch = advantage.group_advantages(r, "batch", eps=0.0)
     std = torch.tensor([1.0, 0.0, 1.0, 1.0]).std()
     assert torch.allclose(batch, none / std)
     with pytest.raises(ValueError, match="scale_rewards"):
-        grpo.group_advantages(r, "groups")
+        advantage.group_advantages(r, "groups")
 
 
 def test_k3_kl_values():
@@ -233,7 +233,7 @@ def test_length_stats():
 
 def test_varied_groups():
     r = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, NAN, NAN], [1.0, NAN, 0.0]])
-    assert grpo.varied_groups(r).tolist() == [False, True, False, True]
+    assert advantage.varied_groups(r).tolist() == [False, True, False, True]
 
 
 def test_loss_aggregation_variants_on_masks():
@@ -249,7 +249,7 @@ def test_loss_aggregation_variants_on_masks():
     from mgrpo_cli.config.schema import AdvEstimator, LossType
 
     assert set(grpo.LOSS_TYPES) == {t.value for t in LossType}  # the schema's closed sets
-    assert set(grpo.ADV_ESTIMATORS) == {e.value for e in AdvEstimator}
+    assert set(advantage.ADV_ESTIMATORS) == {e.value for e in AdvEstimator}
 
 
 def _batch_loss(logp, adv, mask, **kw):
@@ -571,20 +571,20 @@ def test_bnpo_is_dapo_on_one_batch_and_the_mean_of_micro_batch_token_means():
 
 def test_rloo_baseline_leaves_the_sample_out():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, NAN, 0.0, 0.5], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
-    adv = grpo.rloo_advantages(r)
+    adv = advantage.rloo_advantages(r)
     # group 1: A_0 = 1 - mean(0, 0, 1) = 2/3, A_1 = 0 - mean(1, 0, 1) = -2/3
     torch.testing.assert_close(adv[0], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3], dtype=torch.float64))
     # group 2: the ungradable reward is in no baseline: A_0 = 1 - mean(0, 0.5) = 0.75
     torch.testing.assert_close(adv[1], torch.tensor([0.75, 0.0, -0.75, 0.0], dtype=torch.float64))
     assert torch.equal(adv[2], torch.zeros(4, dtype=torch.float64))  # flat: exactly 0
     # = n / (n - 1) * (r - mean): the group estimator without scaling, times n / (n - 1)
-    torch.testing.assert_close(adv[0], grpo.group_advantages(r[:1], "none")[0] * 4 / 3)
+    torch.testing.assert_close(adv[0], advantage.group_advantages(r[:1], "none")[0] * 4 / 3)
 
 
 def test_reinforce_plus_plus_baseline_whitens_over_the_batch_tokens():
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     lengths = torch.tensor([[2, 1], [3, 3], [1, 1]])
-    adv = grpo.reinforce_plus_plus_baseline_advantages(r, lengths, eps=0.0)
+    adv = advantage.reinforce_plus_plus_baseline_advantages(r, lengths, eps=0.0)
     centred = [0.5, -0.5, 0.0, 0.0, -0.5, 0.5]  # r - group mean
     weights = [2, 1, 3, 3, 1, 1]
     tokens = [c for c, w in zip(centred, weights, strict=True) for _ in range(w)]
@@ -598,31 +598,31 @@ def test_reinforce_plus_plus_baseline_whitens_over_the_batch_tokens():
 def test_estimators_are_chosen_once_by_name():
     r = torch.tensor([[1.0, 0.0, 0.0]])
     lengths = torch.tensor([[3, 1, 2]])
-    assert torch.equal(grpo.advantage_fn("rloo")(r, lengths), grpo.rloo_advantages(r))
-    assert torch.equal(grpo.advantage_fn("grpo", "none")(r, lengths), grpo.group_advantages(r, "none"))
-    assert torch.equal(grpo.advantage_fn("reinforce_plus_plus_baseline")(r, lengths),
-                       grpo.reinforce_plus_plus_baseline_advantages(r, lengths))
+    assert torch.equal(advantage.advantage_fn("rloo")(r, lengths), advantage.rloo_advantages(r))
+    assert torch.equal(advantage.advantage_fn("grpo", "none")(r, lengths), advantage.group_advantages(r, "none"))
+    assert torch.equal(advantage.advantage_fn("reinforce_plus_plus_baseline")(r, lengths),
+                       advantage.reinforce_plus_plus_baseline_advantages(r, lengths))
     with pytest.raises(ValueError, match="adv_estimator"):
-        grpo.advantage_fn("ppo")
+        advantage.advantage_fn("ppo")
 
 
 def test_normalize_then_sum_normalises_each_term_in_its_group():
     # 2 groups of 2, terms (accuracy, format) with weights (1, 0.5)
     terms = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
     weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    adv = grpo.decoupled_advantages(terms, weights, eps=0.0)
+    adv = advantage.decoupled_advantages(terms, weights, eps=0.0)
     s = 1 / math.sqrt(0.5)  # a group (1, 0): deviations +-0.5 over an unbiased std sqrt(0.5)
     summed = torch.tensor([0.5 * s * 1.5, -0.5 * s * 1.5, -0.5 * s * 0.5, 0.5 * s * 0.5], dtype=torch.float64)
     expected = (summed - summed.mean()) / summed.std()
     torch.testing.assert_close(adv.flatten(), expected, rtol=1e-12, atol=1e-12)
     # sum_then_normalize of the same rewards differs: the 0.5-weight format term is not scaled up
-    plain = grpo.group_advantages((terms * weights).sum(-1), "group", eps=0.0)
+    plain = advantage.group_advantages((terms * weights).sum(-1), "group", eps=0.0)
     assert not torch.allclose(plain.flatten(), expected)
     # an ungradable term: that completion gets 0 and is in no statistic
     terms[0, 1, 1] = NAN
-    adv = grpo.decoupled_advantages(terms, weights, eps=0.0)
+    adv = advantage.decoupled_advantages(terms, weights, eps=0.0)
     assert adv[0].tolist() == [0.0, 0.0]  # group 1 has one gradable completion left: flat
-    f = grpo.advantage_fn(eps=0.0, aggregation="normalize_then_sum")
+    f = advantage.advantage_fn(eps=0.0, aggregation="normalize_then_sum")
     assert f.decoupled and torch.equal(f(terms.sum(-1), torch.ones(2, 2), terms, weights), adv)
 
 

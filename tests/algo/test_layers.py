@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import loss_spec
 
-from mgrpo_cli.algo import grpo
+from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.algo.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
 from mgrpo_cli.algo.loss import micro_batches
 from mgrpo_cli.config import build
@@ -92,7 +92,7 @@ def test_micro_batches_cover_every_row_once_under_the_budget():
 def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(loss_type, monkeypatch):
     from omegaconf import OmegaConf
 
-    from mgrpo_cli.algo import grpo, loss
+    from mgrpo_cli.algo import loss
     from mgrpo_cli.algo.loss import (
         completion_logps,
         completion_logps_and_entropy,
@@ -133,7 +133,7 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
 def test_improvement_bonus_is_a_per_group_constant_that_group_scaling_removes():
     """A layer-2 group holds the H corrections of ONE input, so every row shares ``prev``: the bonus
     is affine within the group. Group scaling removes it; no scaling doubles the advantages."""
-    from mgrpo_cli.algo.grpo import group_advantages
+    from mgrpo_cli.algo.advantage import group_advantages
 
     correct = [T, F, T, T, F, F, T, F]  # two groups of H = 4
     prev = [T] * 4 + [F] * 4
@@ -156,7 +156,7 @@ def _fake_result(inputs, rewards, n=2):
     ids = torch.arange(b).unsqueeze(-1) + 1
     ro = Rollout(ids, torch.ones_like(ids), ids, torch.ones_like(ids), [f"r{x.problem}.{i}" for x in inputs for i in range(n)], n)
     r = torch.tensor(rewards, dtype=torch.float32).view(-1, n)
-    return LayerResult(inputs, ro, [bool(v) for v in r.reshape(-1).tolist()], r, grpo.group_advantages(r))
+    return LayerResult(inputs, ro, [bool(v) for v in r.reshape(-1).tolist()], r, advantage.group_advantages(r))
 
 
 def _spec(**kw):
@@ -192,7 +192,7 @@ def test_fill_layer_drops_zero_variance_groups_and_refills():
     # round 4 draws 1 (9): kept -> full
     assert drawn == [2, 2, 1, 1] and [x.problem for x in out.train.inputs] == [0, 3, 6, 9]
     assert out.metrics["sampling_rounds"] == 5.0 and out.metrics["kept_share"] == pytest.approx(4 / 10)
-    assert grpo.varied_groups(out.train.rewards).all() and out.train.rollout.texts[:2] == ["r0.0", "r0.1"]
+    assert advantage.varied_groups(out.train.rewards).all() and out.train.rollout.texts[:2] == ["r0.0", "r0.1"]
     assert out.metrics["groups"] == 10.0  # the metrics describe every rollout made
     # the round limit: what was kept is trained on, however few
     few = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=1), _loss())
