@@ -412,6 +412,7 @@ def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1, logger=logger or False,
+        deterministic=t.deterministic,
         callbacks=[ckpt, StepProgressBar(), *(callbacks or [])], enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False)
 

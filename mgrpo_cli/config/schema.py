@@ -285,6 +285,9 @@ class TrainerConfig:
     max_time: Optional[str] = None  # "DD:HH:MM:SS"
     val_every: int = 50
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
+    # torch.use_deterministic_algorithms (Lightning's Trainer(deterministic=True)): bit-exact resume on GPU,
+    # at the cost of slower deterministic kernels (docs/resume.md); CPU runs are exact without it
+    deterministic: bool = False
     checkpoint_every: int = 100
     # also write checkpoints/last.ckpt after any step ending this many minutes after the last checkpoint
     checkpoint_every_minutes: Optional[float] = None
