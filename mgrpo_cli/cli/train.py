@@ -235,7 +235,11 @@ def main() -> None:
     folder (one line and exit 2 when it cannot be resumed), then Hydra runs the task."""
     try:
         sys.argv = [sys.argv[0], *resume.prepare_argv(sys.argv[1:])]
+        shown = resume.show_config(sys.argv[1:])  # resume=<run> --cfg job: the run's config, not the defaults
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    if shown is not None:
+        print(shown, end="")
+        return
     _hydra_main()

@@ -67,6 +67,28 @@ def prepare_argv(args: list[str]) -> list[str]:
     return [*args, f'hydra.run.dir="{folder}"', "hydra.output_subdir=null"]
 
 
+def show_config(args: list[str]) -> Optional[str]:
+    """For ``resume=<run> --cfg job|hydra|all`` (``-c``): what the resumed run will use, as YAML (the run's
+    saved config with the safe overrides given, nothing saved); None for any other command line."""
+    from omegaconf import OmegaConf
+
+    given = [a for a in args if "=" in a and not a.startswith("-") and key_of(a) == "resume"]
+    which = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--cfg", "-c")), None)
+    if not given or which is None:
+        return None
+    value = given[-1].split("=", 1)[1].strip("'\"")
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and key_of(a) in SAFE_OVERRIDES]
+    cfg = OmegaConf.from_dotlist([*overrides, f"resume={value}"])
+    parts = []
+    if which in ("job", "all"):
+        parts.append(OmegaConf.to_yaml(resumed_config(cfg, overrides, is_global_zero=False)))
+    if which in ("hydra", "all"):
+        parts.append(OmegaConf.to_yaml(OmegaConf.load(Path(value).expanduser() / ".hydra" / "hydra.yaml")))
+    if not parts:
+        raise UserError(f"--cfg {which}: expected job, hydra or all")
+    return "\n".join(parts)
+
+
 def _relative_paths(cfg: Any, started_in: Path) -> list[str]:
     """``key=value`` of the config's paths that are relative to ``started_in`` (and exist there)."""
     from omegaconf import OmegaConf

@@ -201,3 +201,13 @@ def test_two_rank_ddp_run_stopped_and_resumed_is_the_uninterrupted_run(ddp_refer
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_run(ddp_reference, tmp_path)
     assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in the run's folder both times
+
+
+def test_cfg_job_with_resume_prints_the_runs_config(reference):
+    run = reference / "run"
+    saved = (run / ".hydra" / "config.yaml").read_text()
+    res = run_cli("train", f"resume={run}", "trainer.max_steps=40", "--cfg", "job")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "num_generations: 8" in res.stdout and "max_completion_length: 32" in res.stdout  # the run's, not the defaults
+    assert "max_steps: 40" in res.stdout and f"ckpt_path: {run.resolve() / 'checkpoints' / 'last.ckpt'}" in res.stdout
+    assert (run / ".hydra" / "config.yaml").read_text() == saved  # shown, not saved
