@@ -1,6 +1,6 @@
 """Decode speed on the CPU: this tree's ``sample`` against the one of another git revision, alternated.
 
-Both sides load ``mgrpo_cli/rollout.py`` and ``mgrpo_cli/decode.py`` as module copies in one process
+Both sides load ``mgrpo_cli/rollout/engine.py`` and ``mgrpo_cli/rollout/decode.py`` as module copies in one process
 (the other revision's through ``git show``), so they run on the same model with the same load from
 other work. The model is the shipped warm start (fp32, one thread): 8 prompts x 8 samples at
 temperature 1, either as a training step's rollout (32 new tokens, stopping at EOS) or without EOS

@@ -179,7 +179,7 @@ def _saved_start(checkpoint: str) -> dict[str, float]:
 
 
 def export_policy(cfg: Any, policy, tok, folder: Path, is_global_zero: bool, start_from: Optional[str]) -> None:
-    """Rank 0 saves the policy (``modeling.export``; LoRA merged unless ``lora.export=adapter``).
+    """Rank 0 saves the policy (``data.models.export``; LoRA merged unless ``lora.export=adapter``).
 
     A sharded policy (trainer=fsdp) is gathered first, with every rank taking part, into a fresh
     unsharded copy on rank 0's CPU.

@@ -1,4 +1,4 @@
-"""A layer's loss (mgrpo_cli/loss.py): completion_logps through the chunked lm_head path gives the
+"""A layer's loss (mgrpo_cli/algo/loss.py): completion_logps through the chunked lm_head path gives the
 whole-logits path's log-probs, gradients and entropies; on the tiny model one update equals the plain
 batch loss, a second update against stored log-probs clips, truncated completions and low-entropy
 tokens leave the loss, the sequence-level ratio, the cached reference, token counts."""

@@ -1,4 +1,4 @@
-"""The MLflow run logger (mgrpo_cli/tracking.py) against a SQLite tracking store in a temporary folder."""
+"""The MLflow run logger (mgrpo_cli/reporting/tracking.py) against a SQLite tracking store in a temporary folder."""
 import mlflow
 
 from mgrpo_cli.reporting.tracking import RunLogger

@@ -1,4 +1,4 @@
-"""The non-finite step guard (mgrpo_cli/guard.py): which steps are skipped, when the run stops."""
+"""The non-finite step guard (mgrpo_cli/training/guard.py): which steps are skipped, when the run stops."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Status file and stop signals (mgrpo_cli/lifecycle.py); the end-to-end runs are in test_resume.py."""
+"""Status file and stop signals (mgrpo_cli/training/lifecycle.py); the end-to-end runs are in test_resume.py."""
 import json
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Exact resume and preemption through the real CLI (mgrpo_cli/resume.py, lifecycle.py, train.py).
+"""Exact resume and preemption through the real CLI (mgrpo_cli/training/resume.py, training/lifecycle.py, cli/train.py).
 
 A small run whose weights really change (one-digit answers graded with the last-number fallback,
 as in test_ddp: about one completion in ten is right, so groups have reward variance) is trained

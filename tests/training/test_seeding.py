@@ -1,4 +1,4 @@
-"""Per-step seeding (mgrpo_cli/seeding.py): a step's draws depend on (seed, step, rank) only."""
+"""Per-step seeding (mgrpo_cli/training/seeding.py): a step's draws depend on (seed, step, rank) only."""
 import random
 
 import numpy as np
