@@ -161,6 +161,22 @@ class RunLogger:
             columns = {key: [row.get(key) for row in rows] for key in rows[0]}
             self.logger.experiment.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
+    def read_table(self, artifact_file: str) -> list[dict[str, Any]]:
+        """The rows of the run's MLflow table ``artifact_file`` so far ([] when there is none yet)."""
+        import json
+        import tempfile
+
+        if not self.is_global_zero:
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.logger.experiment.download_artifacts(self.run_id, artifact_file, tmp)
+            except Exception:  # MLflow raises several types for an artifact that does not exist
+                return []
+            data = json.loads(Path(path).read_text())
+        columns = data.get("columns", [])
+        return [dict(zip(columns, row, strict=True)) for row in data.get("data", [])]
+
     def log_folder(self, folder: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.is_global_zero:
             self.logger.experiment.log_artifacts(self.run_id, str(folder), artifact_path)

@@ -42,10 +42,20 @@ class SamplesTable(L.Callback):
 
     def __init__(self, run_logger: Any, every: int, n: int):
         self.run_logger, self.every, self.n = run_logger, every, n
+        self.logged_through = -1  # the last step the table holds (a resumed run's earlier legs)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A run resumed after a SIGKILL does again the steps after its checkpoint; the killed leg already
+        # appended their rows, and a resumed run repeats them exactly: keep the table's rows once.
+        if trainer.global_step > 0:
+            steps = [row.get("step", -1) for row in self.run_logger.read_table("samples.json")]
+            self.logged_through = max(steps, default=-1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trained = pl_module.trained
         if trained is None or (pl_module.batches_done - 1) % self.every != 0:
+            return
+        if trainer.global_step <= self.logged_through:
             return
         rows = sample_rows(trained, trainer.global_step, self.n)
         if rows:

@@ -14,8 +14,11 @@ from tests.training.test_module import ParityReward, _module
 class Recorder:
     """A stand-in for tracking.RunLogger: remembers the tables and files it is given."""
 
-    def __init__(self):
-        self.tables, self.files = [], []
+    def __init__(self, logged=()):
+        self.tables, self.files, self.logged = [], [], list(logged)
+
+    def read_table(self, artifact_file):
+        return self.logged if artifact_file == "samples.json" else []
 
     def log_table(self, rows, artifact_file):
         self.tables.append((artifact_file, rows))
@@ -48,6 +51,22 @@ def test_samples_table_appends_every_nth_steps_completions(small_cfg):
     assert rows[0]["turns"] == [] and len(rows[3]["turns"]) == 1
     assert rows[0]["reward"] in (0.0, 1.0) and isinstance(rows[0]["completion"], str)
     assert recorder.tables[1][1][0]["step"] > rows[0]["step"]
+
+
+def test_a_resumed_run_does_not_append_the_killed_legs_steps_again(small_cfg, tmp_path):
+    """Checkpoint at step 1, the killed leg logged steps 1 and 2: the resumed run redoes step 2 and adds step 3."""
+    cfg = _cfg(small_cfg)
+    reward = ParityReward()
+    module, train_dl = _module(cfg, reward)
+    trainer = _trainer(1, [])
+    trainer.fit(module, train_dataloaders=train_dl)
+    trainer.save_checkpoint(tmp_path / "step1.ckpt")
+    recorder = Recorder(logged=[{"step": 1}, {"step": 2}])
+    module, train_dl = _module(cfg, reward)
+    _trainer(3, [SamplesTable(recorder, every=1, n=2)], limit_val_batches=0).fit(
+        module, train_dataloaders=train_dl, ckpt_path=tmp_path / "step1.ckpt")
+    reward.grader.close()
+    assert [{r["step"] for r in rows} for _, rows in recorder.tables] == [{3}]
 
 
 def test_heldout_files_write_each_validations_rows_and_log_them(small_cfg, tmp_path):
