@@ -130,6 +130,11 @@ class Grader:
         with self._lock:
             self._worker.close()
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The math-verify worker's process id while one runs (for monitoring), else None."""
+        return self._worker.pid
+
     def stats(self) -> dict[str, int]:
         return dict(self._total)
 

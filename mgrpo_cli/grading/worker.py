@@ -93,6 +93,11 @@ class Worker:
         self._started_once = False  # a worker has been ready before: failing to restart is not fatal
         self.restarts = 0
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id while one runs (started and not yet seen to end), else None."""
+        return None if self._proc is None else self._proc.pid
+
     def _start(self) -> None:
         # A plain `python -c` child that loads this file by path: unlike multiprocessing's spawn, it
         # never re-imports the caller's __main__ (scripts without a main guard, notebooks) nor the

@@ -253,64 +253,68 @@ def test_hard_limit_kills_a_stuck_worker_off_the_main_thread(monkeypatch):
     assert (stats["grader_timeout"], stats["worker_restarts"]) == (1, 1)
 
 
-class _KillOnSend:
-    """A worker connection whose next send SIGKILLs the worker with the jobs in flight: the worker is
-    stopped first, so it dies before answering any of them."""
-
-    def __init__(self, worker) -> None:
-        self.worker, self.conn = worker, worker._conn
-
-    def send(self, jobs) -> None:
-        pid = self.worker._proc.pid
-        os.kill(pid, signal.SIGSTOP)
-        self.conn.send(jobs)
-        os.kill(pid, signal.SIGKILL)
-        self.worker._proc.wait()
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
+def _gone(pid: int) -> bool:
+    """The process has ended (a zombie until its parent reaps it, or no longer listed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
-def _kill_on_next_sends(monkeypatch, grader: Grader, times: int) -> None:
-    """SIGKILL the grader's worker at its next ``times`` batches (restarted workers included)."""
-    worker, start = grader._worker, Worker._start
-    left = [times]
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-    def arm() -> None:
-        if left[0] > 0 and worker._conn is not None:
-            left[0] -= 1
-            worker._conn = _KillOnSend(worker)
 
-    def start_and_arm(self) -> None:
-        start(self)
-        if self is worker:
-            arm()
+def _kill_workers_while_busy(grader: Grader, times: int, after_s: float = 3.0) -> threading.Thread:
+    """A thread that SIGKILLs the grader's worker ``times`` times, each one ``after_s`` after it is seen:
+    long enough to boot (math-verify's import) and be inside a stuck job, which runs until the worker's
+    own timer (3/4 of the grader's limit)."""
+    def run() -> None:
+        killed: set[int] = set()
+        while len(killed) < times:
+            pid = grader.worker_pid
+            if pid is None or pid in killed:
+                time.sleep(0.01)
+                continue
+            time.sleep(after_s)
+            _kill(pid)
+            killed.add(pid)
 
-    monkeypatch.setattr(Worker, "_start", start_and_arm)
-    arm()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+STUCK = [b("9^{9^{9^{9}}}"), b("10^{1000000000}")]  # math-verify works on each until the worker's own timer
 
 
 MATH_VERIFY_JOBS = ([b("\\sqrt{9}"), b("\\sqrt{16}"), b("\\sqrt{25}")], ["3", "4", "5"])  # none on the fast path
 
 
-def test_worker_killed_mid_batch_loses_only_the_answer_in_flight(monkeypatch):
-    with Grader(timeout_s=5.0, last_number_fallback=False) as g:
-        assert g.correct([b("\\sqrt{4}")], ["2"]) == [True]  # worker up
+def test_worker_killed_mid_batch_loses_only_the_answer_in_flight():
+    with Grader(timeout_s=4.0, last_number_fallback=False) as g:
+        assert g.correct([b("\\sqrt{4}")], ["2"]) == [True]  # worker up, so it is 1.5 s into the stuck job
         g.pop_stats()
-        _kill_on_next_sends(monkeypatch, g, 1)
-        assert g.correct(*MATH_VERIFY_JOBS) == [None, True, True]  # a fresh worker graded the rest
+        killer = _kill_workers_while_busy(g, 1, after_s=1.5)
+        assert g.correct([STUCK[0], *MATH_VERIFY_JOBS[0]], ["7", *MATH_VERIFY_JOBS[1]]) == [None, True, True, True]
+        killer.join(1)
+        stats = g.pop_stats()  # a fresh worker graded the rest
+        assert (stats["grader_error"], stats["worker_restarts"], stats["ungradable"], stats["graded"]) == (1, 1, 0, 3)
+        assert g.correct([STUCK[0]], ["7"]) == [False]  # the lost answer was not cached: graded again
         stats = g.pop_stats()
-        assert (stats["grader_error"], stats["worker_restarts"], stats["ungradable"], stats["graded"]) == (1, 1, 0, 2)
-        assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]  # the lost answer was not cached
-        assert g.pop_stats()["grader_error"] == 0
+        assert (stats["grader_error"], stats["grader_timeout"]) == (0, 1)
 
 
-def test_worker_killed_twice_in_a_batch_counts_the_rest_and_the_next_batch_restarts_it(monkeypatch):
-    with Grader(timeout_s=5.0, last_number_fallback=False) as g:
+def test_worker_killed_twice_in_a_batch_counts_the_rest_and_the_next_batch_restarts_it():
+    with Grader(timeout_s=10.0, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])
         g.pop_stats()
-        _kill_on_next_sends(monkeypatch, g, 2)
-        assert g.correct(*MATH_VERIFY_JOBS) == [None, None, None]
+        killer = _kill_workers_while_busy(g, 2)
+        assert g.correct([*STUCK, b("\\sqrt{9}")], ["7", "7", "3"]) == [None, None, None]
+        killer.join(1)
         assert g.pop_stats()["grader_error"] == 3
         assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]
         assert g.stats()["worker_restarts"] == 2  # once within the batch, once at the next
@@ -320,12 +324,10 @@ def test_worker_killed_between_batches_or_failing_to_restart_never_raises(monkey
     reward = RewardFunction([("accuracy", 1.0)], Grader(timeout_s=5.0, last_number_fallback=False), "boxed")
     with reward:
         reward([b("\\sqrt{4}")], ["2"])
-        reward.grader._worker._proc.kill()
-        reward.grader._worker._proc.wait()
+        _kill(reward.grader.worker_pid)
         assert reward(*MATH_VERIFY_JOBS).rewards == [1.0, 1.0, 1.0]  # restarted before the batch
         assert reward.grader.stats()["worker_restarts"] == 1 and reward.grader.stats()["grader_error"] == 0
-        reward.grader._worker._proc.kill()
-        reward.grader._worker._proc.wait()
+        _kill(reward.grader.worker_pid)
         monkeypatch.setattr(sys, "executable", "/bin/false")  # the restart dies at once
         scored = reward([b("\\sqrt{36}"), b("7")], ["6", "7"])
         assert scored.rewards == [None, 1.0] and scored.correct == [None, True]  # fast path still grades
@@ -338,7 +340,7 @@ def test_worker_ignores_the_stop_signals_meant_for_the_trainer():
     with Grader(timeout_s=5.0, last_number_fallback=False) as g:
         g.correct([b("\\sqrt{4}")], ["2"])
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            os.kill(g._worker._proc.pid, sig)
+            os.kill(g.worker_pid, sig)
         time.sleep(0.2)
         assert g.correct(*MATH_VERIFY_JOBS) == [True, True, True]
         assert g.stats()["worker_restarts"] == 0 and g.stats()["grader_error"] == 0
