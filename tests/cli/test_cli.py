@@ -28,13 +28,13 @@ def test_unknown_command():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("model=nope", "Could not find 'model/nope'"),
+    ("model=nope", "model=nope: no such model config"),
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("layer.select=smaple", "smaple"),
 ])
 def test_bad_override_is_one_clear_message(override, needle, tmp_path):
     res = run_cli("train", override, f"paths.outputs={tmp_path}")
-    assert res.returncode != 0
+    assert res.returncode == 2
     out = res.stdout + res.stderr
     assert needle in out and "Traceback" not in out
 
