@@ -126,6 +126,8 @@ class RunLogger:
             self.logger.log_hyperparams({k: str(v)[:6000] if isinstance(v, str) else v for k, v in flat.items()})
         else:
             run_client = self.logger.experiment
+            # RUNNING again; MLflow's API cannot clear an end time, so a run reopened after a KILLED leg shows
+            # that leg's end until end() sets the last leg's (set_terminated: the end time is now)
             run_client.update_run(run_id, status="RUNNING")
             resumes = int(run_client.get_run(run_id).data.tags.get("resumes", "0")) + 1
             self.set_tags({"resumes": str(resumes), f"resume.{resumes}.overrides": (tags or {}).get("overrides", "")})

@@ -1,4 +1,6 @@
 """The MLflow run logger (mgrpo_cli/reporting/tracking.py) against a SQLite tracking store in a temporary folder."""
+import time
+
 import mlflow
 
 from mgrpo_cli.reporting.tracking import RunLogger
@@ -44,7 +46,13 @@ def test_the_command_ends_the_run_and_a_resumed_run_reopens_it(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.params["trainer.max_steps"] == "10"
     assert run.data.tags["resumes"] == "1" and run.data.tags["resume.1.overrides"] == "resume=x trainer.max_steps=20"
+    time.sleep(0.01)  # MLflow's times are in milliseconds: the second leg ends strictly later than the first
+    before_end = int(time.time() * 1000)
     again.end("FAILED", "UserError: trainer.max_nonfinite_steps=3: ...")
+    after_end = int(time.time() * 1000)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "UserError: trainer.max_nonfinite_steps=3: ..."
+    # the run's times span every leg: the first leg's start, the last leg's end (not the KILLED leg's)
+    assert run.info.start_time == killed.start_time
+    assert before_end <= run.info.end_time <= after_end and run.info.end_time > killed.end_time
     assert len(client.search_runs([run.info.experiment_id])) == 1
