@@ -64,10 +64,29 @@ class SamplesTable(L.Callback):
 
 class HeldoutFiles(L.Callback):
     """Each validation's per-problem rows to ``<run_dir>/heldout/step_<step>.jsonl`` (rank 0), and
-    to the MLflow run's artifacts when ``run_logger`` is given."""
+    to the MLflow run's artifacts when ``run_logger`` is given.
+
+    A resumed run whose checkpoint's step had a validation due that left no file (a SIGKILL during it:
+    the checkpoint is written before the validation) runs that validation first, as the uninterrupted
+    run did; Lightning would restart past it."""
 
     def __init__(self, run_dir: str | Path, run_logger: Optional[Any] = None):
         self.run_dir, self.run_logger = Path(run_dir), run_logger
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from mgrpo_cli.training import distributed
+
+        step, every = trainer.global_step, trainer.val_check_batch
+        if step == 0 or not isinstance(every, int) or step % every:
+            return
+        missing = int(trainer.is_global_zero and not heldout.step_file(self.run_dir, step).is_file())
+        if not distributed.max_over_ranks(missing):  # rank 0 sees the file; every rank validates or none
+            return
+        loop = trainer.fit_loop.epoch_loop
+        # what Lightning does after a training step that has a validation due (TrainingEpochLoop.on_advance_end)
+        trainer.validating = True
+        loop.val_loop.run()
+        trainer.training = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
         rows = pl_module.val_rows

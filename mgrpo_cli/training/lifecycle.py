@@ -106,8 +106,9 @@ class StopRequested(Exception):
     """Raised out of ``trainer.fit`` after the checkpoint of a stop request, when the next step
     would start. ``Trainer.should_stop`` would run an unscheduled validation first; raising in
     ``on_train_batch_end`` would lose that step's metrics, which Lightning hands to the logger after
-    that hook. A validation scheduled at the stopped step still runs: a resumed run would not run it
-    (Lightning restarts past it), and the checkpoint is written before it."""
+    that hook. A validation scheduled at the stopped step still runs, after the checkpoint, so the
+    stopped run's record is whole (a resumed run re-runs it only when its held-out file is missing:
+    ``callbacks.HeldoutFiles``)."""
 
 
 class StopAndCheckpoint(Callback):

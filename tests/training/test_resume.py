@@ -157,6 +157,44 @@ def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_resume_finishes(
     assert {s for k, s in _metrics(tmp_path / "mlflow.db") if k == "train/step_time"} == set(range(STEPS + 2))
 
 
+# `mgrpo train` whose validation at global step EVERY (a checkpoint step) SIGKILLs the run's process group
+# as it starts: the step's checkpoint is written, its held-out file and val/* metrics are not
+_KILL_IN_VALIDATION = f"""
+import os, signal, sys
+from mgrpo_cli.training.module import MGRPOModule
+answer = MGRPOModule.validation_step
+def validation_step(self, batch, batch_idx):
+    if self.trainer.state.fn == "fit" and self.trainer.global_step == {EVERY}:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    return answer(self, batch, batch_idx)
+MGRPOModule.validation_step = validation_step
+from mgrpo_cli.__main__ import main
+sys.argv = ["mgrpo", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_validation_cut_by_sigkill_is_done_again_on_resume(reference, digits, tmp_path):
+    from mgrpo_cli.reporting import heldout
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", COLUMNS="120")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-c", _KILL_IN_VALIDATION, "train", *RUN, *digits,
+                               f"paths.outputs={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              timeout=300)
+    run = tmp_path / "run"
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert _checkpoint_step(run) == EVERY and not heldout.step_file(run, EVERY).exists()
+
+    res = run_cli("train", f"resume={run}", timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_run(reference, tmp_path)  # val/* at the cut step included
+    ref = reference / "run"
+    assert heldout.step_file(run, EVERY).read_text() == heldout.step_file(ref, EVERY).read_text()
+    assert sorted(p.name for p in (run / heldout.FOLDER).iterdir()) == sorted(p.name for p in (ref / heldout.FOLDER).iterdir())
+
+
 def test_resume_command_line_errors_are_one_line(reference, tmp_path):
     run = reference / "run"
     cases = [(["resume=" + str(tmp_path / "nowhere")], "no mgrpo train run folder there"),
