@@ -65,6 +65,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                                           run_id=(previous or {}).get("mlflow_run_id"))
         if zero:
             lifecycle.write_status(out, "RUNNING", None, run_logger.run_id if run_logger else None)
+            lifecycle.on_rank_death(lambda why: _record_end(out, zero, run_logger, "FAILED", why))
         result, stopped = _train(cfg, out, run_logger, requests)
         status = "KILLED" if stopped else "FINISHED"
         exit_code = lifecycle.EXIT_PREEMPTED if stopped else None

@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,29 @@ def read_status(folder: str | Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def on_rank_death(record: Callable[[str], None]) -> None:
+    """Call ``record(error)`` on rank 0 when a rank it launched dies, before Lightning's launcher kills
+    rank 0 (its observer thread SIGKILLs the whole job a few seconds after a rank exits with an error,
+    so nothing after it runs: without this the run would stay RUNNING)."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as launcher
+
+    class RecordingObserver(fabric_launcher._ChildProcessObserver):
+        def _terminate_all(self) -> None:
+            dead = [(rank, p.returncode) for rank, p in enumerate(self._child_processes, start=1) if p.returncode]
+            try:
+                record("; ".join(f"rank {rank} died (exit code {code})" for rank, code in dead))
+            except Exception as e:  # recording must not stop the job's end
+                log.error("could not record the death of a rank: %s", e)
+            finally:
+                super()._terminate_all()
+
+    def observe(child_processes) -> None:
+        RecordingObserver(child_processes=child_processes, main_pid=os.getpid()).start()
+
+    launcher._launch_process_observer = observe  # what the DDP launcher calls after starting ranks 1..n-1
 
 
 class StopRequests:

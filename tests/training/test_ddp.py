@@ -110,3 +110,46 @@ def test_fsdp2_lora_run_trains_only_the_adapter_with_the_disabled_adapter_as_ref
     changed = {k for k, v in r0["params"].items() if k != "__all__" and v != r0["params_start"][k]}
     assert changed and all("lora_" in k for k in changed)
     assert (run / "export" / "model.safetensors").is_file()  # merged by default
+
+
+# `mgrpo train` whose rank 1 dies (exit code 3) in its second training step while rank 0 is busy outside
+# any collective (as in a long generation), so Lightning's launcher SIGKILLs rank 0 before a collective
+# could raise; Lightning re-runs this script for rank 1, so both ranks carry the patch
+_RANK_1_DIES = """
+import os, sys, time
+from mgrpo_cli.training.module import MGRPOModule
+step = MGRPOModule.training_step
+def training_step(self, batch, batch_idx):
+    if self.global_rank == 1 and self.trainer.global_step == 1:
+        os._exit(3)
+    if self.global_rank == 0 and self.trainer.global_step == 1:
+        time.sleep(120)
+    return step(self, batch, batch_idx)
+MGRPOModule.training_step = training_step
+from mgrpo_cli.__main__ import main
+sys.exit(main())
+"""
+
+
+def test_a_ddp_run_whose_other_rank_dies_ends_failed(tmp_path, digits):
+    import sqlite3
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "rank_1_dies.py"
+    script.write_text(_RANK_1_DIES)
+    args = [a for a in TWO_RANKS if a != "logger=none"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", COLUMNS="120")
+    res = subprocess.run([sys.executable, str(script), "train", "trainer=ddp", *args, *digits,
+                          f"paths.outputs={tmp_path}", "trainer.max_steps=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode != 0
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "FAILED" and status["error"] == "rank 1 died (exit code 3)", res.stdout[-3000:] + res.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        (mlflow_status, end), = con.execute("select status, end_time from runs").fetchall()
+        (error,), = con.execute("select value from tags where key = 'error'").fetchall()
+    assert mlflow_status == "FAILED" and end is not None and error == status["error"]
