@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from mgrpo_cli.config import build, rules
 from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError, one_line, run_command
 from mgrpo_cli.config.schema import conf_dir, register_configs
+from mgrpo_cli.reporting import provenance
 from mgrpo_cli.training import resume
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                                           run_id=(previous or {}).get("mlflow_run_id"))
         if zero:
             lifecycle.write_status(out, "RUNNING", None, run_logger.run_id if run_logger else None)
+            provenance.record(out, run_logger)
             lifecycle.on_rank_death(lambda why: _record_end(out, zero, run_logger, "FAILED", why))
         result, stopped = _train(cfg, out, run_logger, requests)
         status = "KILLED" if stopped else "FINISHED"

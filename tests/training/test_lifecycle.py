@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from mgrpo_cli.reporting import provenance
 from mgrpo_cli.training.lifecycle import StopRequests, read_status, write_status
 
 
@@ -71,6 +72,10 @@ def test_a_run_that_raised_is_failed_in_mlflow_and_in_its_status_file(small_cfg,
     assert _mlflow(tmp_path / "mlflow.db")[1][(run_id, "error")] == "RuntimeError: boom"
     (folder,) = (tmp_path / "train" / "runs").iterdir()
     assert read_status(folder) == {"status": "FAILED", "error": "RuntimeError: boom", "mlflow_run_id": run_id}
+    # what it was made with, recorded when it started: in its folder and as MLflow tags
+    recorded = provenance.read(folder)
+    assert {"torch", "transformers", "lightning"} <= set(recorded["packages"]) and recorded["resumes"] == []
+    assert _mlflow(tmp_path / "mlflow.db")[1][(run_id, "provenance.commit")] == str(recorded["commit"])
 
 
 def test_sweep_jobs_that_fail_before_loading_a_model_still_leave_a_failed_run(tmp_path):
