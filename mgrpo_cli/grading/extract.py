@@ -3,9 +3,13 @@ r"""Answer extraction: the final answer a completion states, and GSM8K's gold an
 ``extract_answer(text)``, first rule that applies:
   1. the last ``<answer>…</answer>``: the last ``\boxed{}`` inside it, else its whole text;
   2. the last ``\boxed{…}`` or ``\fbox{…}`` (nested braces matched; an unclosed last box counts
-     as no answer, earlier boxes are never used: the last box wins);
+     as no answer; earlier boxes are not used: the last box wins);
   3. GSM8K's ``#### N`` (the rest of that line);
   4. only with ``last_number_fallback``: the last number of the text.
+Several boxes (``parts`` > 1, a gold of that many parts): when the last box holds one part (no
+comma outside brackets) and the text (or its ``<answer>``) has at least ``parts`` boxes, the answer
+is the last ``parts`` boxes in order, joined with ``", "`` inside the gold's own ``brackets``
+(``\boxed{3}`` … ``\boxed{5}`` for the gold ``3, 5`` reads ``3, 5``; for ``(3, 5)``, ``(3, 5)``).
 No extractable answer is a wrong answer (``False``, reward 0), not an ungradable one.
 
 Everything here is regexes and string operations: model text is never evaluated. A completion over
@@ -25,24 +29,72 @@ _BRACE_RE = re.compile(r"[{}]")
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
+_OPEN, _CLOSE = "([{", ")]}"
+
+
 def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     tail = deque(pattern.finditer(text), maxlen=1)
     return tail[0] if tail else None
 
 
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+    r"""Every ``\boxed``/``\fbox`` in ``text`` as (start, end, content), in order; content None
+    for a box left unclosed. One pass over the braces (a stack), so linear in the text's length."""
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return []
+    closing: dict[int, int] = {}  # position of each matched "{" -> its "}"
+    stack: list[int] = []
+    for brace in _BRACE_RE.finditer(text, boxes[0].start()):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closing[stack.pop()] = brace.start()
+    out: list[tuple[int, int, str | None]] = []
+    for match in boxes:
+        if match.group(1) is None:  # \boxed 5
+            out.append((match.start(), match.end(), match.group(2)))
+            continue
+        end = closing.get(match.start(1))
+        out.append((match.start(), len(text) if end is None else end + 1,
+                    None if end is None else text[match.end(1) : end]))
+    return out
+
+
 def last_boxed(text: str) -> str | None:
     r"""Content of the last ``\boxed{…}``/``\fbox{…}`` (nested braces matched), or None."""
-    match = _last_match(_BOX_RE, text)
-    if match is None:
+    boxes = last_boxes(text, 1)
+    return boxes[0] if boxes else None
+
+
+def last_boxes(text: str, n: int) -> list[str] | None:
+    r"""Contents of the last ``n`` boxes, in order; a box inside another counts, the outer one then
+    not. None when the last box is unclosed (the answer was cut off) or there are fewer than ``n``."""
+    boxes = _boxes(text)
+    if not boxes or boxes[-1][2] is None:
         return None
-    if match.group(1) is None:  # \boxed 5
-        return match.group(2)
-    depth = 0
-    for brace in _BRACE_RE.finditer(text, match.end(1) - 1):
-        depth += 1 if brace.group() == "{" else -1
-        if depth == 0:
-            return text[match.end(1) : brace.start()]
-    return None  # unclosed: the answer was cut off
+    taken: list[tuple[int, int, str | None]] = []
+    for box in reversed(boxes):
+        if box[2] is not None and all(box[1] <= t[0] for t in taken):  # not around a box taken
+            taken.append(box)
+            if len(taken) == n:
+                return [content for _, _, content in reversed(taken)]  # type: ignore[misc]
+    return None
+
+
+def split_parts(answer: str) -> list[str]:
+    """``answer`` split at the commas outside brackets, ``(``, ``[``, ``{`` (``\\{`` too)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(answer):
+        if char in _OPEN:
+            depth += 1
+        elif char in _CLOSE:
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(answer[start:i])
+            start = i + 1
+    parts.append(answer[start:])
+    return [p.strip() for p in parts]
 
 
 def extract_gold_gsm8k(solution: str) -> str:
@@ -54,16 +106,17 @@ def extract_gold_gsm8k(solution: str) -> str:
     return answer
 
 
-def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | None:
+def extract_answer(text: str, *, last_number_fallback: bool = False, parts: int = 1,
+                   brackets: tuple[str, str] = ("", "")) -> str | None:
     """The final answer stated in ``text`` (rules in the module docstring), or None."""
     start = text.rfind("<answer>")
     if start >= 0:
         end = text.find("</answer>", start)
         if end >= 0:
             inner = text[start + len("<answer>") : end]
-            answer = last_boxed(inner)
+            answer = _boxed_answer(inner, parts, brackets)
             return _nonempty(inner if answer is None else answer)
-    answer = last_boxed(text)
+    answer = _boxed_answer(text, parts, brackets)
     if answer is not None:
         return _nonempty(answer)
     head, sep, tail = text.rpartition("####")
@@ -73,6 +126,17 @@ def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | No
         match = _last_match(_NUMBER_RE, text)
         return match.group() if match else None
     return None
+
+
+def _boxed_answer(text: str, parts: int, brackets: tuple[str, str]) -> str | None:
+    """The last box, or the last ``parts`` boxes joined when the last one holds a single part."""
+    last = last_boxed(text)
+    if parts < 2 or last is None or len(split_parts(last)) > 1:
+        return last
+    several = last_boxes(text, parts)
+    if several is None:
+        return last
+    return brackets[0] + ", ".join(p.strip() for p in several) + brackets[1]
 
 
 def _nonempty(answer: str) -> str | None:

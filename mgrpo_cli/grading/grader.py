@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
-from mgrpo_cli.grading.extract import MAX_ANSWER_CHARS, MAX_COMPLETION_CHARS, extract_answer
+from mgrpo_cli.grading.extract import MAX_ANSWER_CHARS, MAX_COMPLETION_CHARS, extract_answer, split_parts
 from mgrpo_cli.grading.worker import Worker
 
 _CACHE_SIZE = 4096
@@ -49,19 +49,42 @@ _CACHE_SIZE = 4096
 # ---------------------------------------------------------------------------------------------
 # In-process fast paths (no sympy)
 # ---------------------------------------------------------------------------------------------
-_DROP_RE = re.compile(r"\\\$|\$|\\%|%|\^\s*\{?\s*\\circ\s*\}?|\\[!,;:]|\\(?:left|right|displaystyle)(?![a-zA-Z])")
-_SPACE_RE = re.compile(r"\s*([^\w\s\\])\s*|\s+")
-_DEC = r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)"
-_SCI_RE = re.compile(
-    rf"({_DEC})(?:[eE]([+-]?\d{{1,3}})|\s?(?:\\times|\\cdot|\*)\s?10\^(?:\{{([+-]?\d{{1,3}})\}}|(\d)))?"
+_DROP_RE = re.compile(
+    r"\\\$|\$|\\%|%|\^\s*\{?\s*\\circ\s*\}?|\\[!,;:]|\\(?:left|right|displaystyle)(?![a-zA-Z])"
+    r"|\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{\s*(?:percent(?:age)?|pct)\s*\}"
+    r"|(?<![A-Za-z\\])(?:percent(?:age)?|pct)(?![A-Za-z])"
 )
-_FRAC_RE = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}|\\frac(\d)(\d)|([+-]?\d+)/([+-]?\d+))")
+_SPACING_RE = re.compile(r"~|(?<!\\)\\ |\\(?:q?quad|enspace|thinspace)(?![a-zA-Z])|\\hspace\*?\{[^{}]*\}")
+_SPACE_RE = re.compile(r"\s*([^\w\s\\])\s*|\s+")
+_LOOSE_SPACE_RE = re.compile(r"(?<![\d,])\s+|\s+(?!\d)")  # all but digit-space-digit and comma-space
+
+
+def _number_re(comma: bool) -> re.Pattern[str]:
+    r"""A plain number, written without spaces but those inside it (``1 000``, ``32, 349``).
+
+    Thousands: groups of three after 1-3 leading digits not starting with 0, separated by ``{,}``,
+    a space, or (``comma``) ``,``; ``0,5``/``0{,}5`` is a decimal comma. Then scientific forms
+    (``1.5e3``, ``1.5\times10^{3}``, ``10^{3}``), fractions ``a/b``, ``\frac{a}{b}``, ``\frac ab``
+    and mixed numbers ``2\frac{1}{2}`` (proper fraction)."""
+    sep = r"(?:\{,\}|,)" if comma else r"\{,\}"
+    mantissa = rf"(?:[1-9]\d{{0,2}}(?:{sep}\d{{3}})+|[1-9]\d{{0,2}}(?: \d{{3}})+|\d+)(?:\.\d*)?|\.\d+|0{sep}\d+"
+    power = r"10\^(?:\{([+-]?\d{1,3})\}|(\d))"
+    frac = r"\\frac(?:\{([+-]?\d+)\}\{([+-]?\d+)\}|(\d)(\d))"
+    return re.compile(
+        rf"([+-]?)(?:({mantissa})(?:[eE]([+-]?\d{{1,3}})|(?:\\times|\\cdot|\*){power})?|{power}"
+        rf"|(\d*){frac}|([+-]?\d+)/([+-]?\d+))"
+    )
+
+
+_NUMBER_RE = {comma: _number_re(comma) for comma in (False, True)}
+_DECIMAL_COMMA_RE = re.compile(r"0(?:\{,\}|,)")
 
 
 def _clean(answer: str) -> str:
     """Drop what never changes an answer's value (see the policy); keep the LaTeX otherwise."""
-    answer = _DROP_RE.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return answer.replace("\u2212", "-").strip().rstrip(".").strip()
+    answer = _DROP_RE.sub("", _SPACING_RE.sub(" ", answer))
+    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\u2212", "-")
+    return answer.strip().rstrip(" \t\n.,;").strip()
 
 
 def _key(cleaned: str) -> str:
@@ -69,27 +92,74 @@ def _key(cleaned: str) -> str:
     return _SPACE_RE.sub(lambda m: m.group(1) or " ", cleaned).strip()
 
 
-def _plain_number(key: str) -> tuple[Fraction, bool] | None:
-    """(value, written as a decimal) for a plain number, else None."""
-    key = key.replace("{,}", ",")
-    match = _SCI_RE.fullmatch(key)
-    if match:
-        mantissa, exp = match.group(1).replace(",", ""), match.group(2) or match.group(3) or match.group(4)
-        value = Fraction(mantissa) * Fraction(10) ** int(exp or 0)
-        return value, "." in mantissa or exp is not None
-    match = _FRAC_RE.fullmatch(key)
-    if match:
-        sign, num, den = match.group(1), *[g for g in match.groups()[1:] if g is not None]
-        if int(den) == 0:
-            return None
-        return Fraction(int(num), int(den)) * (-1 if sign == "-" else 1), False
-    return None
+def _number(cleaned: str, comma: bool) -> tuple[Fraction, bool] | None:
+    """(value, written as a decimal) for a plain number, else None. ``comma``: a bare ``,`` may be a
+    thousands separator or a leading ``0,`` decimal comma (never where the gold is a list)."""
+    match = _NUMBER_RE[comma].fullmatch(_LOOSE_SPACE_RE.sub("", cleaned))
+    if match is None:
+        return None
+    sign = -1 if match.group(1) == "-" else 1
+    (mantissa, exp_e, exp_braced, exp_digit, bare_braced, bare_digit, whole,
+     num, den, num_digit, den_digit, slash_num, slash_den) = match.groups()[1:]
+    if mantissa is not None:
+        decimal = "." in mantissa or _DECIMAL_COMMA_RE.match(mantissa) is not None
+        if _DECIMAL_COMMA_RE.match(mantissa) is not None:
+            mantissa = _DECIMAL_COMMA_RE.sub("0.", mantissa, count=1)
+        exp = exp_e or exp_braced or exp_digit or "0"
+        value = Fraction(re.sub(r"\{,\}|[, ]", "", mantissa)) * Fraction(10) ** int(exp)
+        return sign * value, decimal
+    if bare_braced is not None or bare_digit is not None:
+        return sign * Fraction(10) ** int(bare_braced or bare_digit), False
+    if slash_num is not None:
+        num, den = slash_num, slash_den
+    elif num is None:
+        num, den = num_digit, den_digit
+    if int(den) == 0 or (whole and not 0 <= int(num) < int(den)):  # x/0; a mixed number's fraction is proper
+        return None
+    return sign * (int(whole or 0) + Fraction(int(num), int(den))), False
 
 
 def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
     if a[1] or b[1]:
         return round(a[0], 6) == round(b[0], 6)
     return a[0] == b[0]
+
+
+def _same_numbers(gold: list[tuple[Fraction, bool]], pred: list[tuple[Fraction, bool]]) -> bool:
+    """The two lists hold the same numbers, in any order, each as often (a bare list is unordered)."""
+    if len(gold) != len(pred):
+        return False
+    left = list(pred)
+    for g in gold:
+        j = next((j for j, p in enumerate(left) if _numbers_equal(g, p)), None)
+        if j is None:
+            return False
+        del left[j]
+    return True
+
+
+def _wrapped(cleaned: str, open_: str, close: str) -> str | None:
+    """The inside of ``cleaned`` when one bracket pair ``open_`` … ``close`` encloses all of it."""
+    if not (cleaned.startswith(open_) and cleaned.endswith(close)) or len(cleaned) < len(open_) + len(close):
+        return None
+    inner, depth = cleaned[len(open_) : len(cleaned) - len(close)], 0
+    for char in inner:
+        depth += (char in "([{") - (char in ")]}")
+        if depth < 0:
+            return None
+    return inner if depth == 0 else None
+
+
+def _gold_parts(cleaned: str, parts: list[str]) -> tuple[int, tuple[str, str]]:
+    """How many boxes a several-box answer takes for this gold, and the brackets they go in: the
+    gold's parts (a bare list), or those inside its tuple ``(…)`` or set ``\\{…\\}``."""
+    if len(parts) > 1:
+        return len(parts), ("", "")
+    for brackets in (("(", ")"), ("\\{", "\\}")):
+        inner = _wrapped(cleaned, *brackets)
+        if inner is not None and len(split_parts(inner)) > 1:
+            return len(split_parts(inner)), brackets
+    return 1, ("", "")
 
 # ---------------------------------------------------------------------------------------------
 # Grader
@@ -173,27 +243,48 @@ class Grader:
             return "gold"
         if len(completion) > MAX_COMPLETION_CHARS:
             return "timeout"
-        pred = extract_answer(completion, last_number_fallback=self.last_number_fallback)
+        gold_c = _clean(str(gold))
+        gold_parts = split_parts(gold_c)
+        gold_n = _number(gold_c, comma=True)
+        gold_list = gold_n is None and len(gold_parts) > 1
+        parts, brackets = _gold_parts(gold_c, gold_parts if gold_list else [gold_c])
+        pred = extract_answer(completion, last_number_fallback=self.last_number_fallback, parts=parts,
+                              brackets=brackets)
         if pred is None:
             self._count("no_answer")
             return False
         if len(pred) > MAX_ANSWER_CHARS:
             return "timeout"
-        gold_c, pred_c = _clean(str(gold)), _clean(pred)
+        pred_c = _clean(pred)
         if self._shortcuts:
-            gold_k, pred_k = _key(gold_c), _key(pred_c)
-            if gold_k == pred_k:
+            verdict = self._fast(gold_c, gold_n, gold_parts if gold_list else None, pred_c)
+            if verdict is not None:
                 self._count("fast_path")
-                return True
-            gold_n, pred_n = _plain_number(gold_k), _plain_number(pred_k)
-            if gold_n is not None and pred_n is not None:
-                self._count("fast_path")
-                return _numbers_equal(gold_n, pred_n)
+                return verdict
         job = (gold_c, pred_c)
         if job in self._cache:
             self._cache.move_to_end(job)
             return self._cache[job]
         pending.setdefault(job, []).append(i)
+        return None
+
+    @staticmethod
+    def _fast(gold_c: str, gold_n: tuple[Fraction, bool] | None, gold_list: list[str] | None,
+              pred_c: str) -> bool | None:
+        """The verdict of the fast paths (plain numbers, lists of them, exact match), or None."""
+        pred_n = _number(pred_c, comma=gold_list is None)  # where the gold is a list, "," separates
+        pred_parts = split_parts(pred_c) if pred_n is None else [pred_c]
+        if gold_n is not None and pred_n is not None:
+            return _numbers_equal(gold_n, pred_n)
+        if (gold_n is not None and len(pred_parts) > 1) or (gold_list is not None and pred_n is not None):
+            return False  # a list is never a number, nor a number a list
+        if _key(gold_c) == _key(pred_c):
+            return True
+        if gold_list is not None and len(pred_parts) > 1:
+            gold_v = [_number(p, comma=False) for p in gold_list]
+            pred_v = [_number(p, comma=False) for p in pred_parts]
+            if None not in gold_v and None not in pred_v:
+                return _same_numbers(gold_v, pred_v)  # type: ignore[arg-type]
         return None
 
     def _remember(self, job: tuple[str, str], result: bool | str) -> None:
