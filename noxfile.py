@@ -32,6 +32,7 @@ def lint(session):
 
 @nox.session(python=False)
 def bench(session):
-    """Speed benchmarks (not tests): grading throughput and training-step speed against TRL."""
+    """Speed benchmarks (not tests): grading throughput (numbers; a mix, its slowest case) and training-step speed against TRL."""
     session.run("python", "benchmarks/grading_speed.py")
+    session.run("python", "benchmarks/grading_mix.py")
     session.run("python", "benchmarks/step_speed.py", *session.posargs)

@@ -5,13 +5,14 @@ Targets (2 CPU cores): at least 5,000 numeric answers graded per second, and the
 most 10 s, both with the default grader and with its exact-match/plain-number shortcuts off (every
 answer through math-verify). Prints one line per number; exits 1 if a target is missed.
 
-    python benchmarks/grading_speed.py [--data-dir ../shared/data] [--repeats 8]
+    python benchmarks/grading_speed.py [--data-dir DIR] [--repeats 8]   # DIR: else $MGRPO_DATA_DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,11 +59,15 @@ def math500_oracle_s(rows: list[dict], shortcuts: bool) -> tuple[float, int]:
 
 
 def main() -> int:
-    default_data = Path(__file__).resolve().parents[2] / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=default_data)
+    parser.add_argument("--data-dir", type=Path, default=os.environ.get("MGRPO_DATA_DIR"),
+                        help="the data folder (<name>/test.jsonl); default $MGRPO_DATA_DIR")
     parser.add_argument("--repeats", type=int, default=8, help="passes over the 1,319 GSM8K test answers")
     args = parser.parse_args()
+    if args.data_dir is None:
+        print("grading_speed: no data folder: pass --data-dir or set MGRPO_DATA_DIR", file=sys.stderr)
+        return 2
+    args.data_dir = Path(args.data_dir)
     gsm8k, math500 = args.data_dir / "gsm8k" / "test.jsonl", args.data_dir / "math500" / "test.jsonl"
     for path in (gsm8k, math500):
         if not path.is_file():

@@ -40,21 +40,18 @@ def grade_records(records: list[dict], grader) -> list[dict]:
         correct[i].append(v)
     with_t2 = [r for r in records if r.get("t2_completion") is not None]
     t2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2]) if with_t2 else []
-    return attach_verdicts(records, correct, t2, grader.last_number_fallback)
+    return attach_verdicts(records, correct, t2, grader)
 
 
-def attach_verdicts(records: list[dict], correct: list[list], t2_correct: list,
-                    last_number_fallback: bool) -> list[dict]:
+def attach_verdicts(records: list[dict], correct: list[list], t2_correct: list, grader) -> list[dict]:
     """Each record's verdicts (``correct`` per completion; ``t2_correct`` for the records that have a
-    ``t2_completion``, in order) and the answers extracted from its completions, in place."""
-    from mgrpo_cli.grading.extract import extract_answer
-
+    ``t2_completion``, in order) and the answers the grader read in its completions, in place."""
     for r, ok in zip(records, correct, strict=True):
-        r["answers"] = [extract_answer(c, last_number_fallback=last_number_fallback) for c in r["completions"]]
+        r["answers"] = [grader.answer(c, r["gold"]) for c in r["completions"]]
         r["correct"] = list(ok)
     with_t2 = [r for r in records if r.get("t2_completion") is not None]
     for r, v in zip(with_t2, t2_correct, strict=True):
-        r["t2_answer"] = extract_answer(r["t2_completion"], last_number_fallback=last_number_fallback)
+        r["t2_answer"] = grader.answer(r["t2_completion"], r["gold"])
         r["t2_correct"] = v
     return records
 
@@ -161,7 +158,7 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
         if solved.t2_texts is not None:
             r["t2_prompt"], r["t2_completion"] = solved.t2_prompts[i], solved.t2_texts[i]
         records.append(r)
-    attach_verdicts(records, solved.t1_correct, solved.t2_correct or [], grader.last_number_fallback)
+    attach_verdicts(records, solved.t1_correct, solved.t2_correct or [], grader)
     return records, len(problems) / max(seconds, 1e-9)
 
 

@@ -64,22 +64,22 @@ def _boxes(text: str) -> list[tuple[int, int, str | None]]:
 def last_boxed(text: str) -> str | None:
     r"""Content of the last ``\boxed{…}``/``\fbox{…}`` (nested braces matched), or None."""
     boxes = last_boxes(text, 1)
-    return boxes[0] if boxes else None
+    return boxes[-1] if boxes else None
 
 
 def last_boxes(text: str, n: int) -> list[str] | None:
-    r"""Contents of the last ``n`` boxes, in order; a box inside another counts, the outer one then
-    not. None when the last box is unclosed (the answer was cut off) or there are fewer than ``n``."""
+    r"""Contents of the last ``n`` boxes (fewer if there are fewer), in order; of a box inside
+    another, the inner one. None when there is none or the last is unclosed (the answer was cut off)."""
     boxes = _boxes(text)
     if not boxes or boxes[-1][2] is None:
         return None
-    taken: list[tuple[int, int, str | None]] = []
-    for box in reversed(boxes):
-        if box[2] is not None and all(box[1] <= t[0] for t in taken):  # not around a box taken
-            taken.append(box)
+    taken: list[tuple[int, int, str]] = []
+    for start, end, content in reversed(boxes):
+        if content is not None and all(end <= t[0] for t in taken):  # not around a box taken
+            taken.append((start, end, content))
             if len(taken) == n:
-                return [content for _, _, content in reversed(taken)]  # type: ignore[misc]
-    return None
+                break
+    return [content for _, _, content in reversed(taken)]
 
 
 def split_parts(answer: str) -> list[str]:
@@ -130,13 +130,12 @@ def extract_answer(text: str, *, last_number_fallback: bool = False, parts: int 
 
 def _boxed_answer(text: str, parts: int, brackets: tuple[str, str]) -> str | None:
     """The last box, or the last ``parts`` boxes joined when the last one holds a single part."""
-    last = last_boxed(text)
-    if parts < 2 or last is None or len(split_parts(last)) > 1:
-        return last
-    several = last_boxes(text, parts)
-    if several is None:
-        return last
-    return brackets[0] + ", ".join(p.strip() for p in several) + brackets[1]
+    boxes = last_boxes(text, parts)
+    if not boxes:
+        return None
+    if len(boxes) < parts or len(split_parts(boxes[-1])) > 1:
+        return boxes[-1]
+    return brackets[0] + ", ".join(p.strip() for p in boxes) + brackets[1]
 
 
 def _nonempty(answer: str) -> str | None:

@@ -5,23 +5,37 @@ the math-verify worker process (``grading.worker``). A verdict is
 True/False, or None when the pair cannot be graded: the gold itself does not parse (``ungradable``)
 or the worker died with that answer in flight (``grader_error``).
 
-Equivalence policy (gold first: ``math_verify.verify(gold, prediction)`` is asymmetric):
-  * Both sides are cleaned alike: ``$``, ``\$``, ``\%``/``%``, ``^\circ``, ``\!``, ``\,``,
-    ``\left``/``\right``, ``\displaystyle`` are dropped, ``\dfrac``/``\tfrac`` read as ``\frac``.
-    So ``50\%`` = ``50`` but ``0.5`` ≠ ``50\%``, and ``90^\circ`` = ``90`` (gold answers state the
-    number of percent or degrees).
-  * Identical after that (up to spaces next to symbols): correct, without sympy.
-  * Plain numbers on both sides (integers, decimals, ``a/b``, ``\frac{a}{b}``, thousands
-    separators ``1,234``/``1{,}234``, scientific ``1.5e3``/``1.5\times10^{3}``) are compared in
+Equivalence policy (gold first: ``math_verify.verify(gold, prediction)`` is asymmetric; the whole
+policy, its reasons and where it parts from math-verify's defaults are in ``docs/grading.md``):
+  * Both sides are cleaned alike: ``$``, ``\$``, ``\%``/``%`` and the words percent/percentage/pct,
+    ``^\circ``, ``\!``, ``\,``, ``\;``, ``\:``, ``\left``/``\right``, ``\displaystyle`` are dropped;
+    ``~``, ``\ ``, ``\quad``, ``\qquad``, ``\hspace{…}`` are spaces; ``\dfrac``/``\tfrac`` read as
+    ``\frac``; trailing ``.``, ``,``, ``;`` are stripped. So ``50\%`` = ``50`` but ``0.5`` ≠ ``50\%``,
+    and ``90^\circ`` = ``90`` (gold answers state the number of percent or degrees).
+  * Numbers (``_number``): integers and decimals with a sign; thousands in groups of three after 1-3
+    leading digits (not 0), separated by ``{,}``, a space (``1 000``) or ``,`` (``1,234``); a leading
+    ``0,`` before three digits, or ``0{,}``, is a decimal comma (``0,111`` = ``0.111``; ``0,1`` is the
+    list 0, 1); scientific ``1.5e3``, ``1.5\times10^{3}``,
+    ``10^{3}``; ``a/b``, ``\frac{a}{b}``; mixed numbers ``2\frac{1}{2}``. Compared in
     ``fractions.Fraction`` without sympy: exactly, or, when either side is written as a decimal,
     after rounding both to 6 decimal places (math-verify's rule): ``0.333333`` = ``1/3``,
     ``0.33`` ≠ ``1/3``, ``-2`` ≠ ``2``.
+  * Lists: an answer with a comma outside brackets that is not a number is a list. ``a, bbb`` with a
+    space is always a list; where the gold is a list the prediction's commas separate too
+    (``1,100`` is the list 1, 100 against the gold ``1, 100``, the number 1100 against ``1100``).
+    A list never equals a number, either way. Lists of plain numbers compare without sympy as bare
+    lists: unordered, each value as often.
+  * Several boxes: for a gold of k parts (a list, or a tuple ``(…)``/set ``\{…\}`` of k elements)
+    whose completion's last box holds one part, the last k boxes in order are the answer, joined
+    in the gold's own brackets (``grading.extract``).
+  * Identical after cleaning (up to spaces next to symbols): correct, without sympy.
   * Anything else goes to math-verify (LaTeX extraction only, never its ``parse_expr``-based
     expression extraction), which gives: radicals and algebra by sympy simplification
     (``\sqrt{8}`` = ``2\sqrt{2}``, ``x+y`` = ``y+x``); units in ``\text{…}`` after a number
     ignored (``18\text{ cm}`` = ``18``); tuples ordered ``(1,2)`` ≠ ``(2,1)``; sets and bare
     lists unordered (``\{1,2\}`` = ``\{2,1\}``, ``1,2`` = ``2,1``); intervals compare bounds and
-    bracket types (``[1,2)`` ≠ ``[1,2]``, and ``(1,2)`` reads as an open interval); ``x \in [a,b]`` and ``x=3`` match ``[a,b]`` and ``3``.
+    bracket types (``[1,2)`` ≠ ``[1,2]``, and ``(1,2)`` reads as an open interval); ``x \in [a,b]``
+    and ``x=3`` match ``[a,b]`` and ``3``.
 
 Safety: model text is never given to ``eval``, ``exec``, ``sympify`` or ``parse_expr``; the fast
 paths are regexes and ``Fraction``; math-verify runs in the worker process under its limits. A pair
@@ -33,13 +47,14 @@ spelt without ``\text``), partial credit.
 """
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from mgrpo_cli.grading.extract import MAX_ANSWER_CHARS, MAX_COMPLETION_CHARS, extract_answer, split_parts
 from mgrpo_cli.grading.worker import Worker
@@ -63,11 +78,13 @@ def _number_re(comma: bool) -> re.Pattern[str]:
     r"""A plain number, written without spaces but those inside it (``1 000``, ``32, 349``).
 
     Thousands: groups of three after 1-3 leading digits not starting with 0, separated by ``{,}``,
-    a space, or (``comma``) ``,``; ``0,5``/``0{,}5`` is a decimal comma. Then scientific forms
+    a space, or (``comma``) ``,``. A decimal comma: ``0{,}5``, or (``comma``) ``0,ddd``, the one
+    thousands-like shape that cannot be thousands (``0,1`` stays the list 0, 1). Then scientific forms
     (``1.5e3``, ``1.5\times10^{3}``, ``10^{3}``), fractions ``a/b``, ``\frac{a}{b}``, ``\frac ab``
     and mixed numbers ``2\frac{1}{2}`` (proper fraction)."""
     sep = r"(?:\{,\}|,)" if comma else r"\{,\}"
-    mantissa = rf"(?:[1-9]\d{{0,2}}(?:{sep}\d{{3}})+|[1-9]\d{{0,2}}(?: \d{{3}})+|\d+)(?:\.\d*)?|\.\d+|0{sep}\d+"
+    decimal_comma = r"0(?:\{,\}\d+|,\d{3})" if comma else r"0\{,\}\d+"
+    mantissa = rf"(?:[1-9]\d{{0,2}}(?:{sep}\d{{3}})+|[1-9]\d{{0,2}}(?: \d{{3}})+|\d+)(?:\.\d*)?|\.\d+|{decimal_comma}"
     power = r"10\^(?:\{([+-]?\d{1,3})\}|(\d))"
     frac = r"\\frac(?:\{([+-]?\d+)\}\{([+-]?\d+)\}|(\d)(\d))"
     return re.compile(
@@ -94,7 +111,7 @@ def _key(cleaned: str) -> str:
 
 def _number(cleaned: str, comma: bool) -> tuple[Fraction, bool] | None:
     """(value, written as a decimal) for a plain number, else None. ``comma``: a bare ``,`` may be a
-    thousands separator or a leading ``0,`` decimal comma (never where the gold is a list)."""
+    thousands separator or the decimal comma of ``0,ddd`` (never where the gold is a list)."""
     match = _NUMBER_RE[comma].fullmatch(_LOOSE_SPACE_RE.sub("", cleaned))
     if match is None:
         return None
@@ -150,16 +167,30 @@ def _wrapped(cleaned: str, open_: str, close: str) -> str | None:
     return inner if depth == 0 else None
 
 
-def _gold_parts(cleaned: str, parts: list[str]) -> tuple[int, tuple[str, str]]:
-    """How many boxes a several-box answer takes for this gold, and the brackets they go in: the
-    gold's parts (a bare list), or those inside its tuple ``(…)`` or set ``\\{…\\}``."""
+class _Gold(NamedTuple):
+    """A gold answer as the fast paths read it."""
+
+    cleaned: str
+    number: tuple[Fraction, bool] | None  # a plain number
+    parts: tuple[str, ...] | None  # a list: its parts (two or more; never a number)
+    boxes: int  # how many boxes a several-box answer takes: the list's parts, or a tuple's or set's
+    brackets: tuple[str, str]  # what those boxes go in: "" for a list, its own for a tuple (…) or set \{…\}
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)  # a group's completions share their gold
+def _read_gold(gold: str) -> _Gold:
+    """The gold as a number, a list or neither, and the boxes a several-box answer takes for it."""
+    cleaned = _clean(gold)
+    number = _number(cleaned, comma=True)
+    parts = split_parts(cleaned) if number is None else [cleaned]
     if len(parts) > 1:
-        return len(parts), ("", "")
+        return _Gold(cleaned, None, tuple(parts), len(parts), ("", ""))
     for brackets in (("(", ")"), ("\\{", "\\}")):
         inner = _wrapped(cleaned, *brackets)
-        if inner is not None and len(split_parts(inner)) > 1:
-            return len(split_parts(inner)), brackets
-    return 1, ("", "")
+        inner_parts = [] if inner is None else split_parts(inner)
+        if len(inner_parts) > 1:
+            return _Gold(cleaned, number, None, len(inner_parts), brackets)
+    return _Gold(cleaned, number, None, 1, ("", ""))
 
 # ---------------------------------------------------------------------------------------------
 # Grader
@@ -243,13 +274,8 @@ class Grader:
             return "gold"
         if len(completion) > MAX_COMPLETION_CHARS:
             return "timeout"
-        gold_c = _clean(str(gold))
-        gold_parts = split_parts(gold_c)
-        gold_n = _number(gold_c, comma=True)
-        gold_list = gold_n is None and len(gold_parts) > 1
-        parts, brackets = _gold_parts(gold_c, gold_parts if gold_list else [gold_c])
-        pred = extract_answer(completion, last_number_fallback=self.last_number_fallback, parts=parts,
-                              brackets=brackets)
+        gold_r = _read_gold(str(gold))
+        pred = self._extract(completion, gold_r)
         if pred is None:
             self._count("no_answer")
             return False
@@ -257,31 +283,39 @@ class Grader:
             return "timeout"
         pred_c = _clean(pred)
         if self._shortcuts:
-            verdict = self._fast(gold_c, gold_n, gold_parts if gold_list else None, pred_c)
+            verdict = self._fast(gold_r, pred_c)
             if verdict is not None:
                 self._count("fast_path")
                 return verdict
-        job = (gold_c, pred_c)
+        job = (gold_r.cleaned, pred_c)
         if job in self._cache:
             self._cache.move_to_end(job)
             return self._cache[job]
         pending.setdefault(job, []).append(i)
         return None
 
+    def answer(self, completion: str, gold: str) -> str | None:
+        """The answer ``completion`` states as the grader reads it against ``gold`` (for records and
+        majority votes): ``extract_answer``'s, the last boxes joined for a gold of several parts."""
+        return self._extract(completion, _read_gold(str(gold)))
+
+    def _extract(self, completion: str, gold: _Gold) -> str | None:
+        return extract_answer(completion, last_number_fallback=self.last_number_fallback, parts=gold.boxes,
+                              brackets=gold.brackets)
+
     @staticmethod
-    def _fast(gold_c: str, gold_n: tuple[Fraction, bool] | None, gold_list: list[str] | None,
-              pred_c: str) -> bool | None:
+    def _fast(gold: _Gold, pred_c: str) -> bool | None:
         """The verdict of the fast paths (plain numbers, lists of them, exact match), or None."""
-        pred_n = _number(pred_c, comma=gold_list is None)  # where the gold is a list, "," separates
+        pred_n = _number(pred_c, comma=gold.parts is None)  # where the gold is a list, "," separates
         pred_parts = split_parts(pred_c) if pred_n is None else [pred_c]
-        if gold_n is not None and pred_n is not None:
-            return _numbers_equal(gold_n, pred_n)
-        if (gold_n is not None and len(pred_parts) > 1) or (gold_list is not None and pred_n is not None):
+        if gold.number is not None and pred_n is not None:
+            return _numbers_equal(gold.number, pred_n)
+        if (gold.number is not None and len(pred_parts) > 1) or (gold.parts is not None and pred_n is not None):
             return False  # a list is never a number, nor a number a list
-        if _key(gold_c) == _key(pred_c):
+        if _key(gold.cleaned) == _key(pred_c):
             return True
-        if gold_list is not None and len(pred_parts) > 1:
-            gold_v = [_number(p, comma=False) for p in gold_list]
+        if gold.parts is not None and len(pred_parts) > 1:
+            gold_v = [_number(p, comma=False) for p in gold.parts]
             pred_v = [_number(p, comma=False) for p in pred_parts]
             if None not in gold_v and None not in pred_v:
                 return _same_numbers(gold_v, pred_v)  # type: ignore[arg-type]

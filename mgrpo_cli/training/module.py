@@ -56,7 +56,6 @@ from mgrpo_cli.algo.solve import SolveSpec, solve
 from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.data.models import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.data.problems import Problem
-from mgrpo_cli.grading.extract import extract_answer
 from mgrpo_cli.reporting.metrics import self_correction
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer
@@ -384,14 +383,14 @@ class MGRPOModule(L.LightningModule):
                 return
             solved = solve(self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
                            [p.answer for p in mine], self.validation)
-        fallback = self.reward_fn.grader.last_number_fallback
+        answer = self.reward_fn.grader.answer
         for i, p in enumerate(mine):
             t2 = solved.t2_texts[i] if solved.t2_texts else None
             self._val_rows.append({
                 "id": p.id, "t1": bool(solved.t1_correct[i][0]),
                 "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None,
-                "t1_answer": extract_answer(solved.t1_texts[i][0], last_number_fallback=fallback),
-                "t2_answer": None if t2 is None else extract_answer(t2, last_number_fallback=fallback)})
+                "t1_answer": answer(solved.t1_texts[i][0], p.answer),
+                "t2_answer": None if t2 is None else answer(t2, p.answer)})
 
     def on_validation_epoch_end(self) -> None:
         rows, self._val_rows = distributed.gather(self._val_rows), []

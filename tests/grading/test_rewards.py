@@ -25,8 +25,8 @@ from mgrpo_cli.grading.terms import RewardTermError
 from mgrpo_cli.grading.worker import Worker
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = next((p for p in (REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data") if p.is_dir()), None)
-needs_data = pytest.mark.skipif(DATA is None, reason=f"no shared data set folder at {REPO.parent / 'shared' / 'data'}")
+DATA = Path(os.environ.get("MGRPO_DATA_DIR") or "mgrpo-no-data-folder")  # tests/conftest.py sets it
+needs_data = pytest.mark.skipif(not (DATA / "math500").is_dir(), reason=f"no data folder with math500 at {DATA}")
 
 
 def b(answer: str) -> str:
