@@ -76,7 +76,7 @@ def main() -> None:
                       truncation=True, max_length=args.max_prompt_length)
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     eos_token_id=engine.eos_token_id, pad_token_id=tok.pad_token_id)
+                                     eos_token_id=list(engine.eos_token_id), pad_token_id=tok.pad_token_id)
             one_by_one.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
         one_at_a_time = time.perf_counter() - t
     same = sum(solved.t1_texts[i][0] == text for i, text in zip(single, one_by_one, strict=True))

