@@ -59,7 +59,7 @@ def main() -> None:
         grader = reward_fn.grader
         model, tok, source = build.policy(cfg, build.warm_start(cfg, reward_fn))
         model.eval()
-        renderer = build.renderer(cfg, tok)
+        renderer = build.renderer(cfg, tok, model)
         questions, golds = [p.question for p in problems], [p.answer for p in problems]
         engine = HFEngine(model, tok, max_prompt_length=args.max_prompt_length, stop_at_eos=args.stop_at_eos)
 

@@ -63,6 +63,7 @@ class LayerResult:
     # GDPO (normalize_then_sum): (groups, n, K) reward-term values and their (K,) weights; None = not used
     terms: Optional[torch.Tensor] = None
     term_weights: Optional[torch.Tensor] = None
+    prompts_cut: int = 0  # prompts whose earlier answers were shortened to fit the correction prompt budget
 
 
 def first_inputs(n_problems: int) -> list[LayerInput]:
@@ -170,7 +171,8 @@ def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, proble
               inputs: list[LayerInput], spec: LayerSpec, loss: LossSpec) -> LayerResult:
     """Rollout -> grade -> group advantages for one layer (the loss is applied by the caller)."""
     n = spec.n
-    prompts = [renderer.render(problems[x.problem].question, x.turns) for x in inputs]
+    fitted = [renderer.fit(problems[x.problem].question, x.turns) for x in inputs]
+    prompts = [text for text, _ in fitted]
     rollout = engine.generate(prompts, n=n, max_new_tokens=spec.max_new_tokens, temperature=loss.temperature,
                               **loss.sampling)
     row_golds = [problems[x.problem].answer for x in inputs for _ in range(n)]
@@ -182,7 +184,8 @@ def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, proble
     advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     correct = list(scored.correct)
     keep = torch.tensor([bool(c) for c in correct]) if spec.keep_successful else None
-    result = LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights)
+    result = LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights,
+                         prompts_cut=sum(cut for _, cut in fitted))
     result.metrics = layer_metrics(result)
     return result
 
@@ -208,7 +211,8 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
     """What a layer's rollout looked like: rewards, accuracy, zero-variance share, lengths (mean, min,
     max, of the completions that ended with EOS, the share cut off: ``clipped_ratio``), the sampled
     prompt + completion tokens (``num_tokens`` per row as TRL counts them, ``num_tokens_computed`` with
-    each group's prompt once), and for corrections the wrong<->right transitions."""
+    each group's prompt once), the prompts whose earlier answers were shortened to fit (``prompts_cut``),
+    and for corrections the wrong<->right transitions."""
     rewards, rollout, correct = result.rewards, result.rollout, result.correct
     valid = ~torch.isnan(rewards)
     metrics = {
@@ -223,6 +227,7 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
                                      + rollout.completion_mask.sum().item()),
         "ungradable": float((~valid).sum().item()),
         "groups": float(len(result.inputs)),
+        "prompts_cut": float(result.prompts_cut),
     }
     if result.inputs and result.inputs[0].prev_correct is not None:
         n = rollout.n
@@ -250,7 +255,8 @@ def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]],
         terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups, strict=True)])
         weights = parts[0].term_weights
     advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
-    return LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights)
+    return LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights,
+                       prompts_cut=sum(r.prompts_cut for r in parts))
 
 
 @dataclass

@@ -36,6 +36,7 @@ class Solved:
     t2_correct: Optional[list[Optional[bool]]] = None
     prompts: list[str] = field(default_factory=list)
     t2_prompts: Optional[list[str]] = None
+    t2_cut: int = 0  # t2 prompts whose first answer was shortened to fit the correction prompt budget
 
 
 def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, questions: Sequence[str],
@@ -66,8 +67,10 @@ def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, quest
     t1_correct = [flat_ok[i * n:(i + 1) * n] for i in range(len(questions))]
     solved = Solved(t1, t1_correct, prompts=prompts)
     if spec.phrase is not None:
-        t2_prompts = [renderer.render(q, ((row[0], spec.phrase),)) for q, row in zip(questions, t1, strict=True)]
+        fitted = [renderer.fit(q, ((row[0], spec.phrase),)) for q, row in zip(questions, t1, strict=True)]
+        t2_prompts = [text for text, _ in fitted]
         t2 = [row[0] for row in generate_all(t2_prompts, 1, 0.0, spec.max_new_tokens_t2)]
         solved.t2_texts, solved.t2_prompts = t2, t2_prompts
+        solved.t2_cut = sum(cut for _, cut in fitted)
         solved.t2_correct = grader_correct(t2, list(golds))
     return solved

@@ -128,15 +128,21 @@ def scalars(summary: dict, prefix: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- the model side
 
-def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict], float]:
+def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict], float, dict[str, int]]:
     """Answer ``problems`` (t1, and t2 when ``eval.two_pass``) with a progress bar; one record each,
-    graded once (by ``solve``)."""
+    graded once (by ``solve``). Questions longer than ``model.max_prompt_length`` are skipped; the counts
+    of those and of t2 prompts whose first answer was shortened come third."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mgrpo_cli.algo.solve import solve
 
     spec = build.solve_spec(cfg, command="eval")
-    renderer, engine = build.renderer(cfg, tok), build.engine(cfg, policy, tok)
+    renderer, engine = build.renderer(cfg, tok, policy), build.engine(cfg, policy, tok)
+    fits = [renderer.fits(p.question) for p in problems]
+    if not all(fits):
+        log.warning("skipped %d questions longer than model.max_prompt_length=%d tokens", fits.count(False),
+                    cfg.model.max_prompt_length)
+        problems = [p for p, ok in zip(problems, fits, strict=True) if ok]
     total = len(problems) * (2 if spec.phrase is not None else 1)
     start = time.perf_counter()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -159,7 +165,8 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
             r["t2_prompt"], r["t2_completion"] = solved.t2_prompts[i], solved.t2_texts[i]
         records.append(r)
     attach_verdicts(records, solved.t1_correct, solved.t2_correct or [], grader)
-    return records, len(problems) / max(seconds, 1e-9)
+    counts = {"skipped_overlong": fits.count(False), "t2_prompts_cut": solved.t2_cut}
+    return records, len(problems) / max(seconds, 1e-9), counts
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             folder = export(policy, tok, cfg.export_to, merge_lora=cfg.lora.export == "merged")
             log.info("exported %s to %s", source, folder)
             return {"export": str(folder)}
-        skipped, rate = 0, None
+        skipped, rate, counts = 0, None, {}
         if cfg.rescore:
             records = grade_records(read_records(cfg.rescore), grader)
         else:
@@ -186,10 +193,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             policy, tok, source = build.scored_policy(cfg, build.warm_start(cfg, reward_fn))
             policy.eval().to(device_for(cfg.trainer.accelerator))  # trainer=gpu scores on the GPU
             log.info("scoring %s on %d problems", source, len(problems))
-            records, rate = generate_records(cfg, policy, tok, problems, grader)
+            records, rate, counts = generate_records(cfg, policy, tok, problems, grader)
         name = cfg.dataset.name
         summary = summarize(records)
         summary["skipped_rows"] = skipped
+        summary.update(counts)
         if rate is not None:
             summary["problems_per_s"] = rate
         summary["grader"] = grader.stats()

@@ -179,14 +179,35 @@ def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
     return model, tok, path or "tiny (random init)"
 
 
-def renderer(cfg: Any, tokenizer):
+def correction_prompt_length(cfg: Any, model) -> Optional[int]:
+    """``model.max_correction_prompt_length``, else the model's ``max_position_embeddings`` minus the
+    correction budget (None for a model without one)."""
+    from mgrpo_cli.data.models import base_model
+
+    m = cfg.model
+    if m.max_correction_prompt_length is not None:
+        return m.max_correction_prompt_length
+    positions = getattr(base_model(model).config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    budget = positions - correction_budget(cfg)
+    if budget <= m.max_prompt_length:
+        raise bad_value("model.max_correction_prompt_length", None, f"the model's {positions} positions minus the "
+                        f"correction budget ({correction_budget(cfg)}) leave {budget} tokens, no more than "
+                        f"model.max_prompt_length={m.max_prompt_length}: lower the budgets")
+    return budget
+
+
+def renderer(cfg: Any, tokenizer, model):
+    """The prompts of every layer, within ``model.max_prompt_length`` and :func:`correction_prompt_length`."""
     from mgrpo_cli.rollout.prompts import PromptRenderer
 
     if cfg.model.prompt_template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise bad_value("model.prompt_template", "chat", "the tokenizer has no chat template; use plain")
     lay = cfg.layer
     return PromptRenderer(tokenizer, cfg.model.prompt_template, cfg.system_prompt, lay.input_mode,
-                          lay.phrase_template, lay.new_turn_prompt)
+                          lay.phrase_template, lay.new_turn_prompt, cfg.model.max_prompt_length,
+                          correction_prompt_length(cfg, model))
 
 
 def engine(cfg: Any, model, tokenizer):
@@ -197,7 +218,9 @@ def engine(cfg: Any, model, tokenizer):
     generation = getattr(base_model(model), "generation_config", None)
     stops = stop_token_ids(tokenizer, getattr(generation, "eos_token_id", None),
                            chat=cfg.model.prompt_template == "chat")
-    return HFEngine(model, tokenizer, max_prompt_length=cfg.model.max_prompt_length, seed=cfg.seed, stop_ids=stops)
+    # prompts come fitted to their budgets (renderer); the engine's own cut is a guard at the larger one
+    longest = max(cfg.model.max_prompt_length, correction_prompt_length(cfg, model) or 0)
+    return HFEngine(model, tokenizer, max_prompt_length=longest, seed=cfg.seed, stop_ids=stops)
 
 
 def loss_spec(cfg: Any):
@@ -308,7 +331,7 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
     g = cfg.grpo
     bf16_mixed = str(cfg.trainer.precision).startswith("bf16-mixed")
     return MGRPOModule(
-        policy_model, tokenizer, engine=engine(cfg, policy_model, tokenizer), renderer=renderer(cfg, tokenizer),
+        policy_model, tokenizer, engine=engine(cfg, policy_model, tokenizer), renderer=renderer(cfg, tokenizer, policy_model),
         reward_fn=reward_fn, layers=layer_specs(cfg), loss=loss_spec(cfg),
         optim=OptimSpec(lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,
                         step_per_layer=cfg.layer.combine == "sequential"),
@@ -371,8 +394,29 @@ def training(cfg: Any, reward_fn, problems: Data, start: Optional[str] = None) -
     policy_model, tok, source = policy(cfg, start)
     policy_model.train()  # from_pretrained returns eval mode; training starts in train mode
     mod = module(cfg, policy_model, tok, reward_fn, problems.stream)
-    return Training(mod, train_loader(problems.stream, mod), val_loader(problems.held_out, cfg.eval.batch_size),
-                    len(problems.held_out), source)
+    held_out = without_overlong(problems, mod.renderer, cfg.model.max_prompt_length)
+    return Training(mod, train_loader(problems.stream, mod), val_loader(held_out, cfg.eval.batch_size),
+                    len(held_out), source)
+
+
+def without_overlong(problems: Data, renderer, max_prompt_length: int) -> list:
+    """verl's ``filter_overlong_prompts``: the training pool (in place) and the held-out problems without
+    the questions whose prompt is longer than ``max_prompt_length`` tokens (logged); the held-out ones."""
+    pool = problems.stream.pool
+    if pool is not None:
+        kept = [p for p in pool if renderer.fits(p.question)]
+        if not kept:
+            raise bad_value("model.max_prompt_length", max_prompt_length, "every training question's prompt is "
+                            "longer: give a larger budget")
+        if len(kept) < len(pool):
+            log.warning("skipped %d training questions longer than model.max_prompt_length=%d tokens",
+                        len(pool) - len(kept), max_prompt_length)
+        problems.stream.pool = kept
+    held_out = [p for p in problems.held_out if renderer.fits(p.question)]
+    if len(held_out) < len(problems.held_out):
+        log.warning("skipped %d held-out questions longer than model.max_prompt_length=%d tokens",
+                    len(problems.held_out) - len(held_out), max_prompt_length)
+    return held_out
 
 
 def strategy(cfg: Any):

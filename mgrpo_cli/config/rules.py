@@ -231,6 +231,10 @@ def is_embedded(cfg: Any) -> bool:
 
 def _check_model(cfg: Any) -> None:
     m = cfg.model
+    if m.max_correction_prompt_length is not None and m.max_correction_prompt_length <= m.max_prompt_length:
+        raise bad_value("model.max_correction_prompt_length", m.max_correction_prompt_length,
+                        f"a correction prompt holds the question's prompt (up to model.max_prompt_length="
+                        f"{m.max_prompt_length}) and more: give a larger budget, or null")
     if m.path is None:
         if m.name != "tiny":
             raise bad_value("model.path", None, f"model={m.name} needs a hub name (org/name) or a local folder")

@@ -73,7 +73,11 @@ class ModelConfig:
     dtype: Dtype = Dtype.float32  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # a question's prompt budget: a longer question is skipped and counted, never cut
     max_prompt_length: int = 512
+    # a correction prompt's budget (layers 2+, eval's t2): earlier answers are shortened from their start to
+    # fit, never the question; null = the model's max_position_embeddings minus the correction budget
+    max_correction_prompt_length: Optional[int] = None
     # the first answer gets less room than a careful second look: on the tiny model's task, 32 new
     # tokens fit a one-operation-per-step solution of 2-3 operands (4 operands need the one-step
     # shortcut), 48 fit every careful solution

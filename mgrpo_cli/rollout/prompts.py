@@ -7,13 +7,21 @@ A layer-k input is the problem plus the earlier turns, each a (response, guiding
   the phrase.
 ``chat`` uses the tokenizer's chat template with a system prompt (Qwen2.5-Math style by default);
 ``plain`` (the embedded tiny model) is the question and a newline.
+
+Budgets never cut the head of a prompt (system prompt, question). A question whose prompt is longer
+than ``max_prompt_length`` tokens is left out by the caller (:meth:`PromptRenderer.fits`, verl's
+``filter_overlong_prompts``); a correction prompt longer than ``max_correction_prompt_length`` has its
+earlier answers shortened from their start, oldest first, keeping their end (where the final answer
+is) behind :data:`CUT_MARK` (:meth:`PromptRenderer.fit`).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 PLAIN_TEMPLATE = "{question}\n"
+CUT_MARK = "[...] "  # where a shortened earlier answer begins
 
 Turn = tuple[str, str]  # (response, guiding phrase)
 
@@ -26,6 +34,39 @@ class PromptRenderer:
     input_mode: str  # continue | new_turn
     phrase_template: str  # how a guiding phrase follows a response (continue)
     new_turn_prompt: str  # the user turn asking for a review (new_turn)
+    max_prompt_length: Optional[int] = None  # a question's prompt budget in tokens; None = any length
+    max_correction_prompt_length: Optional[int] = None  # a correction prompt's budget; None = any length
+
+    def length(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fits(self, question: str) -> bool:
+        """Whether the question's prompt is within ``max_prompt_length`` (else the caller skips it)."""
+        return self.max_prompt_length is None or self.length(self.render(question)) <= self.max_prompt_length
+
+    def fit(self, question: str, turns: Sequence[Turn] = ()) -> tuple[str, bool]:
+        """(the prompt of :meth:`render` within ``max_correction_prompt_length``, whether an answer was cut).
+
+        Each earlier answer, oldest first, loses tokens from its start until the prompt fits; what is
+        left follows :data:`CUT_MARK`. The system prompt, the question and the phrases are never cut
+        (``config.rules`` keeps the correction budget above the question's)."""
+        text = self.render(question, turns)
+        budget = self.max_correction_prompt_length
+        if not turns or budget is None or (over := self.length(text) - budget) <= 0:
+            return text, False
+        turns = list(turns)
+        for i, (response, phrase) in enumerate(turns):
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            drop = 0
+            while over > 0 and drop < len(ids):
+                drop = min(len(ids), drop + over)
+                kept = self.tokenizer.decode(ids[drop:], skip_special_tokens=True).lstrip("\ufffd")
+                turns[i] = (CUT_MARK + kept, phrase)
+                text = self.render(question, turns)
+                over = self.length(text) - budget
+            if over <= 0:
+                break
+        return text, True
 
     def _chat(self, messages: list[dict]) -> str:
         if self.system_prompt:

@@ -54,7 +54,7 @@ def test_a_base_model_row_that_writes_im_end_stops_there(qwen25):
     cfg = _cfg("qwen1.5b", qwen25("math"))
     policy, tok = load_policy(build.model_spec(cfg.model))
     assert tok.eos_token_id == ENDOFTEXT and policy.generation_config.eos_token_id == ENDOFTEXT
-    engine, renderer = build.engine(cfg, policy, tok), build.renderer(cfg, tok)
+    engine, renderer = build.engine(cfg, policy, tok), build.renderer(cfg, tok, policy)
     prompts = [renderer.render(q) for q in ("What is 2+3?", "Natalia sold 48 clips. How many are left?")]
     ro = engine.generate(prompts, n=16, max_new_tokens=24, temperature=1.0)
     lengths = ro.completion_mask.sum(-1)
