@@ -73,7 +73,19 @@ def _fill(cfg: Any, split: str) -> str:
     loaded = load_problems(build.dataset_spec(d), split, data_dir=cfg.paths.data)
     how = "already there" if there else f"from {d.hub_name}"
     skipped = f", {loaded.skipped} rows skipped" if loaded.skipped else ""
-    return f"{d.name} {split}: {len(loaded.problems)} problems in {loaded.source} ({how}{skipped})"
+    return (f"{d.name} {split}: {len(loaded.problems)} problems in {loaded.source} ({how}{skipped})"
+            f"{_source(cfg, split)}")
+
+
+def _source(cfg: Any, split: str) -> str:
+    """Where the data folder's split came from, as its sidecar records it ('' when it has none)."""
+    from mgrpo_cli.data.loaders import split_source
+
+    src = split_source(cfg.paths.data, cfg.dataset.name, split)
+    if src is None:
+        return ""
+    config = f" config {src['hub_config']}" if src.get("hub_config") else ""
+    return f"; source {src['hub_name']}{config} split {src['split']} revision {src.get('revision') or 'none (a local folder)'}"
 
 
 def _listing(cfg: Any) -> str:
@@ -86,5 +98,5 @@ def _listing(cfg: Any) -> str:
         if d.get(f"{split}_split") is None:
             continue
         found = data_folder_file(cfg.paths.data, d.name, split)
-        splits.append(f"{split}: {found if found else 'not in the data folder'}")
+        splits.append(f"{split}: {found if found else 'not in the data folder'}{_source(cfg, split)}")
     return f"{d.name:<14} {hub}; {'; '.join(splits)}"

@@ -130,13 +130,17 @@ class DatasetConfig:
     # a split set to null does not exist on the Hub (e.g. MATH-500 has only a test split)
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
+    # the Hub set's revision (a commit, tag or branch) load_dataset reads; null = its main branch. The
+    # revision actually loaded is kept beside the split in the data folder (<split>.source.json)
+    hub_revision: Optional[str] = None
     train_split: Optional[str] = "train"
     test_split: Optional[str] = "test"
     # the Hub's column names -> the names `fields` uses, applied when a split is written to the data folder
     hub_rename: dict[str, str] = field(default_factory=dict)
     fields: FieldMap = field(default_factory=FieldMap)
     # how the gold answer is read: answer (as is) | gsm8k (#### N) | boxed (last \boxed{} of solution,
-    # or answer when given) | list (a Python-style list in a string, as OlympiadBench's final_answer)
+    # or answer when given) | list (a list, as OlympiadBench's final_answer on the Hub, or a Python-style
+    # list in a string, as in Qwen2.5-Math's evaluation files)
     answer_format: AnswerFormat = AnswerFormat.answer
     on_bad_row: OnBadRow = OnBadRow.error
     arith: ArithConfig = field(default_factory=ArithConfig)

@@ -69,6 +69,7 @@ class DatasetSpec:
     test_path: Optional[str]
     hub_name: Optional[str]
     hub_config: Optional[str]
+    hub_revision: Optional[str]  # the Hub set's commit, tag or branch; None = its main branch
     train_split: Optional[str]  # the Hub's split name; None: the Hub set has no such split
     test_split: Optional[str]
     hub_rename: dict[str, str]  # the Hub's column names -> the names ``fields`` uses
@@ -217,7 +218,7 @@ def fetch_split(cfg: DatasetSpec, split: str, data_dir: Optional[str | Path] = N
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(hub_name, hub_config, split=hub_split)
+        ds = datasets.load_dataset(hub_name, hub_config, split=hub_split, revision=cfg.hub_revision)
     except Exception as e:  # offline, unknown name, config or split: all user-facing
         raise DataError(f"dataset={name}: no {target}, and {what} could not be loaded ({_first_line(e)}); "
                         f"put the file there (paths.data=DIR or {DATA_DIR_ENV}=DIR is the data folder), "
@@ -231,8 +232,34 @@ def fetch_split(cfg: DatasetSpec, split: str, data_dir: Optional[str | Path] = N
         except ValueError as e:
             raise DataError(f"dataset.hub_rename={rename}: {_first_line(e)}") from None
     _write_jsonl(ds, target)
+    source = {"hub_name": hub_name, "hub_config": hub_config, "split": hub_split,
+              "revision": _loaded_revision(hub_name, cfg.hub_revision), "rows": len(ds)}
+    target.with_name(f"{split}{SOURCE_SUFFIX}").write_text(json.dumps(source, indent=1) + "\n")
     log.info("wrote %d rows of %s to %s", len(ds), what, target)
     return target
+
+
+SOURCE_SUFFIX = ".source.json"  # <split>.source.json: where a split written from the Hub came from
+
+
+def _loaded_revision(hub_name: str, requested: Optional[str]) -> Optional[str]:
+    """The commit of the Hub set that was read (the Hub resolves ``requested``, a branch or tag, to one);
+    None for a local folder. When the Hub cannot be asked, the requested revision as given."""
+    if Path(hub_name).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(hub_name, revision=requested).sha or requested
+    except Exception:  # offline after a cached load, or a Hub error: what was asked for
+        return requested
+
+
+def split_source(data_dir: Optional[str | Path], name: str, split: str) -> Optional[dict[str, Any]]:
+    """The sidecar of ``<data_dir>/<name>/<split>.jsonl``: the Hub set, config, split and revision it was
+    written from (None when the file was put there by hand)."""
+    path = _data_dir(data_dir) / name / f"{split}{SOURCE_SUFFIX}"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _write_jsonl(rows: Any, target: Path) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from mgrpo_cli.config import build
 from mgrpo_cli.config.schema import ArithConfig, DatasetConfig, FieldMap
 from mgrpo_cli.data import loaders
-from mgrpo_cli.data.loaders import DataError, Loaded
+from mgrpo_cli.data.loaders import DataError, Loaded, split_source
 
 
 def load(dataset, split: str, **kw) -> Loaded:
@@ -202,10 +202,32 @@ def test_hub_split_is_written_once_to_the_data_folder(tmp_path):
     assert loaded.problems[0].question == "0+1?" and loaded.problems[0].extra == {"tags": ["x", "y"]}
     assert [json.loads(line) for line in target.read_text().splitlines()] == [
         {"question": r["q"], "a": r["a"], "tags": r["tags"]} for r in rows]
-    assert sorted(p.name for p in (data / "toy").iterdir()) == ["test.jsonl"]  # no temporary file left
+    # no temporary file left; the sidecar says where the split came from (a local folder: no revision)
+    assert sorted(p.name for p in (data / "toy").iterdir()) == ["test.jsonl", "test.source.json"]
+    assert split_source(data, "toy", "test") == {"hub_name": str(hub), "hub_config": None, "split": "train",
+                                                 "revision": None, "rows": 5}
     # later runs read the file: the Hub set may be gone
     cfg.hub_name = str(tmp_path / "gone")
     assert load(cfg, "test", data_dir=data).problems == loaded.problems
+
+
+def test_hub_revision_goes_to_load_dataset(tmp_path, monkeypatch):
+    """dataset.hub_revision is what load_dataset reads; the sidecar keeps the revision as given when the Hub
+    cannot be asked for the commit it resolves to (here: offline)."""
+    import datasets
+
+    seen = {}
+    real = datasets.load_dataset
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(str(hub_folder(tmp_path / "hub", [{"question": "1+1?", "answer": "2"}])), split="test")
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    cfg = DatasetConfig(name="toy", kind="hub", hub_name="org/toy", hub_config="main", hub_revision="v1.0")
+    assert [p.answer for p in load(cfg, "test", data_dir=tmp_path / "data").problems] == ["2"]
+    assert seen["revision"] == "v1.0"
+    assert split_source(tmp_path / "data", "toy", "test") == {"hub_name": "org/toy", "hub_config": "main",
+                                                               "split": "test", "revision": "v1.0", "rows": 1}
 
 
 def test_hub_offline_is_one_line_naming_both_ways_out(tmp_path, monkeypatch):
@@ -414,6 +436,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found 
                           meta={"subject": "Precalculus", "level": 2, "id": "test/precalculus/807.json"})),
     ("minerva", 272, dict(answer="1.6", id="0",
                           meta={"subject": "Introduction to Astronomy (8.282J Spring 2006)", "id": 0})),
+    # the data folder holds Qwen2.5-Math's evaluation file of OlympiadBench (675 rows; the Hub's split has 674)
     ("olympiadbench", 675, dict(answer="2", id="1606", meta={"subject": "Combinatorics", "id": 1606})),
 ])
 def test_real_test_sets(name, n, first, tmp_path, monkeypatch):
