@@ -494,3 +494,20 @@ def test_a_field_mapping_that_matches_no_field_names_the_mapping(tmp_path):
     with pytest.raises(DataError, match=r"rows\.jsonl:1: missing field 'question_text' "
                                         r"\(dataset\.fields\.question=question_text; the row's fields: problem, answer\)$"):
         load(cfg, "test")
+
+
+def test_mgrpo_data_shows_where_a_cached_split_came_from(tmp_path, capsys):
+    """`mgrpo data gsm8k` fills the data folder from a Hub set (here a local folder) and prints each split's
+    source; listing the data folder later shows it again."""
+    from mgrpo_cli.cli.data import main
+
+    rows = [{"question": "1+1?", "answer": "#### 2"}]
+    hub = hub_folder(tmp_path / "hub", rows, split="train")
+    hub_folder(hub, rows, split="test")
+    args = [f"dataset.hub_name={hub}", "dataset.hub_config=null", f"paths.data={tmp_path / 'data'}"]
+    main(["gsm8k", *args])
+    out = capsys.readouterr().out
+    assert f"gsm8k test: 1 problems in {tmp_path / 'data' / 'gsm8k' / 'test.jsonl'} (from {hub}); source {hub} split " \
+           "test revision none (a local folder)" in out
+    main(args)
+    assert f"test: {tmp_path / 'data' / 'gsm8k' / 'test.jsonl'}; source {hub} split test" in capsys.readouterr().out
