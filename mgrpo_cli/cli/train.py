@@ -131,12 +131,12 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
             return {}, False
         setup = build.training(cfg, reward_fn, problems, start_from)
         module = setup.module
-        last = out / resume.CHECKPOINT
-        stopper = lifecycle.StopAndCheckpoint(requests, last, every_minutes=cfg.trainer.checkpoint_every_minutes,
-                                              every_steps=cfg.trainer.checkpoint_every)
+        writer = build.checkpoint_writer(cfg, out)
+        last = writer.last
+        stopper = lifecycle.StopAndCheckpoint(requests, writer, every_minutes=cfg.trainer.checkpoint_every_minutes)
         callbacks = (build.run_callbacks(cfg, out, run_logger) + [stopper]
                      + ([weight_checksums_callback(out)] if cfg.trainer.weight_checksums else []))
-        trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks)
+        trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks, writer)
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
         start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}
         if not start and not requests.requested:

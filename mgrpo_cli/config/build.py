@@ -447,23 +447,31 @@ def run_callbacks(cfg: Any, out: Path, run_logger=None) -> list:
     return found
 
 
-def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
-    """The Lightning Trainer: step-based checkpoints under ``<out>/checkpoints``, the rich progress bar
-    in steps (``step 120/300``)."""
+def checkpoint_writer(cfg: Any, out: Path):
+    """The writer of every checkpoint file under ``<out>/checkpoints`` (``trainer.keep_checkpoints``)."""
+    from mgrpo_cli.training.checkpointing import CheckpointWriter
+
+    return CheckpointWriter(out / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+
+
+def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None, writer=None):
+    """The Lightning Trainer: step-based checkpoints through ``writer`` (default :func:`checkpoint_writer`),
+    the rich progress bar in steps (``step 120/300``)."""
     import lightning as L
 
-    from mgrpo_cli.training.checkpointing import StepCheckpoint
+    from mgrpo_cli.training.checkpointing import DirectCheckpointIO, StepCheckpoint
     from mgrpo_cli.training.progress import StepProgressBar
 
     t = cfg.trainer
-    ckpt = StepCheckpoint(out / "checkpoints", every=t.checkpoint_every)
+    ckpt = StepCheckpoint(writer or checkpoint_writer(cfg, out), every=t.checkpoint_every)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1, logger=logger or False,
         deterministic=t.deterministic,
         callbacks=[ckpt, StepProgressBar(), *(callbacks or [])], enable_checkpointing=False,
-        enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False)
+        enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False,
+        plugins=[] if t.strategy == "deepspeed" else [DirectCheckpointIO()])  # DeepSpeed writes its own files
 
 
 # ---------------------------------------------------------------------------------------------- eval's policy

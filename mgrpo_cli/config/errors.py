@@ -7,12 +7,17 @@ command's task function and turns a ``UserError`` into ``error: <message>`` on s
 2; with ``HYDRA_FULL_ERROR=1`` the traceback is shown instead. In a multirun sweep a failed job does
 not stop the sweep: its line is kept, and the sweep ends with the list of failed jobs and exit code 1.
 
+A failure of the run's surroundings that is not the user's input but has one clear cause (a full
+disk: :class:`DiskFull`, ``no space left on device writing <path>``) is one ``error:`` line and exit
+code 1, also without a traceback.
+
 This module imports nothing heavy: the command dispatcher uses it before torch loads.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import logging
 import os
 import re
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED_JOBS = 1
+EXIT_RUN_FAILED = 1
 
 # (job name, one-line error) of the sweep's jobs that failed in this process
 failed_jobs: list[tuple[str, str]] = []
@@ -31,6 +37,44 @@ failed_jobs: list[tuple[str, str]] = []
 
 class UserError(ValueError):
     """A mistake in the user's input; its message is the whole one-line explanation."""
+
+
+class DiskFull(OSError):
+    """The disk filled up while the run wrote ``path``."""
+
+    def __init__(self, path: Any):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+
+    def __str__(self) -> str:
+        return f"no space left on device writing {self.filename}"
+
+
+def disk_full(error: BaseException, folder: Any = None) -> bool:
+    """Whether ``error`` (or an error it came from) is a full disk: an ``OSError`` ENOSPC/EDQUOT, or the
+    ``RuntimeError`` "file write failed" that ``torch.save`` raises instead when ``folder`` has (almost)
+    no space left."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and "file write failed" in str(error) and folder is not None:
+            try:
+                stats = os.statvfs(folder)
+            except OSError:
+                return False
+            return stats.f_bavail * stats.f_frsize < 1 << 24
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def as_disk_full(error: BaseException) -> DiskFull | None:
+    """``error`` as a :class:`DiskFull` naming the file when it is an ``OSError`` of a full disk."""
+    if isinstance(error, DiskFull):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(error.filename or "(a file of the run)")
+    return None
 
 
 def bad_value(key: str, value: Any, why: str) -> UserError:
@@ -41,7 +85,9 @@ def bad_value(key: str, value: Any, why: str) -> UserError:
 def one_line(error: BaseException) -> str:
     """The error as one line for a job's records (``status.json``, MLflow's ``error`` tag):
     ``<type>: <first line of the message>`` (``UserError: grpo.lr=-1: ...``), as the sweep's failed-job
-    list shows it."""
+    list shows it; a full disk as :class:`DiskFull`."""
+    if isinstance(error, OSError):
+        error = as_disk_full(error) or error
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
@@ -66,16 +112,17 @@ def run_command(task: Callable[[Any], Any], cfg: Any) -> Any:
     """``task(cfg)``, with a ``UserError`` reported as one line (see the module docstring)."""
     try:
         return task(cfg)
-    except UserError as e:
-        if full_errors():
+    except (UserError, OSError) as e:
+        full = as_disk_full(e) if isinstance(e, OSError) else None
+        if full_errors() or not (isinstance(e, UserError) or full):
             raise
         multirun, job = _multirun()
         if multirun:
-            log.error("job %s failed: %s", job, e)
-            failed_jobs.append((job, str(e)))
+            log.error("job %s failed: %s", job, full or e)
+            failed_jobs.append((job, str(full or e)))
             return None
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        print(f"error: {full or e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_RUN_FAILED if full else EXIT_USER_ERROR)
 
 
 _CONVERT = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "text"}

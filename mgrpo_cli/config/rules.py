@@ -100,6 +100,7 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.max_steps", _at_least(1), "train for at least 1 step"),
     ("trainer.val_every", _at_least(1), "validate every N >= 1 steps"),
     ("trainer.checkpoint_every", _at_least(1), "checkpoint every N >= 1 steps"),
+    ("trainer.keep_checkpoints", _at_least(1), "keep the N >= 1 newest step checkpoints"),
     ("trainer.checkpoint_every_minutes", _unset_or(_positive), "checkpoint every N > 0 minutes (or null)"),
     ("trainer.max_nonfinite_steps", _at_least(0), "stop after N >= 1 non-finite steps in a row, or 0 for never"),
     ("trainer.num_nodes", _at_least(1), "need at least 1 node"),

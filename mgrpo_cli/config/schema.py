@@ -297,6 +297,8 @@ class TrainerConfig:
     # at the cost of slower deterministic kernels (docs/resume.md); CPU runs are exact without it
     deterministic: bool = False
     checkpoint_every: int = 100
+    # step checkpoints kept: last.ckpt, last-1.ckpt, ...; resume= uses the newest that loads
+    keep_checkpoints: int = 2
     # also write checkpoints/last.ckpt after any step ending this many minutes after the last checkpoint
     checkpoint_every_minutes: Optional[float] = None
     # stop after this many training steps in a row whose loss or gradient was not finite (0 = never)

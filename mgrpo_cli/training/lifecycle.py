@@ -42,13 +42,35 @@ STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 
 def write_status(folder: str | Path, status: str, error: Optional[str] = None,
                  mlflow_run_id: Optional[str] = None) -> None:
-    """Write ``<folder>/status.json`` atomically (a reader never sees half a file)."""
+    """Write ``<folder>/status.json`` atomically (a reader never sees half a file); on a full disk, where
+    no new file can be made, over the old file's bytes in place (its block holds the few hundred bytes)."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     path = Path(folder) / "status.json"
-    tmp = path.with_name(f".status.json.{os.getpid()}")
-    tmp.write_text(json.dumps({"status": status, "error": error, "mlflow_run_id": mlflow_run_id}, indent=1) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({"status": status, "error": error, "mlflow_run_id": mlflow_run_id}, indent=1) + "\n"
+    replace_or_overwrite(path, text.encode())
+
+
+def replace_or_overwrite(path: Path, data: bytes) -> None:
+    """``path`` holds ``data``: written to a temporary file renamed over it, or, when the disk is too full
+    for a new file, written over the existing file in place (no new block needed for a small file)."""
+    from mgrpo_cli.config.errors import disk_full
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if not (disk_full(e) and path.is_file()):
+            raise
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def read_status(folder: str | Path) -> Optional[dict]:
@@ -137,20 +159,16 @@ class StopRequested(Exception):
 
 class StopAndCheckpoint(Callback):
     """After each training step: on a stop request (on any rank), or when ``every_minutes`` have
-    passed since the last checkpoint, write ``path``; on a stop request, leave ``fit`` after that
-    step and its scheduled validation, if any (:class:`StopRequested`; ``stop_pending`` says so when
-    it was the last step). When training ends, write ``path`` if its last step is not in it.
+    passed since the last checkpoint, write ``last.ckpt`` through ``writer``
+    (``checkpointing.CheckpointWriter``, shared with the step-based checkpoints, which writes a step
+    once); on a stop request, leave ``fit`` after that step and its scheduled validation, if any
+    (:class:`StopRequested`; ``stop_pending`` says so when it was the last step). When training ends,
+    write ``last.ckpt`` if its last step is not in it."""
 
-    ``every_steps``: the step-based ``ModelCheckpoint``'s interval; at those steps it writes the
-    checkpoint and this callback does not write a second one."""
-
-    def __init__(self, requests: StopRequests, path: str | Path, *, every_minutes: Optional[float] = None,
-                 every_steps: Optional[int] = None):
-        self.requests, self.path = requests, Path(path)
+    def __init__(self, requests: StopRequests, writer, *, every_minutes: Optional[float] = None):
+        self.requests, self.writer = requests, writer
         self.every_s = every_minutes * 60 if every_minutes else None
-        self.every_steps = every_steps
         self._last = time.monotonic()
-        self._saved_step: Optional[int] = None
         self.stop_pending = False
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -168,24 +186,21 @@ class StopAndCheckpoint(Callback):
         from mgrpo_cli.training import distributed
 
         now = time.monotonic()
+        if self.writer.saved_step == trainer.global_step:  # the step-based checkpoint of this step
+            self._last = now
         due = self.every_s is not None and now - self._last >= self.every_s
         vote = distributed.max_over_ranks(2 * int(self.requests.requested) + int(due))  # every rank, every step
-        step_checkpoint = bool(self.every_steps) and trainer.global_step % self.every_steps == 0
-        if step_checkpoint:
-            self._last, self._saved_step = now, trainer.global_step
         if vote == 0:
             return
-        if not step_checkpoint:
-            self._save(trainer)
-            self._last = now
+        self._save(trainer)
+        self._last = now
         if vote >= 2:
             self.stop_pending = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._saved_step:
-            self._save(trainer)
+        self._save(trainer)
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes (atomically)
-        self._saved_step = trainer.global_step
-        log.info("checkpoint at step %d: %s", trainer.global_step, self.path)
+        if self.writer.saved_step != trainer.global_step:
+            self.writer.save_last(trainer)  # every rank takes part; rank 0 writes
+            log.info("checkpoint at step %d: %s", trainer.global_step, self.writer.last)

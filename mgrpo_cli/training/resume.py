@@ -8,7 +8,8 @@ Two steps:
   * in the task, :func:`resumed_config` reads the run's ``.hydra/config.yaml``, applies the overrides
     that are safe to change (:data:`SAFE_OVERRIDES`, e.g. ``trainer.max_steps`` to extend a run) and
     saves them there so a later ``resume=`` keeps them, and sets ``ckpt_path`` to
-    ``checkpoints/last.ckpt`` (a run stopped before its first checkpoint starts again from where it
+    the newest checkpoint that loads (``checkpoints/last.ckpt``, else ``last-1.ckpt``, ...:
+    ``checkpointing.newest_loadable``; a run stopped before its first checkpoint starts again from where it
     started). The MLflow run id comes from the run's ``status.json`` (``mgrpo_cli.training.lifecycle``).
 
 A resumed run continues exactly: the problems and every random draw of step s are functions of
@@ -31,6 +32,7 @@ SAFE_OVERRIDES = {
     "trainer.max_time": "a new wall-clock limit for the whole run (Lightning counts every leg's time)",
     "trainer.checkpoint_every": "checkpoint more or less often",
     "trainer.checkpoint_every_minutes": "checkpoint more or less often",
+    "trainer.keep_checkpoints": "keep more or fewer checkpoints",
     "trainer.val_every": "validation changes no training step",
     "trainer.max_nonfinite_steps": "tolerate more or fewer skipped steps",
     "trainer.threads": "speed only (on CPU the last bits of the results follow the thread count)",
@@ -134,8 +136,10 @@ def resumed_config(cfg: Any, given: list[str], *, is_global_zero: bool = True):
         OmegaConf.save(merged, record / "config.yaml")  # a later resume= keeps the new values
         log.info("resume: %s saved into %s", ", ".join(f"{k}={v}" for k, v in changed.items()), record / "config.yaml")
     merged.resume = str(folder)
-    checkpoint = folder / CHECKPOINT
-    if checkpoint.is_file():
+    from mgrpo_cli.training.checkpointing import newest_loadable
+
+    checkpoint = newest_loadable(folder / CHECKPOINT.parent, set_aside=is_global_zero)
+    if checkpoint is not None:
         merged.ckpt_path = str(checkpoint)
     else:
         log.warning("resume: %s has no checkpoint yet; the run starts again from its beginning", folder)

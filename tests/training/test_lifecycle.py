@@ -96,13 +96,22 @@ def test_sweep_jobs_that_fail_before_loading_a_model_still_leave_a_failed_run(tm
 
 
 class _StubTrainer:
-    """What StopAndCheckpoint uses of a Trainer: the step and save_checkpoint (every rank calls it)."""
+    """What StopAndCheckpoint uses of a Trainer: the step."""
 
     def __init__(self):
-        self.global_step, self.saved = 0, []
+        self.global_step = 0
 
-    def save_checkpoint(self, path):
-        self.saved.append(self.global_step)
+
+class _StubWriter:
+    """What StopAndCheckpoint uses of a CheckpointWriter: ``save_last`` writes a step once."""
+
+    def __init__(self):
+        self.saved_step, self.saved, self.last = None, [], "last.ckpt"
+
+    def save_last(self, trainer):
+        if trainer.global_step != self.saved_step:
+            self.saved.append(trainer.global_step)
+            self.saved_step = trainer.global_step
 
 
 def test_checkpoints_every_n_minutes_besides_the_step_checkpoints_and_at_the_end(monkeypatch, tmp_path):
@@ -110,36 +119,40 @@ def test_checkpoints_every_n_minutes_besides_the_step_checkpoints_and_at_the_end
 
     clock = [0.0]
     monkeypatch.setattr(lifecycle.time, "monotonic", lambda: clock[0])
-    cb = lifecycle.StopAndCheckpoint(StopRequests(), tmp_path / "last.ckpt", every_minutes=1, every_steps=4)
+    writer = _StubWriter()
+    cb = lifecycle.StopAndCheckpoint(StopRequests(), writer, every_minutes=1)
     trainer = _StubTrainer()
     cb.on_train_start(trainer, None)
     cb.requests.restore()
-    # seconds at which steps 1..6 end; step 4 is ModelCheckpoint's, which restarts the clock
+    # seconds at which steps 1..6 end; step 4 is StepCheckpoint's (it runs first), which restarts the clock
     for step, t in zip(range(1, 7), (30, 70, 100, 130, 180, 200), strict=True):
         trainer.global_step, clock[0] = step, t
+        if step == 4:
+            writer.save_last(trainer)
         cb.on_train_batch_end(trainer, None, None, None, step - 1)
-    assert trainer.saved == [2, 6] and not cb.stop_pending
+    assert writer.saved == [2, 4, 6] and not cb.stop_pending
     cb.on_train_end(trainer, None)
-    assert trainer.saved == [2, 6]  # the last step is in a checkpoint already
+    assert writer.saved == [2, 4, 6]  # the last step is in a checkpoint already
     trainer.global_step = 7
     cb.on_train_end(trainer, None)
-    assert trainer.saved == [2, 6, 7]
+    assert writer.saved == [2, 4, 6, 7]
 
 
 def test_a_stop_request_checkpoints_that_step_and_leaves_before_the_next(tmp_path):
     from mgrpo_cli.training import lifecycle
 
-    cb = lifecycle.StopAndCheckpoint(StopRequests(), tmp_path / "last.ckpt", every_steps=4)
+    writer = _StubWriter()
+    cb = lifecycle.StopAndCheckpoint(StopRequests(), writer)
     trainer = _StubTrainer()
     for step in (1, 2):
         trainer.global_step = step
         cb.on_train_batch_start(trainer, None, None, step - 1)
         cb.on_train_batch_end(trainer, None, None, None, step - 1)
-    assert trainer.saved == []
+    assert writer.saved == []
     cb.requests.signum = signal.SIGTERM  # as the handler records it
     trainer.global_step = 3
     cb.on_train_batch_end(trainer, None, None, None, 2)
-    assert trainer.saved == [3] and cb.stop_pending
+    assert writer.saved == [3] and cb.stop_pending
     cb.on_validation_start(trainer, None)  # a validation due at that step still runs
     with pytest.raises(lifecycle.StopRequested):
         cb.on_train_batch_start(trainer, None, None, 3)

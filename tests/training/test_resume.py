@@ -131,6 +131,24 @@ def test_sigkill_between_checkpoints_then_resume_is_the_uninterrupted_run(refere
     _assert_same_run(reference, tmp_path)
 
 
+def test_a_truncated_newest_checkpoint_resumes_exactly_from_the_one_before(reference, digits, tmp_path):
+    proc = _start(tmp_path, *RUN, *digits)
+    assert _signal_after(proc, tmp_path, 2 * EVERY, signal.SIGKILL) == -signal.SIGKILL
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    assert _checkpoint_step(run) >= 2 * EVERY
+    previous = torch.load(checkpoints / "last-1.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert previous == _checkpoint_step(run) - EVERY  # trainer.keep_checkpoints=2 by default
+    data = (checkpoints / "last.ckpt").read_bytes()
+    (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 3])  # a node failure cut the write short
+
+    res = run_cli("train", f"resume={run}", timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    warnings = [line for line in (res.stdout + res.stderr).splitlines() if "does not load" in line]
+    assert len(warnings) == 1 and "last-1.ckpt" in warnings[0], warnings
+    _assert_same_run(reference, tmp_path)
+
+
 def test_sigterm_finishes_the_step_checkpoints_marks_killed_and_resume_finishes(reference, digits, tmp_path):
     proc = _start(tmp_path, *RUN, *digits)
     assert _signal_after(proc, tmp_path, EVERY + 1, signal.SIGTERM) == 75
