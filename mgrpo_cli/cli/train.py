@@ -27,7 +27,7 @@ from mgrpo_cli.config import build, rules
 from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError, one_line, run_command
 from mgrpo_cli.config.schema import conf_dir, register_configs
 from mgrpo_cli.reporting import provenance
-from mgrpo_cli.training import resume
+from mgrpo_cli.training import resume, runlock
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,22 @@ def _global_rank() -> int:
 
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train per ``cfg``; returns the start and end held-out metrics. Stopped by a signal, it exits
-    (``SystemExit``) with ``lifecycle.EXIT_PREEMPTED`` or ``EXIT_INTERRUPTED`` after recording KILLED."""
+    (``SystemExit``) with ``lifecycle.EXIT_PREEMPTED`` or ``EXIT_INTERRUPTED`` after recording KILLED.
+    Rank 0 holds the run folder's lock (``runlock``) throughout."""
+    out = build.run_dir(cfg)
+    zero = _global_rank() == 0
+    locked_here = zero and runlock.lock(out, "hydra.run.dir")  # a dated folder; main() locks a named one
+    try:
+        return _run_train(cfg, out, zero)
+    finally:
+        if locked_here:
+            runlock.release(out)
+
+
+def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
     # lifecycle imports Lightning: not at module level, so command-line errors are fast
     from mgrpo_cli.training import lifecycle
 
-    out = build.run_dir(cfg)
-    zero = _global_rank() == 0
     previous = None
     if cfg.get("resume"):
         given = build.overrides()
@@ -237,8 +247,11 @@ def main() -> None:
     """The ``mgrpo train`` command: a ``resume=`` command line is checked and pointed at its run
     folder (one line and exit 2 when it cannot be resumed), then Hydra runs the task."""
     try:
-        sys.argv = [sys.argv[0], *resume.prepare_argv(sys.argv[1:])]
+        given = sys.argv[1:]
+        sys.argv = [sys.argv[0], *resume.prepare_argv(given)]
         shown = resume.show_config(sys.argv[1:])  # resume=<run> --cfg job: the run's config, not the defaults
+        if shown is None:
+            _lock_named_folder(given, sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
@@ -246,3 +259,15 @@ def main() -> None:
         print(shown, end="")
         return
     _hydra_main()
+
+
+def _lock_named_folder(given: list[str], args: list[str]) -> None:
+    """Lock the run folder the command line names (``resume=``, or ``hydra.run.dir=`` of a single run)
+    before Hydra writes into it (``runlock``); the DDP job's other ranks leave it to rank 0."""
+    if any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for a in args) \
+            or not runlock.is_rank_zero():
+        return
+    named = [a.split("=", 1)[1].strip("'\"") for a in args if "=" in a and resume.key_of(a) == "hydra.run.dir"]
+    if named and "${" not in named[-1]:  # an interpolated folder is locked once Hydra has made it
+        key = "resume" if any(resume.key_of(a) == "resume" for a in given if "=" in a) else "hydra.run.dir"
+        runlock.lock(Path(named[-1]).expanduser(), key)
