@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, run_cli
 
 FAST = ["debug=fast", "warmup.enabled=false"]
