@@ -418,6 +418,9 @@ def test_dataset_configs_name_their_hub_sets(name, hub):
     cfg = compose_dataset(name)
     assert cfg.name == name and cfg.kind == "hub" and not (cfg.train_path or cfg.test_path)
     assert (cfg.hub_name, cfg.hub_config, cfg.train_split, cfg.test_split) == hub
+    # pinned where public evaluation code pins the same commit; the data folder's sidecar records the rest
+    pinned = {"gsm8k": "740312add88f781978c0658806c59bc2815b9866", "math500": "6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"}
+    assert cfg.hub_revision == pinned.get(name)
 
 
 def test_math_from_the_hub_offline_is_one_line(tmp_path):
