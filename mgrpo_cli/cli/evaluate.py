@@ -138,7 +138,7 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
 
     spec = build.solve_spec(cfg, command="eval")
     renderer, engine = build.renderer(cfg, tok, policy), build.engine(cfg, policy, tok)
-    fits = [renderer.fits(p.question) for p in problems]
+    fits = renderer.fits([p.question for p in problems])
     if not all(fits):
         log.warning("skipped %d questions longer than model.max_prompt_length=%d tokens", fits.count(False),
                     cfg.model.max_prompt_length)

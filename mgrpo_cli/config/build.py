@@ -404,7 +404,7 @@ def without_overlong(problems: Data, renderer, max_prompt_length: int) -> list:
     the questions whose prompt is longer than ``max_prompt_length`` tokens (logged); the held-out ones."""
     pool = problems.stream.pool
     if pool is not None:
-        kept = [p for p in pool if renderer.fits(p.question)]
+        kept = [p for p, ok in zip(pool, renderer.fits([p.question for p in pool]), strict=True) if ok]
         if not kept:
             raise bad_value("model.max_prompt_length", max_prompt_length, "every training question's prompt is "
                             "longer: give a larger budget")
@@ -412,7 +412,8 @@ def without_overlong(problems: Data, renderer, max_prompt_length: int) -> list:
             log.warning("skipped %d training questions longer than model.max_prompt_length=%d tokens",
                         len(pool) - len(kept), max_prompt_length)
         problems.stream.pool = kept
-    held_out = [p for p in problems.held_out if renderer.fits(p.question)]
+    fits = renderer.fits([p.question for p in problems.held_out])
+    held_out = [p for p, ok in zip(problems.held_out, fits, strict=True) if ok]
     if len(held_out) < len(problems.held_out):
         log.warning("skipped %d held-out questions longer than model.max_prompt_length=%d tokens",
                     len(problems.held_out) - len(held_out), max_prompt_length)

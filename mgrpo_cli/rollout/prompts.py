@@ -40,9 +40,12 @@ class PromptRenderer:
     def length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def fits(self, question: str) -> bool:
-        """Whether the question's prompt is within ``max_prompt_length`` (else the caller skips it)."""
-        return self.max_prompt_length is None or self.length(self.render(question)) <= self.max_prompt_length
+    def fits(self, questions: Sequence[str]) -> list[bool]:
+        """Whether each question's prompt is within ``max_prompt_length`` (else the caller skips it)."""
+        if self.max_prompt_length is None or not questions:
+            return [True] * len(questions)
+        ids = self.tokenizer([self.render(q) for q in questions], add_special_tokens=False)["input_ids"]
+        return [len(row) <= self.max_prompt_length for row in ids]
 
     def fit(self, question: str, turns: Sequence[Turn] = ()) -> tuple[str, bool]:
         """(the prompt of :meth:`render` within ``max_correction_prompt_length``, whether an answer was cut).

@@ -34,7 +34,7 @@ def test_a_long_first_answer_is_shortened_from_its_start_and_the_question_kept(q
     assert text.endswith("So the answer is \\boxed{72}.\nWait, let me double-check that.\n")
     short = "48 / 2 = 24, 48 + 24 = 72. \\boxed{72}"  # within the budget: unchanged
     assert renderer.fit(QUESTION, ((short, "Hmm."),)) == (renderer.render(QUESTION, ((short, "Hmm."),)), False)
-    assert renderer.fits(QUESTION) and not renderer.fits(QUESTION * 4)
+    assert renderer.fits([QUESTION, QUESTION * 4]) == [True, False]
 
 
 def test_a_correction_layer_counts_its_cut_prompts(qwen_math):
@@ -56,3 +56,22 @@ def test_the_correction_prompt_budget_holds_the_question_budget():
 
     with pytest.raises(UserError, match="model.max_correction_prompt_length=64"):
         rules.check(cfg)
+
+
+def test_training_and_held_out_questions_over_the_budget_are_skipped(caplog):
+    """verl's filter_overlong_prompts: a question longer than model.max_prompt_length leaves the training pool
+    and the held-out set whole (logged), never cut; a pool with nothing left is the one-line error."""
+    from mgrpo_cli.data.models import build_byte_tokenizer
+    from mgrpo_cli.data.problems import ProblemStream
+
+    cfg = compose("train", SMALL + ["model.max_prompt_length=16"])
+    tok = build_byte_tokenizer()
+    model = build.policy(cfg)[0]
+    renderer = build.renderer(cfg, tok, model)
+    short, long = Problem("a", "1+2=", "3"), Problem("b", "1+2+3+4+5+6+7+8+9=", "45")
+    data = build.Data(ProblemStream(2, 0, pool=[short, long, short]), [long, short])
+    assert build.without_overlong(data, renderer, 16) == [short]
+    assert data.stream.pool == [short, short]
+    assert "skipped 1 training questions longer than model.max_prompt_length=16" in caplog.text
+    with pytest.raises(UserError, match="model.max_prompt_length=16"):
+        build.without_overlong(build.Data(ProblemStream(2, 0, pool=[long]), []), renderer, 16)
