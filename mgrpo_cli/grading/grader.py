@@ -95,6 +95,7 @@ def _number_re(comma: bool) -> re.Pattern[str]:
 
 _NUMBER_RE = {comma: _number_re(comma) for comma in (False, True)}
 _DECIMAL_COMMA_RE = re.compile(r"0(?:\{,\}|,)")
+_SEPARATOR_RE = re.compile(r"\{,\}|[, ]")
 
 
 def _clean(answer: str) -> str:
@@ -115,25 +116,30 @@ def _number(cleaned: str, comma: bool) -> tuple[Fraction, bool] | None:
     match = _NUMBER_RE[comma].fullmatch(_LOOSE_SPACE_RE.sub("", cleaned))
     if match is None:
         return None
-    sign = -1 if match.group(1) == "-" else 1
+    negative = match.group(1) == "-"
     (mantissa, exp_e, exp_braced, exp_digit, bare_braced, bare_digit, whole,
      num, den, num_digit, den_digit, slash_num, slash_den) = match.groups()[1:]
     if mantissa is not None:
-        decimal = "." in mantissa or _DECIMAL_COMMA_RE.match(mantissa) is not None
-        if _DECIMAL_COMMA_RE.match(mantissa) is not None:
-            mantissa = _DECIMAL_COMMA_RE.sub("0.", mantissa, count=1)
-        exp = exp_e or exp_braced or exp_digit or "0"
-        value = Fraction(re.sub(r"\{,\}|[, ]", "", mantissa)) * Fraction(10) ** int(exp)
-        return sign * value, decimal
+        comma_match = _DECIMAL_COMMA_RE.match(mantissa)
+        if comma_match is not None:
+            mantissa = "0." + mantissa[comma_match.end() :]
+        decimal = "." in mantissa
+        digits = _SEPARATOR_RE.sub("", mantissa)
+        value = Fraction(digits) if decimal else Fraction(int(digits))
+        exp = int(exp_e or exp_braced or exp_digit or 0)
+        value = value * Fraction(10) ** exp if exp else value
+        return (-value if negative else value), decimal
     if bare_braced is not None or bare_digit is not None:
-        return sign * Fraction(10) ** int(bare_braced or bare_digit), False
+        value = Fraction(10) ** int(bare_braced or bare_digit)
+        return (-value if negative else value), False
     if slash_num is not None:
         num, den = slash_num, slash_den
     elif num is None:
         num, den = num_digit, den_digit
     if int(den) == 0 or (whole and not 0 <= int(num) < int(den)):  # x/0; a mixed number's fraction is proper
         return None
-    return sign * (int(whole or 0) + Fraction(int(num), int(den))), False
+    value = int(whole or 0) + Fraction(int(num), int(den))
+    return (-value if negative else value), False
 
 
 def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:

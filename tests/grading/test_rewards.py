@@ -502,3 +502,18 @@ def test_gsm8k_oracle(grader):
     rows = _rows("gsm8k")
     golds = [extract_gold_gsm8k(r["answer"]) for r in rows]
     assert grader.correct([r["answer"] for r in rows], golds) == [True] * len(rows)
+
+
+@needs_data
+def test_olympiadbench_golds_grade_right_boxed_whole_and_one_box_per_part(grader):
+    from mgrpo_cli.data.loaders import load_problems
+    from mgrpo_cli.grading.extract import split_parts
+
+    raw = yaml.safe_load((REPO / "conf" / "dataset" / "olympiadbench.yaml").read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainAppConfig), {"dataset": raw})
+    golds = [p.answer for p in load_problems(build.dataset_spec(cfg.dataset), "test", data_dir=DATA).problems]
+    assert grader.correct([f"\\boxed{{{g}}}" for g in golds], golds) == [True] * len(golds)
+    several = [g for g in golds if len(split_parts(g)) > 1]
+    per_part = [" and ".join(f"$\\boxed{{{p}}}$" for p in split_parts(g)) for g in several]
+    assert len(several) >= 50  # the joined multi-answer golds
+    assert grader.correct(per_part, several) == [True] * len(several)
