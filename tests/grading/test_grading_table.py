@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -305,6 +306,7 @@ def graders():
     """{hostile: Grader}, one per time limit, shared by the module."""
     with Grader(timeout_s=LIMIT_S, last_number_fallback=False) as ordinary, \
             Grader(timeout_s=HOSTILE_LIMIT_S, last_number_fallback=False) as hostile:
+        hostile.correct([b("\\sqrt{4}")], ["2"])  # its worker started outside the timed cases
         yield {False: ordinary, True: hostile}
 
 
@@ -330,7 +332,10 @@ def test_table_size():
 
 @pytest.mark.parametrize("hostile,gold,completion,expected", CASES)
 def test_grading_table(graders, hostile, gold, completion, expected):
+    start = time.monotonic()
     assert graders[hostile].correct([completion], [gold]) == [expected]
+    if hostile:  # stopped by the time limit (the worker's own timer, else the kill at the limit)
+        assert time.monotonic() - start < HOSTILE_LIMIT_S + 1.0
 
 
 @pytest.mark.parametrize("hostile,gold,completion,expected", CASES)
