@@ -37,9 +37,10 @@ def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     return tail[0] if tail else None
 
 
-def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-    r"""Every ``\boxed``/``\fbox`` in ``text`` as (start, end, content), in order; content None
-    for a box left unclosed. One pass over the braces (a stack), so linear in the text's length."""
+def _boxes(text: str) -> list[tuple[int, int, int, int]]:
+    r"""Every ``\boxed``/``\fbox`` in ``text`` as (start, end, content start, content end), in order;
+    content end -1 for a box left unclosed. One pass over the braces (a stack), and no text copied, so
+    linear in the text's length however many boxes nest."""
     boxes = list(_BOX_RE.finditer(text))
     if not boxes:
         return []
@@ -50,14 +51,13 @@ def _boxes(text: str) -> list[tuple[int, int, str | None]]:
             stack.append(brace.start())
         elif stack:
             closing[stack.pop()] = brace.start()
-    out: list[tuple[int, int, str | None]] = []
+    out: list[tuple[int, int, int, int]] = []
     for match in boxes:
         if match.group(1) is None:  # \boxed 5
-            out.append((match.start(), match.end(), match.group(2)))
+            out.append((match.start(), match.end(), match.start(2), match.end(2)))
             continue
-        end = closing.get(match.start(1))
-        out.append((match.start(), len(text) if end is None else end + 1,
-                    None if end is None else text[match.end(1) : end]))
+        close = closing.get(match.start(1), -1)
+        out.append((match.start(), len(text) if close < 0 else close + 1, match.end(1), close))
     return out
 
 
@@ -69,17 +69,29 @@ def last_boxed(text: str) -> str | None:
 
 def last_boxes(text: str, n: int) -> list[str] | None:
     r"""Contents of the last ``n`` boxes (fewer if there are fewer), in order; of a box inside
-    another, the inner one. None when there is none or the last is unclosed (the answer was cut off)."""
-    boxes = _boxes(text)
-    if not boxes or boxes[-1][2] is None:
+    another, the inner one. None when there is none or the last is unclosed (the answer was cut off).
+    The last box alone (``n`` = 1, the usual case) is found by a scan from it to its closing brace."""
+    match = _last_match(_BOX_RE, text)
+    if match is None:
         return None
-    taken: list[tuple[int, int, str]] = []
-    for start, end, content in reversed(boxes):
-        if content is not None and all(end <= t[0] for t in taken):  # not around a box taken
-            taken.append((start, end, content))
+    if match.group(1) is None:  # \boxed 5
+        last: str | None = match.group(2)
+    else:
+        depth, last = 0, None
+        for brace in _BRACE_RE.finditer(text, match.end(1) - 1):
+            depth += 1 if brace.group() == "{" else -1
+            if depth == 0:
+                last = text[match.end(1) : brace.start()]
+                break
+    if last is None or n == 1:
+        return None if last is None else [last]
+    taken: list[tuple[int, int, int, int]] = []
+    for box in reversed(_boxes(text)):
+        if box[3] >= 0 and (not taken or box[1] <= taken[-1][0]):  # closed, not around the box taken last
+            taken.append(box)
             if len(taken) == n:
                 break
-    return [content for _, _, content in reversed(taken)]
+    return [text[begin:close] for _, _, begin, close in reversed(taken)]
 
 
 def split_parts(answer: str) -> list[str]:
