@@ -22,6 +22,7 @@ missed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,14 +53,12 @@ def _rows(path: Path) -> list[dict]:
 
 def olympiad_golds(data_dir: Path) -> list[str]:
     """OlympiadBench's golds as the data loader reads them (several answers joined with ", ")."""
-    spec = DatasetSpec(
-        name="olympiadbench", kind="file", train_path=None, test_path=str(data_dir / "olympiadbench" / "test.jsonl"),
-        hub_name=None, hub_config=None, train_split=None, test_split=None, hub_rename={},
-        fields={"question": "question", "answer": "final_answer", "solution": None, "subject": None, "level": None,
-                "id": "id"},
-        answer_format="list", on_bad_row="error", arith={},
-    )
-    return [p.answer for p in load_problems(spec, "test", data_dir=data_dir).problems]
+    spec = {f.name: None for f in dataclasses.fields(DatasetSpec)}  # Hub settings unused: a file
+    spec.update(name="olympiadbench", kind="file", test_path=str(data_dir / "olympiadbench" / "test.jsonl"),
+                hub_rename={}, arith={}, answer_format="list", on_bad_row="error",
+                fields={"question": "question", "answer": "final_answer", "solution": None, "subject": None,
+                        "level": None, "id": "id"})
+    return [p.answer for p in load_problems(DatasetSpec(**spec), "test", data_dir=data_dir).problems]
 
 
 def mix(data_dir: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:

@@ -27,9 +27,7 @@ MAX_ANSWER_CHARS = 1_000
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*(\{)|\s+([^\s${}\\]+))")
 _BRACE_RE = re.compile(r"[{}]")
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-_OPEN, _CLOSE = "([{", ")]}"
+_OPEN, _CLOSE = "([{", ")]}"  # brackets for split_parts (\{ and \} count as { and })
 
 
 def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
