@@ -16,6 +16,7 @@ commands:
   eval    score a model on a dataset, t1 and t2     (mgrpo eval dataset=gsm8k model.path=DIR)
   report  compare the runs of a sweep, with intervals (mgrpo report outputs/train/multiruns/<sweep>)
   data    fill the data folder from the Hub            (mgrpo data gsm8k math500; alone: what it holds)
+  sync    send what a run kept while MLflow was away  (mgrpo sync outputs/train/runs/<run>)
 
 examples:
   mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~5 min on 2 CPU cores
@@ -28,7 +29,7 @@ examples:
 """
 
 COMMANDS = {"train": "mgrpo_cli.cli.train", "eval": "mgrpo_cli.cli.evaluate", "report": "mgrpo_cli.cli.report",
-            "data": "mgrpo_cli.cli.data"}
+            "data": "mgrpo_cli.cli.data", "sync": "mgrpo_cli.cli.sync"}
 # Lightning's DDP launcher starts ranks 1..n-1 as `python <argv[0]> <argv[1:]>` (or `python -m
 # mgrpo_cli.__main__ <argv[1:]>`), i.e. with the overrides but without the command word: the
 # command travels to them in this variable (they also get LOCAL_RANK).

@@ -74,24 +74,29 @@ def config_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def run_logger(cfg: Any, run_name: str, run_folder: Optional[Path] = None, run_id: Optional[str] = None):
+def run_logger(cfg: Any, run_name: str, run_folder: Path, run_id: Optional[str] = None):
     """The MLflow run of this command (``logger.enabled``), or None; ``run_id`` reopens a run (resume=).
+    What it logs waits in ``run_folder``'s outbox until the store has it (``reporting.outbox``); a
+    store that does not answer at the start is one line naming ``logger.tracking_uri``.
     Tagged with the run folder (``run_dir``, how ``mgrpo report`` finds a folder's run) and, in a
     sweep, with the sweep's parent run (``mlflow.parentRunId`` from ``sweep.PARENT_ENV``), which nests
     it under that run."""
     if not cfg.logger.enabled:
         return None
     from mgrpo_cli.reporting.sweep import PARENT_ENV
-    from mgrpo_cli.reporting.tracking import RunLogger, default_tracking_uri
+    from mgrpo_cli.reporting.tracking import RunLogger, TrackingUnavailable, default_tracking_uri
 
     uri = cfg.logger.tracking_uri or default_tracking_uri(cfg.paths.outputs)
-    tags = {"overrides": " ".join(overrides()) or "(none)", "task": cfg.task_name}
-    if run_folder is not None:
-        tags["run_dir"] = str(Path(run_folder).resolve())
+    tags = {"overrides": " ".join(overrides()) or "(none)", "task": cfg.task_name,
+            "run_dir": str(Path(run_folder).resolve())}
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
-    return RunLogger(uri, cfg.logger.experiment, run_name, params=config_dict(cfg),
-                     artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts", tags=tags, run_id=run_id)
+    try:
+        return RunLogger(uri, cfg.logger.experiment, run_name, params=config_dict(cfg), folder=run_folder,
+                         artifacts=Path(cfg.paths.outputs).resolve() / "mlartifacts", tags=tags, run_id=run_id)
+    except TrackingUnavailable as e:
+        raise bad_value("logger.tracking_uri", uri, f"the tracking store does not work: {e}; start it or fix the "
+                                                    f"address, or train without tracking: logger=none") from None
 
 
 # ---------------------------------------------------------------------------------------------- objects
@@ -439,12 +444,15 @@ def strategy(cfg: Any):
 
 def run_callbacks(cfg: Any, out: Path, run_logger=None) -> list:
     """The training run's outputs (``training.callbacks``): the held-out files under ``out`` (and in the
-    MLflow run), and with an MLflow run the samples table every ``logger.samples_every`` steps."""
-    from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable
+    MLflow run), and with an MLflow run the samples table every ``logger.samples_every`` steps and its
+    outbox forced to disk at every checkpoint."""
+    from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable, TrackingOnDisk
 
     found: list = [HeldoutFiles(out, run_logger)]
-    if run_logger is not None and cfg.logger.samples_every:
-        found.append(SamplesTable(run_logger, cfg.logger.samples_every, cfg.logger.samples_n))
+    if run_logger is not None:
+        found.append(TrackingOnDisk(run_logger))
+        if cfg.logger.samples_every:
+            found.append(SamplesTable(run_logger, cfg.logger.samples_every, cfg.logger.samples_n))
     return found
 
 

@@ -7,6 +7,10 @@
   gathered (``val_rows``) to ``<run folder>/heldout/step_<step>.jsonl`` (``reporting.heldout``) and,
   with an MLflow run, logs the file under ``heldout/``.
 
+- :class:`TrackingOnDisk`: at every checkpoint, the MLflow run's outbox (what it logged and the store
+  does not have yet, ``reporting.outbox``) is forced to disk, so what a run logged before its last
+  checkpoint survives even a crash of the machine.
+
 The build layer makes them (``config.build.run_callbacks``); without them the module trains the same.
 """
 from __future__ import annotations
@@ -96,3 +100,13 @@ class HeldoutFiles(L.Callback):
                                   [heldout.ProblemResult(**r) for r in rows])
         if self.run_logger is not None:
             self.run_logger.log_file(path, heldout.FOLDER)
+
+
+class TrackingOnDisk(L.Callback):
+    """``run_logger.sync_to_disk()`` whenever a checkpoint is written (see the module docstring)."""
+
+    def __init__(self, run_logger: Any):
+        self.run_logger = run_logger
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.run_logger.sync_to_disk()

@@ -8,7 +8,8 @@ from mgrpo_cli.reporting.tracking import RunLogger
 
 def test_sampled_completions_table_appends_and_reads_back(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    logger = RunLogger(uri, "tables", "run", params={"grpo": {"lr": 1e-4}}, artifacts=tmp_path / "mlartifacts")
+    logger = RunLogger(uri, "tables", "run", params={"grpo": {"lr": 1e-4}}, artifacts=tmp_path / "mlartifacts",
+                       folder=tmp_path / "run")
     row = {"step": 1, "layer": 1, "question": "1+2", "gold": "3", "turns": [], "completion": "3 \\boxed{3}",
            "reward": 1.0, "advantage": 0.5}
     logger.log_table([row, {**row, "completion": "4", "reward": None, "advantage": -0.5}], "samples.json")
@@ -32,17 +33,19 @@ def test_the_command_ends_the_run_and_a_resumed_run_reopens_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     params = {"trainer": {"max_steps": 10}}
-    logger = RunLogger(uri, "ends", "run", params=params, artifacts=tmp_path / "mlartifacts")
+    logger = RunLogger(uri, "ends", "run", params=params, artifacts=tmp_path / "mlartifacts",
+                       folder=tmp_path / "run")
     run_id = logger.run_id
     logger.logger.finalize("success")  # what Lightning calls at the end of every validate/fit
-    assert client.get_run(run_id).info.status == "RUNNING"
+    assert logger.outbox.wait_sent(10) and client.get_run(run_id).info.status == "RUNNING"
     logger.end("KILLED")
     killed = client.get_run(run_id).info
     assert killed.status == "KILLED" and killed.end_time >= killed.start_time
 
     again = RunLogger(uri, "ends", "run", params={"trainer": {"max_steps": 20}}, artifacts=tmp_path / "mlartifacts",
-                      tags={"overrides": "resume=x trainer.max_steps=20"}, run_id=run_id)
+                      tags={"overrides": "resume=x trainer.max_steps=20"}, run_id=run_id, folder=tmp_path / "run")
     again.logger.log_hyperparams({"trainer/max_steps": 20})  # Lightning's own params call: a changed value is skipped
+    assert again.outbox.wait_sent(10)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.params["trainer.max_steps"] == "10"
     assert run.data.tags["resumes"] == "1" and run.data.tags["resume.1.overrides"] == "resume=x trainer.max_steps=20"
