@@ -32,7 +32,7 @@ def sync(folder: Path) -> str:
         try:
             sent, dropped, _ = outbox.send_all(folder, tracking.client)
         except Exception as e:
-            raise tracking.TrackingUnavailable(f"no answer ({tracking._first_line(e)})") from None
+            raise tracking.TrackingUnavailable(f"no answer ({outbox.first_line(e)})") from None
     finally:
         runlock.release(folder)
     refused = f"; {dropped} refused by the store and dropped" if dropped else ""

@@ -237,7 +237,7 @@ class Outbox:
                 if not self.paused:
                     self.paused = True
                     log.warning("tracking paused: %s does not answer (%s); training goes on, and what it logs "
-                                "is kept in %s and sent when the store answers again", self.uri, _first(e), self.path)
+                                "is kept in %s and sent when the store answers again", self.uri, first_line(e), self.path)
                 with self._wake:
                     self._wake.wait(timeout=RETRY_S[min(tries, len(RETRY_S)) - 1])
                 continue
@@ -271,7 +271,7 @@ class Outbox:
                 if not refused(e):
                     return offset, e
                 self.dropped += 1
-                log.warning("tracking: MLflow refused a %s operation (%s); it is dropped", op["op"], _first(e))
+                log.warning("tracking: MLflow refused a %s operation (%s); it is dropped", op["op"], first_line(e))
             offset = end
             self._record_sent(offset)
         return offset, None
@@ -300,9 +300,10 @@ def _ends_a_line(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def _first(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The error's first line, cut to 160 characters (for the one-line warnings)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
+    return (lines[0] if lines else type(error).__name__)[:160]
 
 
 def _read(path: Path, offset: int, limit: Optional[int] = None) -> Iterator[tuple[dict[str, Any], int]]:

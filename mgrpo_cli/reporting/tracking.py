@@ -4,10 +4,9 @@ Every MLflow client of the package is made here (:func:`client`), and every stor
 decided here (:func:`default_tracking_uri`): runs go to a local SQLite store
 (``sqlite:///<paths.outputs>/mlflow.db``) unless ``logger.tracking_uri`` (``mgrpo report
 --tracking-uri``) says otherwise; open them with ``mlflow ui --backend-store-uri <that uri>``.
-A training or eval run writes through :class:`RunLogger`, and the Trainer through its Lightning logger;
-the sweep's
-parent run (``reporting.sweep``) and ``mgrpo report`` (``reporting.load``, ``cli.report``) read and
-write through a :func:`client`.
+A training or eval run writes through :class:`RunLogger` (the Trainer through its Lightning logger);
+the sweep's parent run (``reporting.sweep``) and ``mgrpo report`` (``reporting.load``,
+``cli.report``) read and write through a :func:`client`.
 A run gets the resolved config as flattened params, the command-line overrides as a tag, per-step
 metrics, text/PNG artifacts, and tables (the sampled completions, ``samples.json``).
 
@@ -90,21 +89,18 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
+    from mgrpo_cli.reporting.outbox import first_line
+
     try:
         answer = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
                               max_retries=0, timeout=timeout, raise_on_status=False, json={"max_results": 1})
     except Exception as e:
-        raise TrackingUnavailable(f"no answer ({_first_line(e)})") from None
+        raise TrackingUnavailable(f"no answer ({first_line(e)})") from None
     if answer.status_code != 200:
         raise TrackingUnavailable(f"it refuses: HTTP {answer.status_code} {answer.reason}")
     # from here on a request that gets no answer fails at once: the outbox (reporting.outbox) retries it
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def _lightning_logger(run_logger: RunLogger):
@@ -147,7 +143,7 @@ class RunLogger:
                  artifacts: Path, folder: Path, tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None):
         from lightning.pytorch.utilities import rank_zero_only
 
-        from mgrpo_cli.reporting.outbox import Outbox, Sender
+        from mgrpo_cli.reporting.outbox import Outbox, Sender, first_line
 
         self.uri, self.folder, self._run_id, self.outbox = uri, Path(folder), None, None
         self.is_global_zero = getattr(rank_zero_only, "rank", 0) == 0
@@ -179,7 +175,7 @@ class RunLogger:
         except Exception as e:
             if self.outbox is not None:
                 self.outbox.close(timeout=0)
-            raise TrackingUnavailable(f"no answer ({_first_line(e)})") from None
+            raise TrackingUnavailable(f"no answer ({first_line(e)})") from None
         if run_id is None:
             flat = flatten(params)
             if isinstance(flat.get("layer.phrases"), list):
