@@ -175,7 +175,7 @@ class RunLogger:
         except Exception as e:
             if self.outbox is not None:
                 self.outbox.close(timeout=0)
-            raise TrackingUnavailable(f"no answer ({first_line(e)})") from None
+            raise TrackingUnavailable(f"it fails ({first_line(e)})") from None
         if run_id is None:
             flat = flatten(params)
             if isinstance(flat.get("layer.phrases"), list):
