@@ -120,3 +120,13 @@ def test_a_full_disk_keeps_the_operations_in_memory_in_order(tmp_path, monkeypat
     while len(store.got) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert box.close() == [] and store.got == [0, 1, 2, 3] and box.lost == 0
+
+
+def test_mgrpo_sync_of_a_folder_without_an_outbox_is_one_line(tmp_path, capsys):
+    from mgrpo_cli.cli import sync
+
+    with pytest.raises(SystemExit) as stopped:
+        sync.main([str(tmp_path)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}: not the folder of a run that logs to MLflow "
+                                       f"(no tracking/target.json)\n")
