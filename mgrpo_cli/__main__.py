@@ -20,7 +20,7 @@ commands:
 
 examples:
   mgrpo train                                  # the embedded tiny model on arith, MGRPO, ~5 min on 2 CPU cores
-  mgrpo train -m layer=grpo,mgrpo seed=0,1     # a sweep: 4 runs
+  mgrpo train -m seed=0,1 layer=grpo,mgrpo     # a sweep: 4 runs
   mgrpo train resume=outputs/train/runs/<run>  # continue a stopped run exactly
   mgrpo train --cfg job                        # print the composed config
   mgrpo eval dataset=math500 checkpoint=outputs/train/runs/<run>/checkpoints/last.ckpt

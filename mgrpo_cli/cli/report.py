@@ -3,8 +3,9 @@
 ``<what>`` is a multirun folder (or one run folder), an MLflow experiment name or an MLflow run id;
 several may be given. The runs are read (``reporting.load``), grouped and compared
 (``reporting.analysis``), drawn (``reporting.figures``) and written (``reporting.document``).
-Outputs: ``report.md``, a self-contained ``report.html`` (PNGs inlined), the PNGs and
-``report.json``, written to ``--out`` and logged to MLflow (as artifacts of the sweep's parent run
+Outputs: ``report.md``, a self-contained ``report.html`` (PNGs inlined), the PNGs,
+``report.json`` (with what made each run: ``reporting.provenance``) and the re-check matrices
+(``reporting.recheck``), written to ``--out`` and logged to MLflow (as artifacts of the sweep's parent run
 when all runs have one, else of a new run tagged ``mgrpo.kind=report``).
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from mgrpo_cli.config.errors import EXIT_USER_ERROR
-from mgrpo_cli.reporting import tracking
-from mgrpo_cli.reporting.analysis import Analysis, analyse, as_json
+from mgrpo_cli.reporting import provenance, recheck, tracking
+from mgrpo_cli.reporting.analysis import METRICS, PRIMARY, Analysis, analyse, as_json
 from mgrpo_cli.reporting.document import build_document
 from mgrpo_cli.reporting.figures import plot_heldout, plot_training, plot_transition_bars, plot_vanishing
 from mgrpo_cli.reporting.heldout import RowsError
@@ -48,7 +49,7 @@ def log_to_mlflow(runs: list[Run], files: list[Path]) -> Optional[str]:
         client.log_text(target, "\n".join(r.name for r in runs), "report/runs.txt")
         where = f"new run {target}"
     for f in files:
-        client.log_artifact(target, str(f), "report")
+        client.log_artifact(target, str(f), "report/recheck" if f.parent.name == recheck.FOLDER else "report")
     if where.startswith("new"):
         client.set_terminated(target)
     return f"logged to MLflow ({refs[0].uri}): {where}, artifacts report/"
@@ -63,10 +64,11 @@ class Report:
     analysis: Analysis
     verdicts: list[str]
     mlflow: Optional[str]
+    warnings: list[str]
 
 
 def make_report(whats: Sequence[str], out: Optional[Path] = None, tracking_uri: Optional[str] = None,
-                log_mlflow: bool = True, n_resamples: int = 10_000) -> Report:
+                log_mlflow: bool = True, n_resamples: int = 10_000, primary: str = PRIMARY) -> Report:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +79,7 @@ def make_report(whats: Sequence[str], out: Optional[Path] = None, tracking_uri: 
                 task = bar.add_task("intervals", total=total)
                 return lambda: bar.advance(task)
 
-            analysis = analyse(runs, n_resamples, progress)
+            analysis = analyse(runs, n_resamples, progress, primary=primary)
         if out is None:
             single = len(whats) == 1 and Path(whats[0]).is_dir()
             out = Path(whats[0]) / "report" if single else Path("outputs") / "report" / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -93,14 +95,23 @@ def make_report(whats: Sequence[str], out: Optional[Path] = None, tracking_uri: 
             path = plot(analysis, out / name)
             if path is not None:
                 figures.append((path, caption))
-        doc = build_document(analysis, runs, excluded, notes, whats, figures)
+        group_of = {r.name: g.label for g in analysis.grouping.groups for r in g.runs}
+        made = provenance.gather(runs, group_of)
+        compared = [r for r in runs if r.name in group_of]
+        warnings = [w for w in [provenance.difference_warning(provenance.gather(compared, group_of))] if w]
+        warnings += provenance.order_warnings(analysis.grouping)
+        matrices = recheck.write(analysis, out)
+        doc = build_document(analysis, runs, excluded, notes, whats, figures, warnings, made, matrices)
         (out / "report.md").write_text(doc.markdown(), encoding="utf-8")
         (out / "report.html").write_text(doc.html("mgrpo report"), encoding="utf-8")
-        verdicts = [c.line() for c in analysis.comparisons] + [c.line() for c in analysis.changes]
-        (out / "report.json").write_text(json.dumps(as_json(analysis), indent=1), encoding="utf-8")
+        verdicts = [c.line() for c in analysis.primaries + analysis.secondaries]
+        verdicts += [c.line() for c in analysis.changes if c.role != "duplicate"]
+        saved = {**as_json(analysis), "provenance": {**made, "warnings": warnings}, "recheck": matrices}
+        (out / "report.json").write_text(json.dumps(saved, indent=1), encoding="utf-8")
         files = [out / "report.md", out / "report.html", out / "report.json"] + [p for p, _ in figures]
+        files += sorted((out / recheck.FOLDER).glob("*.csv"))
         where = log_to_mlflow(runs, files) if log_mlflow else None
-        return Report(out, files, analysis, verdicts, where)
+        return Report(out, files, analysis, verdicts, where, warnings)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -116,7 +127,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="MLflow store for experiment names and run ids (default: sqlite:///outputs/mlflow.db, "
                         "where runs with logger.tracking_uri=null log)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
-    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--resamples", type=int, default=10_000,
+                   help="bootstrap resamples, for groups of one run (default 10000)")
+    p.add_argument("--primary", default=PRIMARY, choices=[m for m, _, _ in METRICS],
+                   help=f"the primary endpoint: its verdict alone at 95%%, the others Holm-adjusted (default {PRIMARY})")
     return p.parse_args(list(argv))
 
 
@@ -127,10 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.resamples < 100:
             raise ReportError(f"--resamples {args.resamples}: need at least 100 bootstrap resamples")
         report = make_report(args.what, out=args.out, tracking_uri=args.tracking_uri,
-                             log_mlflow=not args.no_mlflow, n_resamples=args.resamples)
+                             log_mlflow=not args.no_mlflow, n_resamples=args.resamples, primary=args.primary)
     except (ReportError, RowsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    for line in report.warnings:
+        print(line, file=sys.stderr)
     for line in report.verdicts:
         print(line)
     if report.mlflow:

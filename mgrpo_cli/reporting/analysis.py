@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from mgrpo_cli.reporting.heldout import ProblemResult
 from mgrpo_cli.reporting.load import REPLICATE_KEY, Evaluation, ReportError, Run
 from mgrpo_cli.reporting.stats import (
@@ -35,15 +37,25 @@ from mgrpo_cli.reporting.stats import (
     Interval,
     crossed_bootstrap,
     crossed_bootstrap_ratio,
-    ratio_of_sums,
+    holm,
     t_interval,
+    two_way_interval,
     verdict,
 )
 
-# (key, label, higher is better)
+# (key, label, higher is better; None: neither direction is better, the verdict says higher or lower)
 METRICS = (("acc_t1", "Acc@t1", True), ("acc_t2", "Acc@t2", True), ("delta", "Δ(t1,t2)", True),
            ("delta_i2c", "Δi→c", True), ("delta_c2i", "Δc→i", False),
-           ("fix_rate", "fix rate", True), ("break_rate", "break rate", False))
+           ("fix_rate", "fix rate", True), ("break_rate", "break rate", False),
+           ("changed", "answer changed", None))
+PRIMARY = "acc_t2"  # the primary endpoint at the end of training (``mgrpo report --primary``)
+# metrics that carry another one's signal (the same counts over all problems instead of over the
+# rate's denominator): shown in the tables, their verdict is the other one's
+DUPLICATES = {"delta_i2c": "fix_rate", "delta_c2i": "break_rate"}
+ALPHA = 0.05
+ESTIMAND = ("the expected difference on these problems over training seeds (the problems fixed, the seeds "
+            "random): the mean of the per-seed paired differences (same seed, same problems) with a t-interval "
+            "over seeds, for means and rates alike; one run per group: over its problems")
 # the conditional rates as (numerator, denominator) of per-problem values (``per_problem``)
 RATES = {"fix_rate": ("wr", "t1_wrong"), "break_rate": ("rw", "t1_right")}
 TRANSITIONS = (("rr", "right→right", "#4c9a5b"), ("wr", "wrong→right", "#7fc97f"),
@@ -140,24 +152,46 @@ def group_runs(runs: list[Run]) -> Grouping:
 
 # ---------------------------------------------------------------------------- numbers
 
-def per_problem(rows: dict[str, ProblemResult], ids: list[str], metric: str):
-    """One value per problem whose mean is ``metric`` (``metrics.self_correction``'s definitions);
-    ``t1_wrong``/``t1_right`` are the conditional rates' denominators (``RATES``)."""
-    import numpy as np
-
-    t1 = np.array([rows[i].t1 for i in ids], dtype=float)
+def values_of(t1, t2, changed, metric: str):
+    """Per-problem values whose mean is ``metric`` (``metrics.self_correction``'s definitions), from 0/1
+    arrays of any shape with the problems last: t1 right, t2 right, final answer changed (``t2`` and
+    ``changed`` may be None for ``acc_t1``). ``t1_wrong``/``t1_right`` are the conditional rates'
+    denominators (``RATES``)."""
     if metric == "acc_t1":
         return t1
-    t2 = np.array([bool(rows[i].t2) for i in ids], dtype=float)
+    if metric == "changed":
+        return changed
     return {"acc_t2": t2, "delta": t2 - t1, "delta_i2c": (1 - t1) * t2, "delta_c2i": t1 * (1 - t2),
             "rr": t1 * t2, "wr": (1 - t1) * t2, "rw": t1 * (1 - t2), "ww": (1 - t1) * (1 - t2),
             "t1_wrong": 1 - t1, "t1_right": t1}[metric]
 
 
-def _matrix(evals: list[Evaluation], ids: list[str], metric: str):
-    import numpy as np
+def per_row(t1, t2, changed, metric: str):
+    """One value per row (seed) of the arrays (``values_of``): the mean over the problems, or for a
+    rate the ratio of sums (NaN when its denominator is 0: e.g. no t1-wrong problem)."""
+    if metric not in RATES:
+        return values_of(t1, t2, changed, metric).mean(axis=-1)
+    num, den = (values_of(t1, t2, changed, k).sum(axis=-1) for k in RATES[metric])
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
-    return np.stack([per_problem(e.rows, ids, metric) for e in evals])  # (seeds, problems)
+
+def _arrays(rows_list: list[dict[str, ProblemResult]], ids: list[str]):
+    """(t1, t2, changed) as float arrays (len(rows_list), len(ids)); t2 and changed None without t2."""
+    t1 = np.array([[rows[i].t1 for i in ids] for rows in rows_list], dtype=float)
+    if any(rows[i].t2 is None for rows in rows_list for i in ids):
+        return t1, None, None
+    t2 = np.array([[bool(rows[i].t2) for i in ids] for rows in rows_list], dtype=float)
+    changed = np.array([[rows[i].t1_answer != rows[i].t2_answer for i in ids] for rows in rows_list], dtype=float)
+    return t1, t2, changed
+
+
+def per_problem(rows: dict[str, ProblemResult], ids: list[str], metric: str):
+    """One value per problem of one evaluation whose mean is ``metric`` (``values_of``)."""
+    return values_of(*_arrays([rows], ids), metric)[0]
+
+
+def _matrix(evals: list[Evaluation], ids: list[str], metric: str):
+    return values_of(*_arrays([e.rows for e in evals], ids), metric)  # (seeds, problems)
 
 
 def _rate_part(w: float, evals: list[Evaluation], ids: list[str], metric: str):
@@ -165,41 +199,63 @@ def _rate_part(w: float, evals: list[Evaluation], ids: list[str], metric: str):
     return (w, _matrix(evals, ids, num), _matrix(evals, ids, den))
 
 
+def seed_values(evals: list[Evaluation], ids: list[str], metric: str):
+    """The metric of each evaluation (one per seed) on the problems ``ids`` (``per_row``)."""
+    return per_row(*_arrays([e.rows for e in evals], ids), metric)
+
+
+def seeds_interval(values) -> Interval:
+    """The t-interval over per-seed values (NaN ones dropped; no interval when none is left)."""
+    x = np.asarray(values, dtype=float)
+    if np.isnan(x).all():
+        return Interval(math.nan, math.nan, math.nan, 0, "t")
+    return t_interval(x)
+
+
 def group_interval(evals: list[Evaluation], ids: list[str], metric: str, n_resamples: int = N_RESAMPLES) -> Interval:
-    """Mean over seeds with a t-interval over the per-seed means; one run: over its problems. A rate
-    (``RATES``): the ratio of sums over seeds and problems with its seeds × problems bootstrap."""
+    """The mean over seeds of the per-seed values (``seed_values``) with its t-interval over seeds. One
+    run: over its problems (a t-interval; a rate: the bootstrap over problems of its ratio of sums)."""
+    if len(evals) > 1:
+        return seeds_interval(seed_values(evals, ids, metric))
     if metric in RATES:
         return crossed_bootstrap_ratio([_rate_part(1.0, evals, ids, metric)], n_resamples=n_resamples)
-    m = _matrix(evals, ids, metric)
-    return t_interval(m.mean(axis=1) if len(evals) > 1 else m[0])
+    return t_interval(_matrix(evals, ids, metric)[0])
 
 
 def value(evals: list[Evaluation], ids: list[str], metric: str) -> float:
-    """The metric over all seeds and problems: the mean, or for a rate the ratio of sums."""
-    if metric in RATES:
-        _, num, den = _rate_part(1.0, evals, ids, metric)
-        return ratio_of_sums(num, den)
-    return float(_matrix(evals, ids, metric).mean())
+    """The metric of a group: the mean over seeds of the per-seed values (one run: its value)."""
+    v = seed_values(evals, ids, metric)
+    return math.nan if np.isnan(v).all() else float(np.nanmean(v))
 
 
 def paired_difference(ea: list[Evaluation], eb: list[Evaluation], ids: list[str], metric: str,
                       n_resamples: int = N_RESAMPLES) -> Interval:
-    """``metric`` of ``eb`` − ``metric`` of ``ea`` (same seeds in the same order, same problems) with the
-    seeds × problems bootstrap: of the per-problem paired differences, or for a rate of the difference
-    of the two ratios of sums, both recomputed on each resample."""
+    """``metric`` of ``eb`` − ``metric`` of ``ea`` (same seeds in the same order, same problems): the
+    t-interval over the per-seed paired differences (the estimand: the expected difference on these
+    problems over training seeds). One seed: the bootstrap over problems of the per-problem paired
+    differences, or for a rate of the difference of the two ratios of sums."""
+    if len(ea) > 1:
+        return seeds_interval(seed_values(eb, ids, metric) - seed_values(ea, ids, metric))
     if metric in RATES:
         return crossed_bootstrap_ratio([_rate_part(1.0, eb, ids, metric), _rate_part(-1.0, ea, ids, metric)],
                                        n_resamples=n_resamples)
     return crossed_bootstrap(_matrix(eb, ids, metric) - _matrix(ea, ids, metric), n_resamples=n_resamples)
 
 
+def population_difference(ea: list[Evaluation], eb: list[Evaluation], ids: list[str], metric: str) -> Optional[Interval]:
+    """The difference read with the problems random too (``stats.two_way_interval`` of the seeds ×
+    problems matrix of paired differences); None for a rate or with fewer than 2 seeds."""
+    if metric in RATES or len(ea) < 2:
+        return None
+    return two_way_interval(_matrix(eb, ids, metric) - _matrix(ea, ids, metric))
+
+
 TARGET_HALF_WIDTH = 0.03  # the ±3 points a study should resolve
 
 
 def seeds_needed(sd: float, half_width: float = TARGET_HALF_WIDTH, confidence: float = 0.95) -> Optional[int]:
-    """The smallest n with t(confidence, n − 1) · sd / √n ≤ ``half_width``: the seeds a t-interval over
-    per-seed differences of spread ``sd`` needs (None when sd is unknown). It counts the seed-to-seed
-    noise only; resampling a finite problem set as well widens the bootstrap interval a little."""
+    """The smallest n with t(confidence, n − 1) · sd / √n ≤ ``half_width``: the seeds the t-interval
+    over per-seed differences of spread ``sd`` needs (None when sd is unknown)."""
     from scipy import stats
 
     if math.isnan(sd):
@@ -212,11 +268,7 @@ def seeds_needed(sd: float, half_width: float = TARGET_HALF_WIDTH, confidence: f
     return n
 
 
-def per_seed(evals: list[Evaluation], ids: list[str], metric: str):
-    """The metric of each evaluation (one per seed): its mean, or for a rate its ratio of sums."""
-    import numpy as np
-
-    return np.array([value([e], ids, metric) for e in evals])
+ROLES = ("primary", "secondary", "duplicate")
 
 
 @dataclass
@@ -224,7 +276,7 @@ class Comparison:
     title: str
     metric: str
     label: str
-    higher_is_better: bool
+    higher_is_better: Optional[bool]
     a: str
     b: str
     a_mean: float
@@ -234,15 +286,36 @@ class Comparison:
     n_problems: int
     change: bool  # end − start of one group (else group b − group a)
     seed_sd: float = math.nan  # sample sd over seeds of the per-seed difference (NaN with < 2 seeds)
+    role: str = "secondary"  # ROLES: the primary endpoint, a secondary one (Holm), or a duplicate's
+    p_adjusted: Optional[float] = None  # Holm-adjusted over its family (the primary alone: its own p)
+    duplicate_of: Optional[str] = None  # the metric whose verdict this one's is (``DUPLICATES``)
+    population: Optional[Interval] = None  # the primary's interval with the problems random too
 
     def seeds_for(self, half_width: float = TARGET_HALF_WIDTH) -> Optional[int]:
         """Seeds per group for a 95% interval of ± ``half_width`` on this difference (``seeds_needed``)."""
         return seeds_needed(self.seed_sd, half_width)
 
     @property
+    def words(self) -> tuple[str, str, str]:
+        if self.change:
+            return "grew", "fell", "no detectable change"
+        if self.higher_is_better is None:
+            return "higher", "lower", "no detectable difference"
+        return "better", "worse", "no detectable difference"
+
+    @property
     def verdict(self) -> str:
-        words = ("grew", "fell", "no detectable change") if self.change else ("better", "worse", "no detectable difference")
-        return verdict(self.diff, True if self.change else self.higher_is_better, words)
+        if self.role == "duplicate":
+            return f"no verdict of its own (the same counts as the {dict((m, lab) for m, lab, _ in METRICS)[self.duplicate_of]})"
+        up = True if self.higher_is_better is None or self.change else self.higher_is_better
+        if self.role == "primary" and self.p_adjusted == self.diff.p:
+            return verdict(self.diff, up, self.words)
+        if not self.diff.defined or self.p_adjusted is None:
+            return "no interval (too few replicates)"
+        if self.p_adjusted >= ALPHA:
+            return f"{self.words[2]} (Holm-adjusted p = {self.p_adjusted:.2g})"
+        good = (self.diff.mean > 0) == up
+        return f"{self.words[0] if good else self.words[1]} (Holm-adjusted p = {self.p_adjusted:.2g})"
 
     def line(self) -> str:
         d = self.diff
@@ -251,6 +324,12 @@ class Comparison:
                 else f"{self.b} {self.label} − {self.a} {self.label}")
         return (f"{head} = {pts(d.mean)} {ci} points "
                 f"({self.n_seeds} seed{'s' * (self.n_seeds != 1)} × {self.n_problems} problems): {self.verdict}")
+
+
+def adjust(family: list[Comparison]) -> None:
+    """Holm over ``family`` (its p-values), written into each one's ``p_adjusted``."""
+    for c, p in zip(family, holm([c.diff.p for c in family]), strict=True):
+        c.p_adjusted = p
 
 
 def pts(x: float) -> str:
@@ -325,8 +404,6 @@ class VanishingComparison:
 def vanishing(grouping: Grouping) -> tuple[dict[str, dict[str, Interval]], list[VanishingComparison]]:
     """Per group: the reward-vanishing numbers (``run_vanishing``), mean ± t-interval over seeds (no
     interval with one run); per comparable pair: the difference paired by seed, t-interval."""
-    import numpy as np
-
     per_run = {id(r): run_vanishing(r.history) for g in grouping.groups for r in g.runs}
     groups: dict[str, dict[str, Interval]] = {}
     for g in grouping.groups:
@@ -353,7 +430,7 @@ def vanishing(grouping: Grouping) -> tuple[dict[str, dict[str, Interval]], list[
 class Analysis:
     grouping: Grouping
     ids: list[str]
-    metrics: list[tuple[str, str, bool]]
+    metrics: list[tuple[str, str, Optional[bool]]]
     start: dict[str, dict[str, Interval]]  # group label -> metric -> interval
     end: dict[str, dict[str, Interval]]
     transitions: dict[str, dict[str, Interval]]
@@ -364,9 +441,26 @@ class Analysis:
     dropped_problems: int
     vanishing: dict[str, dict[str, Interval]] = field(default_factory=dict)  # group -> key -> interval
     vanishing_comparisons: list[VanishingComparison] = field(default_factory=list)
+    primary: str = PRIMARY
+
+    @property
+    def primaries(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.role == "primary"]
+
+    @property
+    def secondaries(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.role == "secondary"]
 
 
-def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
+def _role(metric: str, primary: str, present: set[str]) -> tuple[str, Optional[str]]:
+    if metric == primary:
+        return "primary", None
+    if DUPLICATES.get(metric) in present and DUPLICATES[metric] != primary:
+        return "duplicate", DUPLICATES[metric]
+    return "secondary", None
+
+
+def analyse(runs: list[Run], n_resamples: int, progress=None, primary: str = PRIMARY) -> Analysis:
     grouping = group_runs(runs)
     all_ids = [set(e.rows) for r in runs for e in r.evaluations]
     ids = sorted(set.intersection(*all_ids))
@@ -375,6 +469,9 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
     dropped = len(set.union(*all_ids)) - len(ids)
     has_t2 = all(e.rows[i].t2 is not None for r in runs for e in r.evaluations for i in ids)
     metrics = [m for m in METRICS if has_t2 or m[0] == "acc_t1"]
+    present = {m for m, _, _ in metrics}
+    if primary not in present:
+        raise ReportError(f"--primary {primary}: not a metric of these runs; choose one of {', '.join(sorted(present))}")
     command = runs[0].command
     start, end, transitions = {}, {}, {}
     changes, comparisons = [], []
@@ -389,9 +486,10 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
         if command != "train":
             continue
         for m, label, better in metrics:
+            role, dup = _role(m, "", present)  # no primary among the changes over training
             changes.append(Comparison(g.label, m, label, better, g.label, g.label, start[g.label][m].mean,
                                       end[g.label][m].mean, paired_difference(first, last, ids, m, n_resamples),
-                                      len(g.runs), len(ids), change=True))
+                                      len(g.runs), len(ids), change=True, role=role, duplicate_of=dup))
             advance()
     for key, a, b in grouping.pairs:
         seeds = sorted(set(a.seeds) & set(b.seeds))
@@ -402,38 +500,54 @@ def analyse(runs: list[Run], n_resamples: int, progress=None) -> Analysis:
         ea = [r.evaluations[-1] for r in a.runs if r.seed in seeds]
         eb = [r.evaluations[-1] for r in b.runs if r.seed in seeds]
         for m, label, better in metrics:
-            per_seed_diff = per_seed(eb, ids, m) - per_seed(ea, ids, m)
-            sd = float(per_seed_diff.std(ddof=1)) if len(seeds) > 1 else math.nan
+            per_seed_diff = seed_values(eb, ids, m) - seed_values(ea, ids, m)
+            sd = float(np.nanstd(per_seed_diff, ddof=1)) if len(seeds) > 1 else math.nan
+            role, dup = _role(m, primary, present)
             comparisons.append(Comparison(f"{b.label} − {a.label} ({key})", m, label, better, a.label, b.label,
                                           value(ea, ids, m), value(eb, ids, m),
                                           paired_difference(ea, eb, ids, m, n_resamples),
-                                          len(seeds), len(ids), change=False, seed_sd=sd))
+                                          len(seeds), len(ids), change=False, seed_sd=sd, role=role,
+                                          duplicate_of=dup,
+                                          population=population_difference(ea, eb, ids, m) if role == "primary" else None))
             advance()
+    for family in ([c for c in comparisons if c.role == "primary"], [c for c in comparisons if c.role == "secondary"],
+                   [c for c in changes if c.role == "secondary"]):
+        adjust(family)
     steps = (runs[0].evaluations[0].step, runs[0].evaluations[-1].step)
     groups_vanishing, vanishing_comparisons = vanishing(grouping) if command == "train" else ({}, [])
     return Analysis(grouping, ids, metrics, start, end, transitions, changes, comparisons, command, steps, dropped,
-                    groups_vanishing, vanishing_comparisons)
+                    groups_vanishing, vanishing_comparisons, primary)
 
 
-def iv_json(iv: Interval) -> dict:
+def iv_json(iv: Optional[Interval]) -> Optional[dict]:
+    if iv is None:
+        return None
     return {"mean": iv.mean, "low": None if math.isnan(iv.low) else iv.low,
-            "high": None if math.isnan(iv.high) else iv.high, "n": iv.n, "method": iv.method}
+            "high": None if math.isnan(iv.high) else iv.high, "n": iv.n, "method": iv.method, "p": iv.p}
+
+
+def _comparison_json(c: Comparison) -> dict:
+    return {"metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict, "line": c.line(), "role": c.role,
+            "p_holm": c.p_adjusted if c.role == "secondary" else None, "duplicate_of": c.duplicate_of}
 
 
 def as_json(an: Analysis) -> dict:
     return {
         "keys": an.grouping.keys,
         "problems": len(an.ids),
+        "estimand": ESTIMAND,
+        "primary": {"metric": an.primary, "comparisons": [
+            {"title": c.title, "a": c.a, "b": c.b, "line": c.line(), "verdict": c.verdict, "diff": iv_json(c.diff),
+             "population": iv_json(c.population), "p_holm_over_pairs": c.p_adjusted} for c in an.primaries]},
         "groups": {g.label: {"seeds": g.seeds, "runs": [r.name for r in g.runs],
                              "start": {m: iv_json(iv) for m, iv in an.start[g.label].items()},
                              "end": {m: iv_json(iv) for m, iv in an.end[g.label].items()}}
                    for g in an.grouping.groups},
-        "comparisons": [{"title": c.title, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
-                         "line": c.line(), "seed_sd": None if math.isnan(c.seed_sd) else c.seed_sd,
+        "comparisons": [{"title": c.title, **_comparison_json(c),
+                         "seed_sd": None if math.isnan(c.seed_sd) else c.seed_sd,
                          "seeds_for_3_points": c.seeds_for()} for c in an.comparisons],
-        "changes": [{"group": c.a, "metric": c.metric, "diff": iv_json(c.diff), "verdict": c.verdict,
-                     "line": c.line()} for c in an.changes],
-        "vanishing": {"groups": {g: {k: iv_json(iv) for k, iv in v.items()} for g, v in an.vanishing.items()},
+        "changes": [{"group": c.a, **_comparison_json(c)} for c in an.changes],
+    "vanishing": {"groups": {g: {k: iv_json(iv) for k, iv in v.items()} for g, v in an.vanishing.items()},
                       "comparisons": [{"a": c.a, "b": c.b, "key": c.key, "diff": iv_json(c.diff),
                                        "verdict": c.verdict, "line": c.line()} for c in an.vanishing_comparisons]},
     }

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from mgrpo_cli.reporting.analysis import Analysis, per_problem, pm, pts, vanishing_keys, vanishing_label
+from mgrpo_cli.reporting.analysis import ESTIMAND, Analysis, per_problem, pm, pts, vanishing_keys, vanishing_label
 from mgrpo_cli.reporting.load import REPLICATE_KEY, Run
 
 
@@ -81,20 +83,46 @@ def _code(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
 
 
+def _duplicates(an: Analysis) -> list[tuple[str, str]]:
+    labels = dict((m, lab) for m, lab, _ in an.metrics)
+    return sorted({(labels[c.metric], labels[c.duplicate_of]) for c in an.comparisons if c.role == "duplicate"})
+
+
 def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]], notes: list[str],
-                   sources: Sequence[str], figures: list[tuple[Path, str]]) -> Doc:
+                   sources: Sequence[str], figures: list[tuple[Path, str]], warnings: Sequence[str] = (),
+                   provenance: Optional[dict] = None, recheck: Optional[dict] = None) -> Doc:
     g = an.grouping
     doc = Doc()
     doc.h(1, "mgrpo report")
     doc.p(f"Read: {', '.join(f'`{s}`' for s in sources)}; {len(runs)} finished runs used"
           + (f", {len(excluded)} left out (listed at the end)." if excluded else "."))
     doc.h(2, "Verdicts")
-    if an.comparisons:
-        doc.p("Between groups, at the end:")
-        doc.ul([c.line() for c in an.comparisons])
-    if an.changes:
-        doc.p("Within each group, end − start of training:")
-        doc.ul([c.line() for c in an.changes])
+    for line in warnings:
+        doc.p(f"**{line}**")
+    label = dict((m, lab) for m, lab, _ in an.metrics)[an.primary]
+    if an.primaries:
+        where = "at the end of training" if an.command == "train" else "of the evaluations"
+        doc.p(f"Primary endpoint: {label} {where} (`--primary {an.primary}`), its verdict at 95%"
+              + (f", Holm-adjusted over the {len(an.primaries)} pairs" if len(an.primaries) > 1 else "") + ". "
+              f"Estimand: {ESTIMAND}.")
+        items = []
+        for c in an.primaries:
+            items.append(c.line())
+            if c.population is not None and c.population.defined:
+                items.append(f"with the problems random too (another draw of {c.n_problems} problems from the same "
+                             f"source; two-way random effects, secondary reading): {pts(c.population.mean)} "
+                             f"[{pts(c.population.low)}, {pts(c.population.high)}] points")
+        doc.ul(items)
+    if an.secondaries:
+        doc.p(f"Secondary, between groups at the end: 95% intervals, verdicts Holm-adjusted over these "
+              f"{len(an.secondaries)} comparisons"
+              + (" (" + "; ".join(f"{m} counts the same problems as the {d}, so its verdict is the {d}'s"
+                                  for m, d in _duplicates(an)) + ")" if _duplicates(an) else "") + ":")
+        doc.ul([c.line() for c in an.secondaries])
+    changes = [c for c in an.changes if c.role != "duplicate"]
+    if changes:
+        doc.p(f"Within each group, end − start of training: verdicts Holm-adjusted over these {len(changes)} changes:")
+        doc.ul([c.line() for c in changes])
     if not an.comparisons and not an.changes:
         doc.p("One group and no training curve: nothing to compare.")
     doc.h(2, "Settings")
@@ -108,16 +136,18 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
              + (f"; {an.dropped_problems} problems not in every run were left out." if an.dropped_problems else ".")]
     if an.command == "train":
         items.append(f"Start = the held-out evaluation at step {an.steps[0]} (before training); end = step {an.steps[1]}.")
-    items.append("Group values: mean ± half-width of the 95% t-interval over the seeds (n given); a group with one "
-                 "run: over its problems. Differences and end − start changes: mean of the per-problem paired "
-                 "differences (same seed, same problem) with a 95% percentile bootstrap interval, seeds and problems "
-                 "resampled independently (scipy.stats.bootstrap). A verdict says better/worse (or grew/fell) only "
-                 "when the interval excludes 0. All numbers in points (%).")
+    items.append("Group values: the mean over seeds of each seed's value (its mean over the problems, or its rate) ± "
+                 "the half-width of the 95% t-interval over the seeds (n given). Differences and end − start changes: "
+                 "the mean of the per-seed paired differences (same seed, same problems) with the 95% t-interval "
+                 "over seeds. A group with one run: over its problems (a t-interval; differences and rates: the "
+                 "percentile bootstrap over problems). A verdict says better/worse (or grew/fell) only when the "
+                 "interval excludes 0 (the primary endpoint) or the Holm-adjusted p-value is below 0.05 (the "
+                 "others). All numbers in points (%).")
     if any(m == "fix_rate" for m, _, _ in an.metrics):
         items.append("fix rate = share of the t1-wrong problems right at t2; break rate = share of the t1-right "
-                     "problems wrong at t2 (ratios of sums over seeds and problems). Their group values, differences "
-                     "and changes come from the seeds × problems bootstrap of the ratio, recomputed on each resample "
-                     "(the denominators differ between runs); Δi→c and Δc→i are the same counts over all problems.")
+                     "problems wrong at t2 (per seed, then the mean over seeds); Δi→c and Δc→i are the same counts "
+                     "over all problems. answer changed = share of the problems whose final answer at t2 differs "
+                     "from t1's (a model that learned to repeat itself changes none).")
     doc.ul(items)
     doc.h(2, "Groups")
     for gr in g.groups:
@@ -168,6 +198,29 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
         doc.h(2, "Figures")
         for path, caption in figures:
             doc.img(path, caption)
+    if provenance is not None:
+        doc.h(2, "Provenance")
+        doc.p("What made the runs, as each recorded it when it started (commit of the source checkout, whether it "
+              "had uncommitted changes, package versions), with the sweep's command and each run's overrides: "
+              "`report.json` → `provenance`.")
+        if provenance["sweep_commands"]:
+            doc.ul([f"`{c}`" for c in provenance["sweep_commands"]])
+        entries = provenance["runs"]
+        packages = {json.dumps(e["packages"], sort_keys=True) for e in entries if e["recorded"]}
+        if len(packages) == 1:
+            doc.p("Packages (every run): " + ", ".join(f"{k} {v}" for k, v in json.loads(packages.pop()).items())
+                  + f"; Python {entries[0]['python']}.")
+        doc.table(["run", "group", "seed", "started (UTC)", "commit", "dirty"],
+                  [[_short_name(e["run"]), str(e["group"]), str(e["seed"]), str(e["started"]),
+                    (e["commit"] or "—")[:10] if e["recorded"] else "not recorded",
+                    "—" if e["dirty"] is None else ("yes" if e["dirty"] else "no")] for e in entries])
+    if recheck is not None:
+        doc.h(2, "Re-check files")
+        doc.p(f"Per group, the seeds × problems 0/1 matrices the intervals come from ({recheck['format']}): "
+              + "; ".join(f"{g}: " + ", ".join(f"`{f}`" for moment in files.values() for f in moment.values())
+                          for g, files in recheck["files"].items())
+              + ". `python scripts/recheck.py <this folder>` recomputes the primary interval from them alone "
+              "(docs/report.md shows the same in a few lines of numpy).")
     doc.h(2, "Runs")
     metrics = [m for m in an.metrics if m[0] in ("acc_t1", "acc_t2")]
     rows = []

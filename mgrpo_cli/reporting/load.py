@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.reporting import tracking
+from mgrpo_cli.reporting import provenance, tracking
 from mgrpo_cli.reporting.heldout import FOLDER as HELDOUT
 from mgrpo_cli.reporting.heldout import ProblemResult, read_rows, step_of
 
@@ -64,6 +64,9 @@ class Run:
     evaluations: list[Evaluation]  # by step
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     mlflow: Optional[MlflowRef] = None
+    provenance: Optional[dict] = None  # what made it (``reporting.provenance``); None: not recorded
+    started: Optional[float] = None  # when the job started (epoch seconds), for the run-order check
+    sweep_command: Optional[str] = None  # the command of the sweep it belongs to
 
     def value(self, key: str) -> str:
         """The run's value of an override key (a group choice ``layer`` reads ``layer.name``)."""
@@ -150,8 +153,24 @@ def load_folder_run(folder: Path) -> Run | str:
         if uri in (None, "None"):
             uri = tracking.default_tracking_uri(config.get("paths.outputs", "outputs"))
         ref = MlflowRef(uri, mlflow_id or "", experiment_id=None)
+    recorded = provenance.read(folder)
+    # Hydra writes the job's config when the job starts: its time is the start of runs made before
+    # provenance.json recorded it
+    started = (recorded or {}).get("started") or (folder / ".hydra" / "config.yaml").stat().st_mtime
     return Run(str(folder), command, config, [_override_key(o) for o in overrides], overrides,
-               int(config.get(REPLICATE_KEY, 0)), evaluations, mlflow=ref)
+               int(config.get(REPLICATE_KEY, 0)), evaluations, mlflow=ref, provenance=recorded, started=started,
+               sweep_command=_sweep_command(folder.parent, command))
+
+
+def _sweep_command(sweep_dir: Path, command: str) -> Optional[str]:
+    """``mgrpo <command> -m <overrides>`` from a multirun folder's ``multirun.yaml`` (None without one)."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    overrides = OmegaConf.load(path).hydra.overrides
+    return " ".join(["mgrpo", command, "-m", *map(str, overrides.hydra), *map(str, overrides.task)])
 
 
 # ---------------------------------------------------------------------------- MLflow access
@@ -215,6 +234,7 @@ def load_mlflow_runs(uri: str, what: str, tmp: Path, excluded: list[tuple[str, s
         found = client.search_runs([experiment.experiment_id], max_results=10_000,
                                    order_by=["attributes.start_time ASC"])
     runs = []
+    parents: dict[str, Optional[str]] = {}  # the sweeps' overrides, by parent run id
     for r in found:
         run_id, tags = r.info.run_id, r.data.tags
         if tags.get("mgrpo.kind") in ("sweep", "report"):
@@ -238,9 +258,17 @@ def load_mlflow_runs(uri: str, what: str, tmp: Path, excluded: list[tuple[str, s
             evaluations.append(Evaluation(step_of(name), {x.id: x for x in read_rows(local)}))
         raw = tags.get("overrides", "(none)")
         overrides = [] if raw == "(none)" else raw.split()
+        parent = tags.get("mlflow.parentRunId")
+        sweep = None
+        if parent:
+            if parent not in parents:
+                parents[parent] = client.get_run(parent).data.tags.get("overrides")
+            sweep = f"mgrpo {command} -m {parents[parent]}" if parents[parent] else None
         runs.append(Run(run_id, command, config, [_override_key(o) for o in overrides], overrides,
                         int(float(config.get(REPLICATE_KEY, 0))), evaluations, _history(client, run_id),
-                        MlflowRef(uri, run_id, r.info.experiment_id, tags.get("mlflow.parentRunId"))))
+                        MlflowRef(uri, run_id, r.info.experiment_id, parent),
+                        provenance=provenance.from_tags(tags), started=r.info.start_time / 1000,
+                        sweep_command=sweep))
     return runs
 
 

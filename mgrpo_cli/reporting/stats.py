@@ -1,22 +1,26 @@
-"""Confidence intervals for ``mgrpo report``, computed with ``scipy.stats``.
+"""Confidence intervals, p-values and multiplicity control for ``mgrpo report``, with ``scipy.stats``.
 
-- :func:`t_interval`: the 95% Student-t interval of a mean over replicates (seeds), ``mean ± t(0.975,
-  n−1) · s/√n`` with ``s`` the sample standard deviation (``scipy.stats.t.interval`` on ``scipy.stats.sem``).
-- :func:`crossed_bootstrap`: the percentile bootstrap interval of the mean of a seeds × problems
-  matrix (e.g. per-problem paired differences, MGRPO − GRPO, one row per seed). Seeds and problems are
-  resampled independently of each other (``scipy.stats.bootstrap`` with two unpaired samples of row
-  and column indices), so the interval carries both the training noise between seeds and the sampling
-  noise of a finite problem set. With one seed it is the ordinary bootstrap over problems. With few
-  seeds (2–3) the seed part of the spread is underestimated by the bootstrap, as always with tiny
-  samples: read it beside the t-interval over seeds.
-- :func:`crossed_bootstrap_ratio`: the same bootstrap for a ratio of sums (a conditional rate such as
-  the share of t1-wrong problems right at t2), or a signed sum of such ratios (a difference of rates).
-  Each resample recomputes every ratio from its resampled numerator and denominator sums: the
-  denominators differ between runs, so per-problem differences of a rate are not defined.
+The estimand of a study (``docs/report.md``): the expected difference on *this* test set over
+training seeds; the problems are fixed and the seeds are the random draws. Each seed's run scores the
+same problems, so each seed gives one value (the mean over problems, or a rate's ratio of sums) and
+the seeds are independent replicates:
+
+- :func:`t_interval`: the 95% Student-t interval of a mean over replicates, ``mean ± t(0.975, n−1) ·
+  s/√n``, and the two-sided p-value of the t-test of mean 0. Applied to per-seed paired differences
+  (same seed, both groups) it is the report's interval for a difference, a change over training and
+  a group value, for means and for rates alike.
+- :func:`two_way_interval`: a population-level interval for the mean of a seeds × problems matrix of
+  paired differences, seeds *and* problems random (two-way random effects, variance from the ANOVA
+  mean squares, Satterthwaite's degrees of freedom): what the difference would be on another draw
+  of problems from the same source. Shown beside the primary endpoint, as a secondary reading.
+- :func:`holm`: Holm's step-down adjustment of a family of p-values (familywise error ≤ 5%).
+- :func:`crossed_bootstrap` / :func:`crossed_bootstrap_ratio`: the percentile bootstrap of the mean
+  (or of a ratio of sums) of a seeds × problems matrix with seeds and problems resampled
+  independently. With one seed it is the ordinary bootstrap over problems: the report's interval for
+  a single run (``mgrpo eval`` comparisons). With several seeds it counts the seed × problem
+  interaction about three times and over-covers (``docs/report.md``, the coverage table); the report
+  no longer uses it there.
 - :func:`verdict`: the plain-words reading of a difference interval (excludes 0 or not).
-
-Left out: multiple-comparison corrections and Bayesian summaries; ``rliable``'s stratified bootstrap
-(it resamples runs within tasks but not the problems, and pulls arch, statsmodels and seaborn).
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ class Interval:
     low: float
     high: float
     n: int  # replicates behind the interval (seeds, or problems for a single run)
-    method: str  # "t" | "bootstrap"
+    method: str  # "t" | "bootstrap" | "two-way"
+    p: float | None = None  # two-sided p-value of "the mean is 0" (None when there is no test)
 
     @property
     def half_width(self) -> float:
@@ -52,20 +57,75 @@ class Interval:
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> Interval:
-    """Mean of ``values`` with its Student-t interval (NaN bounds when there is one value)."""
+    """Mean of ``values`` (NaN entries dropped) with its Student-t interval and the t-test's p-value
+    (NaN bounds when there is one value)."""
     from scipy import stats
 
     x = np.asarray(values, dtype=float).reshape(-1)
+    x = x[~np.isnan(x)]
     if x.size == 0:
         raise ValueError("t_interval: no values")
     mean = float(x.mean())
     if x.size < 2:
         return Interval(mean, math.nan, math.nan, 1, "t")
     if np.all(x == x[0]):
-        return Interval(mean, mean, mean, int(x.size), "t")
+        return Interval(mean, mean, mean, int(x.size), "t", _constant_p(mean))
     sem = float(stats.sem(x))  # s / sqrt(n), ddof = 1
     low, high = stats.t.interval(confidence, x.size - 1, loc=mean, scale=sem)
-    return Interval(mean, float(low), float(high), int(x.size), "t")
+    p = float(2 * stats.t.sf(abs(mean) / sem, x.size - 1))
+    return Interval(mean, float(low), float(high), int(x.size), "t", p)
+
+
+def _constant_p(mean: float) -> float:
+    """The p-value of values that are all equal: 0 when they are not 0, else 1."""
+    return 0.0 if mean != 0 else 1.0
+
+
+def _bootstrap_p(values: np.ndarray) -> float:
+    """Two-sided p-value from a bootstrap distribution: twice the smaller share on either side of 0
+    (the smallest level at which the percentile interval would exclude 0)."""
+    return float(min(1.0, 2 * min(np.mean(values <= 0), np.mean(values >= 0))))
+
+
+def two_way_interval(matrix, confidence: float = CONFIDENCE) -> Interval:
+    """Mean of a (seeds, problems) matrix with seeds and problems both random (two-way random effects
+    without replication). Var(mean) = σ²_seed/S + σ²_problem/P + σ²_residual/(SP), estimated by
+    (MS_seeds + MS_problems − MS_residual)/(SP) from the ANOVA mean squares (floored at MS_residual/(SP));
+    degrees of freedom by Satterthwaite's approximation."""
+    from scipy import stats
+
+    d = np.asarray(matrix, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
+        raise ValueError(f"two_way_interval: need a (seeds, problems) matrix with 2+ of each, got shape {d.shape}")
+    n_s, n_p = d.shape
+    mean = float(d.mean())
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    ms_s = n_p * float(((rows - mean) ** 2).sum()) / (n_s - 1)
+    ms_p = n_s * float(((cols - mean) ** 2).sum()) / (n_p - 1)
+    resid = d - rows[:, None] - cols[None, :] + mean
+    ms_e = float((resid ** 2).sum()) / ((n_s - 1) * (n_p - 1))
+    combined = max(ms_s + ms_p - ms_e, ms_e)
+    if combined == 0:
+        return Interval(mean, mean, mean, n_s * n_p, "two-way", _constant_p(mean))
+    terms = [(ms_s, n_s - 1), (ms_p, n_p - 1), (ms_e, (n_s - 1) * (n_p - 1))]
+    df = combined ** 2 / sum(ms ** 2 / dof for ms, dof in terms)
+    se = math.sqrt(combined / (n_s * n_p))
+    low, high = stats.t.interval(confidence, df, loc=mean, scale=se)
+    return Interval(mean, float(low), float(high), n_s * n_p, "two-way", float(2 * stats.t.sf(abs(mean) / se, df)))
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): the i-th smallest p is multiplied by
+    (m − i + 1), made non-decreasing, capped at 1. A hypothesis is rejected at 5% familywise error
+    when its adjusted p-value is below 0.05. None entries (no test) stay None."""
+    indexed = [(p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    m = len(indexed)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(indexed)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def crossed_bootstrap(matrix, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
@@ -83,7 +143,7 @@ def crossed_bootstrap(matrix, confidence: float = CONFIDENCE, n_resamples: int =
     n_seeds, n_problems = d.shape
     mean = float(d.mean())
     if np.all(d == d.flat[0]) or n_seeds * n_problems < 2:
-        return Interval(mean, mean, mean, n_seeds * n_problems, "bootstrap")
+        return Interval(mean, mean, mean, n_seeds * n_problems, "bootstrap", _constant_p(mean))
     if n_seeds == 1:
         samples = (np.arange(n_problems),)
 
@@ -100,7 +160,8 @@ def crossed_bootstrap(matrix, confidence: float = CONFIDENCE, n_resamples: int =
                           method="percentile", paired=False, vectorized=True, batch=batch,
                           rng=np.random.default_rng(seed))
     ci = res.confidence_interval
-    return Interval(mean, float(ci.low), float(ci.high), n_seeds * n_problems, "bootstrap")
+    return Interval(mean, float(ci.low), float(ci.high), n_seeds * n_problems, "bootstrap",
+                    _bootstrap_p(res.bootstrap_distribution))
 
 
 def ratio_of_sums(num, den) -> float:
@@ -152,7 +213,7 @@ def crossed_bootstrap_ratio(parts, confidence: float = CONFIDENCE, n_resamples: 
         return Interval(mean, math.nan, math.nan, n_seeds * n_problems, "bootstrap")
     alpha = (1 - confidence) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
-    return Interval(mean, float(low), float(high), n_seeds * n_problems, "bootstrap")
+    return Interval(mean, float(low), float(high), n_seeds * n_problems, "bootstrap", _bootstrap_p(values))
 
 
 def verdict(iv: Interval, higher_is_better: bool = True,

@@ -60,14 +60,6 @@ def sweep(tmp_path):
     return root
 
 
-def _brute_crossed_bootstrap(d: np.ndarray, n: int = 20_000) -> tuple[float, float]:
-    rng = np.random.default_rng(123)
-    s = rng.integers(0, d.shape[0], (n, d.shape[0]))
-    p = rng.integers(0, d.shape[1], (n, d.shape[1]))
-    stats = d[s[:, :, None], p[:, None, :]].mean(axis=(1, 2))
-    return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
-
-
 def test_rows_round_trip_and_eval_rows_are_read(tmp_path):
     rows = _rows(3, 5)
     assert read_rows(write_rows(tmp_path / "a.jsonl", rows)) == rows
@@ -100,32 +92,26 @@ def test_report_numbers_match_a_hand_computation(sweep, tmp_path):
     assert an.end["grpo"]["delta_c2i"].mean == 0.0
     assert an.start["mgrpo"]["acc_t2"].mean == pytest.approx(0.4)
     assert an.transitions["mgrpo"]["wr"].mean == pytest.approx((4 + 6 + 6) / 60)
-    # paired difference MGRPO - GRPO in Acc@t2: +4 problems of 20 in every seed -> +0.2
+    # paired difference MGRPO - GRPO in Acc@t2: +4 problems of 20 in every seed -> +0.2 on each seed,
+    # so the t-interval over the per-seed differences is that point
     diff = next(c for c in an.comparisons if c.metric == "acc_t2")
-    d = np.zeros((3, P))
-    for s in range(3):
-        d[s, GRPO_END[s][1]:MGRPO_END[s][1]] = 1.0
-    assert diff.diff.mean == pytest.approx(d.mean()) == pytest.approx(0.2)
-    low, high = _brute_crossed_bootstrap(d)
-    assert diff.diff.low == pytest.approx(low, abs=0.02) and diff.diff.high == pytest.approx(high, abs=0.02)
-    assert diff.verdict == "better (interval excludes 0)" and diff.diff.low > 0
+    assert (diff.diff.mean, diff.diff.low, diff.diff.high) == (pytest.approx(0.2),) * 3 and diff.diff.p < 1e-12
+    assert diff.role == "primary" and diff.verdict == "better (interval excludes 0)"
     line = diff.line()
-    assert line.startswith("mgrpo Acc@t2 − grpo Acc@t2 = +20.0 [")
+    assert line.startswith("mgrpo Acc@t2 − grpo Acc@t2 = +20.0 [+20.0, +20.0]")
     assert line.endswith(" points (3 seeds × 20 problems): better (interval excludes 0)")
-    # Acc@t1 difference: +2, +2, +4 problems of 20 -> +4/30; Δc→i: none on either side -> 0, no difference
-    assert next(c for c in an.comparisons if c.metric == "acc_t1").diff.mean == pytest.approx(4 / 30)
-    c2i = next(c for c in an.comparisons if c.metric == "delta_c2i")
-    assert c2i.diff.mean == 0 and c2i.verdict.startswith("no detectable difference")
-    # GRPO's change over training in Acc@t2: end 0.5/0.6/0.7 against 0.4 at the start -> +0.2
+    # with the problems random too: the per-problem differences vary, so the interval is wider
+    assert diff.population.low < 0.2 < diff.population.high and diff.population.method == "two-way"
+    # Acc@t1 difference: +2, +2, +4 problems of 20 -> +0.1, +0.1, +0.2 per seed
+    acc1 = next(c for c in an.comparisons if c.metric == "acc_t1")
+    half = T_975_2 * np.std([0.1, 0.1, 0.2], ddof=1) / math.sqrt(3)
+    assert acc1.diff.mean == pytest.approx(4 / 30) and acc1.diff.high == pytest.approx(4 / 30 + half, abs=1e-9)
+    assert acc1.role == "secondary" and acc1.verdict.startswith("no detectable difference (Holm-adjusted p = ")
+    # GRPO's change over training in Acc@t2: end 0.5/0.6/0.7 against 0.4 at the start -> +0.1/+0.2/+0.3
     change = next(c for c in an.changes if c.a == "grpo" and c.metric == "acc_t2")
-    d = np.zeros((3, P))
-    for s in range(3):
-        d[s, 8:GRPO_END[s][1]] = 1.0
-    low, high = _brute_crossed_bootstrap(d)
-    assert change.diff.mean == pytest.approx(0.2)
-    assert change.diff.low == pytest.approx(low, abs=0.02) and change.diff.high == pytest.approx(high, abs=0.02)
-    assert change.verdict == ("grew (interval excludes 0)" if change.diff.low > 0 else
-                              "no detectable change (interval includes 0)")
+    half = T_975_2 * 0.1 / math.sqrt(3)
+    assert change.diff.mean == pytest.approx(0.2) and change.diff.low == pytest.approx(0.2 - half, abs=1e-9)
+    assert change.verdict.startswith("no detectable change (Holm-adjusted p = ")
 
     out = tmp_path / "out"
     md = (out / "report.md").read_text()
@@ -286,40 +272,49 @@ def test_fix_and_break_rates_match_counts_by_hand(tmp_path):
     rep = make_report([str(root)], out=tmp_path / "out", log_mlflow=False, n_resamples=4000)
     an = rep.analysis
     assert [g.seeds for g in an.grouping.groups] == [[0, 1], [0, 1]]
-    # end, pooled over the two seeds: fixed / t1-wrong and broken / t1-right
-    grpo_fix, grpo_break = (3 + 6) / (10 + 12), (2 + 3) / (10 + 8)
-    mgrpo_fix, mgrpo_break = (4 + 5) / (7 + 11), (1 + 0) / (13 + 9)
-    assert an.end["grpo"]["fix_rate"].mean == pytest.approx(grpo_fix, abs=1e-12)
-    assert an.end["grpo"]["break_rate"].mean == pytest.approx(grpo_break, abs=1e-12)
-    assert an.end["mgrpo"]["fix_rate"].mean == pytest.approx(mgrpo_fix, abs=1e-12)
-    assert an.end["mgrpo"]["break_rate"].mean == pytest.approx(mgrpo_break, abs=1e-12)
+    # per seed: fixed / t1-wrong and broken / t1-right; a group's rate is the mean over its seeds
+    fix = {"grpo": (3 / 10, 6 / 12), "mgrpo": (4 / 7, 5 / 11)}
+    brk = {"grpo": (2 / 10, 3 / 8), "mgrpo": (1 / 13, 0 / 9)}
+    t_1 = 12.706205  # t(0.975, 1): two seeds
+    for rate, per_seed in (("fix_rate", fix), ("break_rate", brk)):
+        for layer, (s0, s1) in per_seed.items():
+            g = an.end[layer][rate]
+            half = t_1 * abs(s0 - s1) / math.sqrt(2) / math.sqrt(2)  # s of two values = |a - b| / sqrt(2)
+            assert g.mean == pytest.approx((s0 + s1) / 2, abs=1e-12) and g.method == "t"
+            assert g.high - g.mean == pytest.approx(half, abs=1e-9)
+        c = next(c for c in an.comparisons if c.metric == rate)
+        d0, d1 = per_seed["mgrpo"][0] - per_seed["grpo"][0], per_seed["mgrpo"][1] - per_seed["grpo"][1]
+        assert c.diff.mean == pytest.approx((d0 + d1) / 2, abs=1e-12) and c.diff.method == "t"
+        assert c.diff.high - c.diff.mean == pytest.approx(t_1 * abs(d0 - d1) / 2, abs=1e-9)
+        assert c.role == "secondary" and "Holm-adjusted p = " in c.verdict
     # the start (_rows(6, 8) in every run): 2 of the 14 t1-wrong fixed, none of the 6 t1-right broken
     assert an.start["grpo"]["fix_rate"].mean == pytest.approx(2 / 14, abs=1e-12)
     assert an.start["mgrpo"]["break_rate"].mean == 0.0
-    # not the mean of per-seed rates (3/10, 6/12 -> 0.4) nor a per-problem average
-    assert an.end["grpo"]["fix_rate"].mean != pytest.approx(0.4)
-
-    for rate, a, b in (("fix_rate", grpo_fix, mgrpo_fix), ("break_rate", grpo_break, mgrpo_break)):
-        c = next(c for c in an.comparisons if c.metric == rate)
-        assert (c.a_mean, c.b_mean) == (pytest.approx(a, abs=1e-12), pytest.approx(b, abs=1e-12))
-        assert c.diff.mean == pytest.approx(b - a, abs=1e-12) and c.diff.method == "bootstrap"
-        num_a, den_a = _rate_matrices("grpo", rate)
-        num_b, den_b = _rate_matrices("mgrpo", rate)
-        low, high = _brute_ratio_bootstrap([(1.0, num_b, den_b), (-1.0, num_a, den_a)])
-        assert c.diff.low == pytest.approx(low, abs=0.03) and c.diff.high == pytest.approx(high, abs=0.03)
-        g = an.end["grpo"][rate]
-        low, high = _brute_ratio_bootstrap([(1.0, num_a, den_a)])
-        assert g.low == pytest.approx(low, abs=0.03) and g.high == pytest.approx(high, abs=0.03)
     change = next(c for c in an.changes if c.a == "grpo" and c.metric == "fix_rate")
-    assert change.diff.mean == pytest.approx(grpo_fix - 2 / 14, abs=1e-12)
+    assert change.diff.mean == pytest.approx(0.4 - 2 / 14, abs=1e-12)
     broke = next(c for c in an.comparisons if c.metric == "break_rate")
-    assert broke.line().startswith(f"mgrpo break rate − grpo break rate = {100 * (mgrpo_break - grpo_break):+.1f} [")
+    diff = sum(brk["mgrpo"]) / 2 - sum(brk["grpo"]) / 2
+    assert broke.line().startswith(f"mgrpo break rate − grpo break rate = {100 * diff:+.1f} [")
+    # Δi→c and Δc→i count the same problems as the rates: no verdict of their own
+    assert next(c for c in an.comparisons if c.metric == "delta_c2i").verdict.startswith("no verdict of its own")
 
     md = (tmp_path / "out" / "report.md").read_text()
     assert broke.line() in md and "| fix rate |" in md and "share of the t1-wrong problems right at t2" in md
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["groups"]["mgrpo"]["end"]["fix_rate"]["mean"] == pytest.approx(0.5)
+    assert saved["groups"]["mgrpo"]["end"]["fix_rate"]["mean"] == pytest.approx((4 / 7 + 5 / 11) / 2)
     assert {c["metric"] for c in saved["comparisons"]} >= {"fix_rate", "break_rate"}
+
+
+def test_a_single_run_rate_gets_the_bootstrap_over_its_problems():
+    from mgrpo_cli.reporting.stats import crossed_bootstrap_ratio
+
+    num_a, den_a = _rate_matrices("grpo", "fix_rate")
+    num_b, den_b = _rate_matrices("mgrpo", "fix_rate")
+    parts = [(1.0, num_b[:1], den_b[:1]), (-1.0, num_a[:1], den_a[:1])]  # seed 0 of each
+    iv = crossed_bootstrap_ratio(parts, n_resamples=4000)
+    low, high = _brute_ratio_bootstrap(parts)
+    assert iv.mean == pytest.approx(4 / 7 - 3 / 10) and iv.n == P
+    assert iv.low == pytest.approx(low, abs=0.03) and iv.high == pytest.approx(high, abs=0.03)
 
 
 def test_ratio_bootstrap_of_a_rate_without_denominator_is_undefined():
@@ -450,3 +445,79 @@ def test_seeds_for_a_3_point_interval(sweep, tmp_path):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"]
     assert next(x for x in saved if x["metric"] == "acc_t2")["seeds_for_3_points"] == 2  # the same +4 on every seed
     assert "| sd over seeds | seeds for ±3 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ provenance, re-check files, run order
+
+def _made_by(folder, commit: str, started: float, torch: str = "2.13.0"):
+    (folder / "provenance.json").write_text(json.dumps(
+        {"commit": commit, "dirty": False, "packages": {"torch": torch, "mgrpo": "0.1.0"}, "python": "3.11.7",
+         "started": started, "resumes": []}))
+
+
+def _answers(folder, step: int, rule) -> None:
+    """Rewrite a held-out file with final answers: t1's is the problem's number when right, else "x";
+    t2's likewise, or "y" when wrong for ``rule(i)``."""
+    rows = read_rows(step_file(folder, step))
+    write_rows(step_file(folder, step), [
+        ProblemResult(r.id, r.t1, r.t2, str(i) if r.t1 else "x", str(i) if r.t2 else ("y" if rule(i) else "x"))
+        for i, r in enumerate(rows)])
+
+
+def test_report_gathers_provenance_warns_and_writes_recheck_files(sweep, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {
+        "hydra": ["hydra.sweep.dir=multirun"], "task": ["layer=grpo,mgrpo", "seed=0,1,2"]}}}))
+    for job in range(6):  # jobs 0-2 grpo (seeds 0-2), 3-5 mgrpo: every grpo run started first
+        _made_by(sweep / str(job), "b" * 40 if job == 5 else "a" * 40, 1000.0 + 100 * job)
+        _answers(sweep / str(job), 10, lambda i: i % 2 == 1)
+    rep = make_report([str(sweep)], out=tmp_path / "out", log_mlflow=False, n_resamples=200)
+    out = tmp_path / "out"
+    saved = json.loads((out / "report.json").read_text())
+    block = saved["provenance"]
+    assert block["sweep_commands"] == ["mgrpo train -m hydra.sweep.dir=multirun layer=grpo,mgrpo seed=0,1,2"]
+    first = block["runs"][0]
+    assert (first["group"], first["seed"], first["commit"], first["started"]) == ("grpo", 0, "a" * 40,
+                                                                                 "1970-01-01T00:16:40Z")
+    assert first["overrides"] == ["layer=grpo", "seed=0", "trainer.threads=1"]
+    assert rep.warnings == block["warnings"] == [
+        "warning: the compared runs differ in what made them: commit (aaaaaaaaaa ×5, bbbbbbbbbb ×1)",
+        "warning: `layer` is confounded with the runs' start time: every grpo run started before every mgrpo run "
+        "(Mann–Whitney p = 0.1, 3 and 3 runs); sweep `seed` first (`-m seed=0,1,... layer=...`) so the groups "
+        "alternate within each seed"]
+    md = (out / "report.md").read_text()
+    assert all(f"**{w}**" in md for w in rep.warnings) and "## Provenance" in md and "## Re-check files" in md
+    # the answer-changed rate: t1 -> t2 flips change the answer, and wrong twice changes it on odd problems
+    for g, ends in (("grpo", GRPO_END), ("mgrpo", MGRPO_END)):
+        per_seed = [sum(1 for i in range(P) if (i < n1) != (i < n2) or (i >= max(n1, n2) and i % 2 == 1)) / P
+                    for n1, n2 in ends.values()]
+        assert rep.analysis.end[g]["changed"].mean == pytest.approx(sum(per_seed) / 3)
+    assert "| answer changed |" in md
+    # the re-check files: seeds × problems 0/1, and the script recomputes the primary interval from them
+    files = saved["recheck"]["files"]
+    assert sorted(files["grpo"]) == ["end", "start"] and sorted(files["grpo"]["end"]) == ["changed", "t1", "t2"]
+    lines = (out / files["grpo"]["end"]["t2"]).read_text().splitlines()
+    assert lines[0] == ",".join(["seed", *sorted(IDS)]) and len(lines) == 4
+    seed1 = dict(zip(lines[0].split(","), lines[2].split(","), strict=True))
+    assert seed1["seed"] == "1" and sum(int(seed1[i]) for i in IDS) == GRPO_END[1][1]
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "recheck.py"), str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "acc_t2: recomputed +20.00 [+20.00, +20.00]" in res.stdout
+    assert res.stdout.rstrip().endswith("the same")
+
+
+def test_alternating_runs_raise_no_order_warning_and_primary_is_chosen(sweep, tmp_path):
+    for job in range(6):  # grpo seeds 0, 1, 2 at 0, 200, 400 s; mgrpo at 100, 300, 500: alternating
+        _made_by(sweep / str(job), "a" * 40, 200.0 * (job % 3) + 100 * (job >= 3))
+    rep = make_report([str(sweep)], out=tmp_path / "out", log_mlflow=False, n_resamples=200, primary="acc_t1")
+    assert rep.warnings == []
+    assert [c.metric for c in rep.analysis.primaries] == ["acc_t1"]
+    assert "acc_t2" in [c.metric for c in rep.analysis.secondaries]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["primary"]["metric"] == "acc_t1" and saved["primary"]["comparisons"][0]["a"] == "grpo"
+    with pytest.raises(ReportError, match="--primary nope: not a metric of these runs"):
+        make_report([str(sweep)], out=tmp_path / "o2", log_mlflow=False, primary="nope")

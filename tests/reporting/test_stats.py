@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from mgrpo_cli.reporting.stats import Interval, crossed_bootstrap, t_interval, verdict
+from mgrpo_cli.reporting.stats import Interval, crossed_bootstrap, holm, t_interval, verdict
 
 T_975 = {2: 4.302653, 9: 2.262157}  # Student-t 97.5% quantiles from a printed table, by degrees of freedom
 
@@ -55,7 +55,7 @@ def test_crossed_bootstrap_carries_seed_and_problem_variance():
 
 def test_bootstrap_of_a_constant_difference_is_that_constant_and_deterministic():
     point = crossed_bootstrap(np.full((3, 7), 0.25))
-    assert point == Interval(0.25, 0.25, 0.25, 21, "bootstrap")
+    assert point == Interval(0.25, 0.25, 0.25, 21, "bootstrap", 0.0)
     d = np.random.default_rng(0).integers(-1, 2, (3, 50))
     assert crossed_bootstrap(d, n_resamples=500) == crossed_bootstrap(d, n_resamples=500)
 
@@ -66,3 +66,43 @@ def test_verdict_words():
     assert verdict(Interval(-0.05, -0.08, -0.02, 3, "t")) == "worse (interval excludes 0)"
     assert verdict(Interval(0.01, -0.02, 0.04, 3, "t")) == "no detectable difference (interval includes 0)"
     assert verdict(Interval(0.01, math.nan, math.nan, 1, "t")).startswith("no interval")
+
+
+def test_t_interval_p_value_has_the_closed_form_of_two_degrees_of_freedom():
+    # df = 2: P(T > t) = (1 - t / sqrt(t² + 2)) / 2
+    iv = t_interval([0.5, 0.6, 0.7])
+    t = 0.6 / (0.1 / math.sqrt(3))
+    assert iv.p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert t_interval([0.2, 0.2]).p == 0.0 and t_interval([0.0, 0.0]).p == 1.0
+    assert t_interval([0.1, math.nan, 0.3]).n == 2  # a seed without a value (a rate with no denominator)
+
+
+def test_holm_adjusts_by_rank_and_keeps_the_order():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> raised to 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005, None]) == pytest.approx([0.03, 0.06, 0.06, 0.02, None])
+    assert holm([0.6, 0.9]) == [1.0, 1.0] and holm([]) == []
+
+
+def test_two_way_interval_from_the_anova_mean_squares():
+    from scipy import stats
+
+    from mgrpo_cli.reporting.stats import two_way_interval
+
+    # rows 2, 3; columns 1.5, 3, 3; mean 2.5: MS_seeds = 3 · 0.5 = 1.5, MS_problems = 2 · 1.5 / 2 = 1.5,
+    # residuals 0, -0.5, 0.5, 0, 0.5, -0.5 -> MS_residual = 1 / 2; Var(mean) = (1.5 + 1.5 - 0.5) / 6
+    iv = two_way_interval([[1, 2, 3], [2, 4, 3]])
+    df = 2.5 ** 2 / (1.5 ** 2 / 1 + 1.5 ** 2 / 2 + 0.5 ** 2 / 2)  # Satterthwaite
+    half = stats.t.ppf(0.975, df) * math.sqrt(2.5 / 6)
+    assert iv.mean == 2.5 and iv.method == "two-way"
+    assert iv.low == pytest.approx(2.5 - half, rel=1e-9) and iv.high == pytest.approx(2.5 + half, rel=1e-9)
+    # without problem effects it is close to the t-interval over the seeds' means
+    rng = np.random.default_rng(3)
+    d = rng.normal(0, 1, (10, 1))[:, [0] * 200] + rng.normal(0, 0.01, (10, 200))
+    assert two_way_interval(d).half_width == pytest.approx(t_interval(d.mean(axis=1)).half_width, rel=0.02)
+
+
+def test_bootstrap_p_value_is_the_share_beyond_zero():
+    d = np.concatenate([np.ones((1, 30)), np.zeros((1, 10))], axis=1)  # one run, 40 problems, 75% ones
+    iv = crossed_bootstrap(d, n_resamples=2000)
+    assert iv.p == 0.0 and iv.low > 0  # no resample has a mean of 0 or below
+    assert crossed_bootstrap(d - 0.75, n_resamples=2000).p > 0.5  # centred: about half on each side
