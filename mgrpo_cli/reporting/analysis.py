@@ -1,16 +1,18 @@
 """Grouping, statistics and verdicts of a report's runs.
 
 Runs are grouped by the override keys whose values differ among them; ``seed`` is the replicate
-key. For every group: Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i at the start and the end of training as a
-mean with a 95% t-interval over seeds (over problems for a single run), and the end − start change
-with a bootstrap interval over seeds × problems (``mgrpo_cli.reporting.stats``). For every pair of
-groups that differ in one key: the paired per-problem difference (same seed, same problem) with the
-same bootstrap, and a computed verdict line.
+key. Every number is read per seed first (``seed_values``: a run's mean over the problems, or its
+rate's ratio of sums) and then over seeds, with the t-interval over seeds (``ESTIMAND``): for every
+group Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i, the fix and break rates and the answer-changed rate at
+the start and the end of training, and the end − start change paired by run; for every pair of groups
+that differ in one key, the per-seed paired difference (same seed, same problems). A group of one run
+is read over its problems instead (``mgrpo eval`` comparisons).
 
-The conditional rates (``RATES``: fix rate = share of the t1-wrong problems right at t2, break rate =
-share of the t1-right problems wrong at t2) are ratios of sums over seeds and problems; their group
-values, differences and changes all come from the seeds × problems bootstrap of the ratio (each
-resample recomputes numerator and denominator sums), since their denominators differ between runs.
+Verdicts: one primary endpoint (``PRIMARY``, ``analyse(primary=...)``) at 95%, with a population-level
+interval beside it (problems random too, ``stats.two_way_interval``); the other between-group
+comparisons are secondary, Holm-adjusted over their family, and the changes over training are a
+family of their own. Δi→c and Δc→i count the same problems as the fix and break rates
+(``DUPLICATES``): their verdict is the rate's, given once.
 
 Reward vanishing (``vanishing``), from each run's per-step training history (MLflow): per layer the
 mean over the steps of the share of zero-variance groups (groups whose rewards are all equal, so
@@ -18,8 +20,7 @@ their advantages are 0), the share of steps in which layer 1 had no usable group
 zero-variance) and the share in which no layer had one (no gradient from the reward at all); per group
 the mean with a 95% t-interval over seeds, between groups the difference paired by seed.
 
-Left out: runs on different problem sets in one report (one problem set per report), multiple-
-comparison corrections.
+Left out: runs on different problem sets in one report (one problem set per report).
 """
 from __future__ import annotations
 

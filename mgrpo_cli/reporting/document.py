@@ -180,8 +180,7 @@ def build_document(an: Analysis, runs: list[Run], excluded: list[tuple[str, str]
                         str(c.seeds_for() or "—")] for c in cs])
         doc.p("sd over seeds: the sample standard deviation of the per-seed difference (b − a on each seed's "
               "problems); seeds for ±3: the smallest n with t(0.975, n − 1) · sd / √n ≤ 3 points, the seeds per "
-              "group a 95% interval of ±3 points needs from the seed-to-seed noise measured here (resampling the "
-              "problems as well widens the bootstrap interval a little).")
+              "group the report's 95% interval of ±3 points needs, from the spread measured here.")
     if an.vanishing:
         doc.h(2, "Reward vanishing")
         doc.p("From each run's per-step training metrics: a zero-variance group has all rewards equal, so all its "
