@@ -14,19 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
-
-
-def runs_table(report_md: str) -> list[dict[str, str]]:
-    lines = report_md.split("## Runs", 1)[1].strip().splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = []
-    for line in lines[2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
-    return rows
+from study_table import runs_table, t_over_seeds  # scripts/ is on the path when run as a script
 
 
 def _ci(mean: float, low: float, high: float) -> str:
@@ -51,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             b, a = old["title"].split(" (")[0].split(" − ")
             by = {g: {int(r["seed"]): float(r[column]) / 100 for r in rows if r["group"] == g} for g in (a, b)}
             seeds = sorted(set(by[a]) & set(by[b]))
-            d = np.array([by[b][s] - by[a][s] for s in seeds])
-            mean, sem = float(d.mean()), float(stats.sem(d))
-            low, high = stats.t.interval(0.95, d.size - 1, loc=mean, scale=sem)
+            d = [by[b][s] - by[a][s] for s in seeds]
+            mean, low, high = t_over_seeds(d)
+            sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
             o = old["diff"]
-            print(f"| {folder.name.removeprefix('study-')} | {b} − {a} {column.removeprefix('end ')} | {d.size} | "
+            print(f"| {folder.name.removeprefix('study-')} | {b} − {a} {column.removeprefix('end ')} | {len(d)} | "
                   f"{_ci(o['mean'], o['low'], o['high'])}: {_verdict(o['low'], o['high'])} | "
-                  f"{_ci(mean, low, high)}: {_verdict(low, high)} | {100 * d.std(ddof=1):.1f} |")
+                  f"{_ci(mean, low, high)}: {_verdict(low, high)} | {100 * sd:.1f} |")
     return 0
 
 

@@ -11,6 +11,11 @@ zero-variance share where the report measured it. Nothing in the table is typed 
 A report made before the conditional rates existed has no ``fix_rate``: its row shows the rates
 computed from its group means (fix = Δi→c / (1 − Acc@t1), break = Δc→i / Acc@t1: exact for the pooled
 rates, since every seed scores the same problems), marked ``≈``, without intervals.
+
+The primary column is the report's primary endpoint (its verdict at 95%, the t-interval over the
+per-seed paired differences). A report made before it existed gives its intervals from the crossed
+bootstrap; its primary (Acc@t2) is recomputed here from the per-seed end Acc@t2 of its ``## Runs``
+table (exact for 200 problems), marked ``(recomputed)``.
 """
 from __future__ import annotations
 
@@ -49,6 +54,47 @@ def _rate(end: dict, metric: str) -> str:
     return f"≈{100 * end['delta_c2i']['mean'] / acc:.1f}" if acc > 0 else "—"
 
 
+def runs_table(report_md: str) -> list[dict[str, str]]:
+    """The rows of a report.md's ``## Runs`` table, as {column: cell}."""
+    lines = report_md.split("## Runs", 1)[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def t_over_seeds(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of per-seed differences with the 95% t-interval over them."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    mean, sem = float(d.mean()), float(stats.sem(d))
+    if sem == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(0.95, d.size - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)
+
+
+def _primary(report: dict, folder: Path, a: str, b: str) -> str:
+    primary = report.get("primary")
+    if primary is not None:
+        c = next((c for c in primary["comparisons"] if (c["a"], c["b"]) == (a, b)), None)
+        if c is None or c["diff"]["low"] is None:
+            return "(no interval)"
+        d = c["diff"]
+        return (f"{primary['metric']}: {_pts(d['mean'])} [{_pts(d['low'])}, {_pts(d['high'])}]: "
+                f"{_short_verdict(c['verdict'])}")
+    rows = runs_table((folder / "report.md").read_text(encoding="utf-8"))
+    by = {g: {r["seed"]: float(r["end Acc@t2"]) / 100 for r in rows if r["group"] == g} for g in (a, b)}
+    mean, low, high = t_over_seeds([by[b][s] - by[a][s] for s in sorted(set(by[a]) & set(by[b]))])
+    word = "no detectable diff." if low <= 0 <= high else ("better" if mean > 0 else "worse")
+    return f"acc_t2 (recomputed): {_pts(mean)} [{_pts(low)}, {_pts(high)}]: {word}"
+
+
 def row(folder: Path, base: Path) -> list[str]:
     report = json.loads((folder / "report.json").read_text())
     groups = list(report["groups"])
@@ -64,13 +110,14 @@ def row(folder: Path, base: Path) -> list[str]:
     if a in vanishing and b in vanishing:
         zv = " / ".join(f"{100 * vanishing[g]['zero_variance/layer1']['mean']:.0f}" for g in (a, b))
     both = f"{b} − {a}"
-    return [link, f"{n} × {report['problems']}",
+    return [link, f"{n} × {report['problems']}", _primary(report, folder, a, b),
             f"{100 * ea['acc_t2']['mean']:.1f} / {100 * eb['acc_t2']['mean']:.1f}; {both} {_diff(report, title, 'acc_t2')}",
             f"{_rate(ea, 'fix_rate')} / {_rate(eb, 'fix_rate')}; {_diff(report, title, 'fix_rate')}",
             f"{_rate(ea, 'break_rate')} / {_rate(eb, 'break_rate')}; {_diff(report, title, 'break_rate')}", zv]
 
 
-HEADER = ["study", "seeds × problems", "Acc@t2 at the end, a / b; b − a [95% CI]: verdict", "fix rate a / b; b − a",
+HEADER = ["study", "seeds × problems", "primary: b − a, t over seeds [95% CI]: verdict",
+          "Acc@t2 at the end, a / b; b − a [95% CI, as reported]: verdict", "fix rate a / b; b − a",
           "break rate a / b; b − a", "layer-1 zero-variance groups, mean over steps, a / b"]
 
 

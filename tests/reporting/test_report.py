@@ -414,6 +414,8 @@ def test_study_table_is_generated_from_report_json(tmp_path):
     grpo, mgrpo = (3 / 10 + 6 / 12) / 2, (4 / 7 + 5 / 11) / 2  # the mean over seeds of each seed's fix rate
     assert f"{100 * grpo:.1f} / {100 * mgrpo:.1f}; {100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" in row
     assert "| 2 × 20 |" in row
+    primary = rep.analysis.primaries[0].diff  # Acc@t2, the t-interval over the two seeds
+    assert f"| acc_t2: {100 * primary.mean:+.1f} [{100 * primary.low:+.1f}, {100 * primary.high:+.1f}]: " in row
 
 
 def test_a_run_missing_from_its_mlflow_store_is_a_note_not_a_crash(tmp_path):
