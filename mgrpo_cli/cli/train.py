@@ -104,18 +104,18 @@ def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
 
 
 def _record_end(out: Path, zero: bool, run_logger, status: str, error: Optional[str]) -> None:
-    """The job's end in MLflow and in status.json; a failure to record never hides the job's own error."""
+    """The job's end in status.json, then in MLflow (which may wait up to 30 s for an absent tracking
+    server: status.json is written first); a failure to record never hides the job's own error."""
     from mgrpo_cli.training import lifecycle
 
-    run_id = None
+    run_id = run_logger.run_id if run_logger else None
+    if zero:
+        lifecycle.write_status(out, status, error, run_id)
     try:
         if run_logger:
-            run_id = run_logger.run_id
             run_logger.end(status, error)
     except Exception as e:
         log.error("could not record the end of MLflow run %s: %s", run_id, one_line(e))
-    if zero:
-        lifecycle.write_status(out, status, error, run_id)
 
 
 def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, float], bool]:
