@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
     from mgrpo_cli.config.schema import ModelConfig
-    from mgrpo_cli.data.models import load_policy
+    from mgrpo_cli.models.loading import load_policy
     from mgrpo_cli.training.warmup import SHIPPED
 
     torch.set_num_threads(1)

@@ -47,7 +47,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from mgrpo_cli.algo.solve import SolveSpec, solve
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
     from mgrpo_cli.data.loaders import load_problems
     from mgrpo_cli.rollout.engine import HFEngine
 

@@ -109,7 +109,7 @@ def ours(args) -> None:
     from hydra import compose, initialize_config_dir
     from torch.utils.data import DataLoader
 
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
     from mgrpo_cli.config.schema import conf_dir, register_configs
     from mgrpo_cli.data.problems import Problem
 
@@ -309,7 +309,7 @@ def _warm_start_note(outputs: str) -> tuple[list[str], str]:
 
     from hydra import compose, initialize_config_dir
 
-    from mgrpo_cli.config.build import warmup_spec
+    from mgrpo_cli.cli.build import warmup_spec
     from mgrpo_cli.config.schema import conf_dir, register_configs
     from mgrpo_cli.training.warmup import SHIPPED, cache_key
 

@@ -63,24 +63,22 @@ def main(argv: list[str] | None = None) -> int | None:
     for arg in argv[2:]:  # Hydra makes the run folder before the command runs: check where it goes first
         key, _, value = arg.partition("=")
         if key in ("paths.outputs", "++paths.outputs") and value and "," not in value:
-            from mgrpo_cli.config.errors import UserError
             from mgrpo_cli.config.rules import check_writable
+            from mgrpo_cli.errors import UserError
 
             try:
                 check_writable(value, "paths.outputs")
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-    from mgrpo_cli.config.errors import install_hydra_error_lines
+    from mgrpo_cli.cli import hydra_errors
 
-    install_hydra_error_lines()  # Hydra's composition errors as one line, exit 2
+    hydra_errors.install()  # Hydra's composition errors as one line, exit 2
     os.environ[COMMAND_ENV] = command
     # a runnable argv[0] (the console script, or this file under -m) lets the DDP launcher start the other ranks
     sys.argv = [argv[0] if os.path.isfile(argv[0]) else f"mgrpo {command}", *argv[2:]]
-    module.main()
-    from mgrpo_cli.config.errors import report_failed_jobs
-
-    return report_failed_jobs()  # a sweep whose jobs failed ends with their list and exit code 1
+    module.main()  # a sweep whose jobs failed ends in its callback: their list and exit code 1 (reporting.sweep)
+    return None
 
 
 if __name__ == "__main__":

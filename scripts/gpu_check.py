@@ -13,13 +13,13 @@ that would start after it.
     transformers' ``generate`` with ``cache_implementation="static"`` (``num_return_sequences=n``;
     on CUDA generate compiles its decode step itself, ``--generate eager`` also times it with
     ``disable_compile``). Each is given as generated tokens/s and as a fraction of the bound of
-    :func:`mgrpo_cli.reporting.perf.generation_bound` (bytes over the GPU's bandwidth, FLOPs over its peak).
+    :func:`perf.generation_bound` (scripts/perf.py) (bytes over the GPU's bandwidth, FLOPs over its peak).
 ``loss``
     One micro-batch of the loss pass as a training step runs it (:func:`completion_logps`: policy
     forward + backward, reference forward), ``--loss-groups`` x ``--n`` rows of ``--prompt-len`` +
     ``--loss-completion-len`` tokens, in bf16, with gradient checkpointing (the 1.5B configs' default)
     and without, on the chunked log-prob path (the default at this vocabulary) and on the whole
-    logits (``+whole``); its model FLOPs (:func:`mgrpo_cli.reporting.perf.loss_pass_flops`: recomputation by
+    logits (``+whole``); its model FLOPs (:func:`perf.loss_pass_flops`: recomputation by
     checkpointing and the chunked path's second lm_head matmul not counted) over the time and the
     dense bf16 peak give the MFU, and the peak memory shows what chunking saves.
 ``steps``
@@ -167,7 +167,7 @@ def random_model(shape: dict, device, dtype):
 
 def hardware(a, device) -> dict:
     """The GPU's bandwidth and peak (table or flags); nominal placeholders on the CPU."""
-    from mgrpo_cli.reporting import perf
+    import perf  # scripts/perf.py, beside this script
 
     if device.type == "cuda":
         import torch
@@ -285,7 +285,7 @@ def time_generate(model, ids, mask, a, device, compiled: bool) -> dict:
 
 
 def part_decode(a, shape: dict, device, dtype, hw: dict, result: dict, save, clock: Clock) -> None:
-    from mgrpo_cli.reporting import perf
+    import perf  # scripts/perf.py, beside this script
 
     model = random_model(shape, device, dtype)
     ids, mask = _prompts(a, shape["vocab_size"], device)
@@ -355,10 +355,10 @@ def loss_pass(policy, reference, rollout, rows, chunked=None) -> None:
 def part_loss(a, shape: dict, device, dtype, hw: dict, result: dict, save) -> None:
     """The loss pass with gradient checkpointing (the 1.5B configs' default: the policy then runs one
     sequence per row) and without (each prompt once for its group), on the chunked or whole-logits path."""
+    import perf  # scripts/perf.py, beside this script
     import torch
 
     from mgrpo_cli.algo.loss import CHUNKED_VOCAB
-    from mgrpo_cli.reporting import perf
 
     policy = random_model(shape, device, dtype)
     policy.train()
@@ -441,10 +441,10 @@ def compose_step_config(model: str, precision: str, a, workdir: Path, gpu: bool)
 
 
 def build_step_module(cfg, device):
-    """(module, reward_fn, train dataloader) as ``mgrpo train`` builds them (through ``mgrpo_cli.config.build``),
+    """(module, reward_fn, train dataloader) as ``mgrpo train`` builds them (through ``mgrpo_cli.cli.build``),
     on random weights: the tiny model without its warm start, or the random 1.5B shapes."""
-    from mgrpo_cli.config import build
-    from mgrpo_cli.data.models import build_byte_tokenizer
+    from mgrpo_cli.cli import build
+    from mgrpo_cli.models.tiny import build_byte_tokenizer
 
     if cfg.model.path is not None:
         build_byte_tokenizer().save_pretrained(cfg.model.path)
@@ -481,7 +481,8 @@ def time_steps(cfg, steps: int, device, cudnn_sdp: bool) -> dict:
     import lightning as L
     import torch
 
-    from mgrpo_cli.config import build, rules
+    from mgrpo_cli.cli import build
+    from mgrpo_cli.config import rules
 
     rules.check(cfg, "train")
     build.setup_runtime(cfg)  # what `mgrpo train` sets: threads, seeds, cuDNN attention off on CUDA

@@ -44,7 +44,7 @@ def loss_spec(**changes):
     """The default run's LossSpec (``build.loss_spec`` of the composed train config) with ``changes``."""
     import dataclasses
 
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
 
     global _DEFAULT_LOSS
     if _DEFAULT_LOSS is None:

@@ -149,7 +149,7 @@ def vocab_and_merges(cache: Path | None = None) -> tuple[dict[str, int], list[tu
     ranks file's checksum."""
     import hashlib
 
-    from mgrpo_cli.data.models import _bytes_to_unicode
+    from mgrpo_cli.models.tiny import _bytes_to_unicode
 
     b2u = _bytes_to_unicode()
     ranks = tiktoken_ranks()

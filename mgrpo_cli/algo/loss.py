@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from mgrpo_cli.algo import advantage, grpo
-from mgrpo_cli.data.models import Fp32Head, base_model
+from mgrpo_cli.models.loading import Fp32Head, base_model
 from mgrpo_cli.rollout.engine import Rollout, trim_shared_padding
 
 

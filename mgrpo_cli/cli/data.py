@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError
 from mgrpo_cli.config.schema import conf_dir, register_configs
+from mgrpo_cli.errors import EXIT_USER_ERROR, UserError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -49,7 +49,8 @@ def _compose(name: str, overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from mgrpo_cli.config.errors import hydra_error_line, one_line
+    from mgrpo_cli.cli.hydra_errors import hydra_error_line
+    from mgrpo_cli.errors import one_line
 
     register_configs()
     try:
@@ -62,7 +63,7 @@ def _compose(name: str, overrides: list[str]) -> Any:
 
 
 def _fill(cfg: Any, split: str) -> str:
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
     from mgrpo_cli.data.loaders import data_folder_file, load_problems
 
     d = cfg.dataset

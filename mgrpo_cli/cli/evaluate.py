@@ -17,9 +17,10 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from mgrpo_cli.config import build, rules
-from mgrpo_cli.config.errors import UserError, run_command
+from mgrpo_cli.cli import build
+from mgrpo_cli.config import rules
 from mgrpo_cli.config.schema import conf_dir, register_configs
+from mgrpo_cli.errors import JobFailed, UserError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     rules.check(cfg, "eval")
     build.setup_runtime(cfg)
-    from mgrpo_cli.data.models import device_for, export
+    from mgrpo_cli.models.loading import device_for, export
     from mgrpo_cli.reporting.tracking import run_resources
 
     out = build.run_dir(cfg)
@@ -229,6 +230,6 @@ register_configs()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[float]:
+def main(cfg: DictConfig) -> Optional[float | JobFailed]:
     result = run_command(run_eval, cfg)
-    return result.get("acc_t1") if result else None
+    return result if isinstance(result, JobFailed) else (result or {}).get("acc_t1")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mgrpo_cli.config.errors import EXIT_USER_ERROR
+from mgrpo_cli.errors import EXIT_USER_ERROR
 from mgrpo_cli.reporting import provenance, recheck, tracking
 from mgrpo_cli.reporting.analysis import METRICS, PRIMARY, Analysis, analyse, as_json
 from mgrpo_cli.reporting.document import build_document

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from mgrpo_cli.config.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, UserError
+from mgrpo_cli.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, UserError
 
 USAGE = "usage: mgrpo sync <run folder> [<run folder> ...]"
 

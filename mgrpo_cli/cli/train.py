@@ -23,11 +23,12 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from mgrpo_cli.config import build, rules
-from mgrpo_cli.config.errors import EXIT_USER_ERROR, UserError, one_line, run_command
+from mgrpo_cli.cli import build, resume
+from mgrpo_cli.config import rules
 from mgrpo_cli.config.schema import conf_dir, register_configs
+from mgrpo_cli.errors import EXIT_USER_ERROR, JobFailed, UserError, one_line, run_command
 from mgrpo_cli.reporting import provenance
-from mgrpo_cli.training import resume, runlock
+from mgrpo_cli.training import runlock
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,12 @@ def _saved_start(checkpoint: str) -> dict[str, float]:
 
 
 def export_policy(cfg: Any, policy, tok, folder: Path, is_global_zero: bool, start_from: Optional[str]) -> None:
-    """Rank 0 saves the policy (``data.models.export``; LoRA merged unless ``lora.export=adapter``).
+    """Rank 0 saves the policy (``models.loading.export``; LoRA merged unless ``lora.export=adapter``).
 
     A sharded policy (trainer=fsdp) is gathered first, with every rank taking part, into a fresh
     unsharded copy on rank 0's CPU.
     """
-    from mgrpo_cli.data.models import export
+    from mgrpo_cli.models.loading import export
     from mgrpo_cli.training import distributed
 
     if distributed.is_sharded(policy):
@@ -238,9 +239,9 @@ register_configs()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> Optional[float | JobFailed]:
     result = run_command(run_train, cfg)
-    return result.get("end/acc_t1") if result else None
+    return result if isinstance(result, JobFailed) else (result or {}).get("end/acc_t1")
 
 
 def main() -> None:

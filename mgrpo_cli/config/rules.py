@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config.errors import bad_value
+from mgrpo_cli.errors import bad_value
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

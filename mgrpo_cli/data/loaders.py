@@ -40,9 +40,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
-from mgrpo_cli.config.errors import UserError
 from mgrpo_cli.config.schema import DATA_DIR_ENV, DEFAULT_DATA_DIR
 from mgrpo_cli.data.problems import ArithTask, Problem
+from mgrpo_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set as the loaders read it (``config.build.dataset_spec`` makes it from ``dataset.*``)."""
+    """A data set as the loaders read it (``cli.build.dataset_spec`` makes it from ``dataset.*``)."""
 
     name: str  # also the data folder's subfolder: <data_dir>/<name>/<split>.jsonl
     kind: str  # arith | file | hub

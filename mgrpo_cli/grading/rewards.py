@@ -1,4 +1,4 @@
-r"""Rewards: the ``RewardFunction`` that training calls on each batch (made by ``config.build.reward``).
+r"""Rewards: the ``RewardFunction`` that training calls on each batch (made by ``cli.build.reward``).
 
 A ``RewardFunction`` returns, per completion, ``sum_k weight_k * term_k`` (accuracy, format, or an
 own function named by its import path ``package.module:function``) as ``Scored``. Reward functions

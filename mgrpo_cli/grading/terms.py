@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.errors import UserError
 
 
 class RewardTermError(UserError):

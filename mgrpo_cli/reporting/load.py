@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.errors import UserError
 from mgrpo_cli.reporting import provenance, tracking
 from mgrpo_cli.reporting.heldout import FOLDER as HELDOUT
 from mgrpo_cli.reporting.heldout import ProblemResult, read_rows, step_of

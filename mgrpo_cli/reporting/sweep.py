@@ -29,7 +29,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mgrpo_cli.config import errors
+from mgrpo_cli import errors
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class SweepCallback(Callback):
         line = self._finish()
         if line:
             print(line, file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(errors.EXIT_FAILED_JOBS)
 
     def _at_exit(self) -> None:
         if os.getpid() != self.pid or self.ended:
@@ -164,12 +164,10 @@ class SweepCallback(Callback):
         path = folder / STATUS_FILE
         if path.is_file() or not folder.is_dir():
             return
-        from mgrpo_cli.config.errors import failed_jobs  # UserErrors that errors.run_command caught in this job
-
         ok = job_return.status == JobStatus.COMPLETED
-        error = None if ok else one_line(getattr(job_return, "_return_value", None) or "the job raised")
-        mine = [e for name, e in failed_jobs if name.split(" ", 1)[0] == f"#{config.hydra.job.num}"]
-        if ok and mine:
-            ok, error = False, one_line(f"UserError: {mine[-1]}")
+        returned = getattr(job_return, "_return_value", None)
+        error = None if ok else one_line(returned or "the job raised")
+        if ok and isinstance(returned, errors.JobFailed):  # a UserError that errors.run_command caught
+            ok, error = False, one_line(f"UserError: {returned.error}")
         path.write_text(json.dumps({"status": "FINISHED" if ok else "FAILED", "error": error,
                                     "mlflow_run_id": None}))

@@ -300,7 +300,7 @@ def run_resources(reward_fn):
     """Scope of one command: yields a holder for its ``RunLogger`` (``.run_logger``); on the way out
     the MLflow run ends (FAILED with the error on an exception, so one failed multirun job does not
     poison the next; KILLED on Ctrl+C) and the grader's worker process stops."""
-    from mgrpo_cli.config.errors import one_line
+    from mgrpo_cli.errors import one_line
 
     held = SimpleNamespace(run_logger=None)
     status, error = "FINISHED", None

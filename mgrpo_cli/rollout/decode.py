@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mgrpo_cli.data.models import base_model
+from mgrpo_cli.models.loading import base_model
 
 LLAMA_FAMILY = {"qwen2", "qwen3", "llama", "mistral"}
 

@@ -6,7 +6,7 @@ full checkpoint (weights, optimizer, the module's own state) goes to a temporary
 mid-write still has its previous file. ``save_last`` keeps the ``keep`` newest step checkpoints
 (``trainer.keep_checkpoints``): ``last.ckpt`` is the newest, ``last-1.ckpt`` the one before, and so
 on; ``save(trainer, name)`` writes any other named file (the best-k checkpoints of validation) and
-``remove(name)`` drops one. A write that fills the disk raises :class:`~mgrpo_cli.config.errors.DiskFull`
+``remove(name)`` drops one. A write that fills the disk raises :class:`~mgrpo_cli.errors.DiskFull`
 (``no space left on device writing <path>``) after removing its temporary file.
 
 :func:`newest_loadable` is what ``resume=`` continues from: the newest of ``last.ckpt``,
@@ -30,7 +30,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mgrpo_cli.config.errors import DiskFull, disk_full
+from mgrpo_cli.errors import DiskFull, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def loads(path: Path) -> Optional[str]:
 def newest_loadable(folder: str | Path, *, set_aside: bool = True) -> Optional[Path]:
     """The newest step checkpoint of ``folder`` that loads; None when there is none. Each newer one that
     does not load is reported in one warning line and (``set_aside``) renamed ``<name>.damaged``; when
-    none loads, :class:`~mgrpo_cli.config.errors.UserError` says why the newest does not."""
-    from mgrpo_cli.config.errors import UserError
+    none loads, :class:`~mgrpo_cli.errors.UserError` says why the newest does not."""
+    from mgrpo_cli.errors import UserError
 
     def age(path: Path) -> int:
         n = path.stem.rpartition("-")[2]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mgrpo_cli.data.models import param_checksums
+from mgrpo_cli.models.loading import param_checksums
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def write_status(folder: str | Path, status: str, error: Optional[str] = None,
 def replace_or_overwrite(path: Path, data: bytes) -> None:
     """``path`` holds ``data``: written to a temporary file renamed over it, or, when the disk is too full
     for a new file, written over the existing file in place (no new block needed for a small file)."""
-    from mgrpo_cli.config.errors import disk_full
+    from mgrpo_cli.errors import disk_full
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:

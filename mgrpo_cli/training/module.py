@@ -8,7 +8,7 @@ phrase, to the next layer. Layer losses are summed (L1 + lambda * L2: each of th
 ``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
 ``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
 two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
-and the optimizer step. The module takes plain objects made by ``mgrpo_cli.config.build``, never the config, and writes no
+and the optimizer step. The module takes plain objects made by ``mgrpo_cli.cli.build``, never the config, and writes no
 files: the samples table and the held-out files are callbacks' (``training.callbacks``), which read
 the last step's layers (``trained``) and the last validation's rows (``val_rows``).
 On several processes (``mgrpo_cli.training.distributed``): each rank draws its own prompts, DDP gradients are
@@ -53,9 +53,9 @@ from mgrpo_cli.algo.layers import (
 )
 from mgrpo_cli.algo.loss import TOKEN_COUNTS, LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
 from mgrpo_cli.algo.solve import SolveSpec, solve
-from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.data.models import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.data.problems import Problem
+from mgrpo_cli.errors import UserError
+from mgrpo_cli.models.loading import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.reporting.metrics import self_correction
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.errors import UserError
 
 LOCK = "run.lock"
 _held: dict[Path, int] = {}  # folder -> the open descriptor holding its lock

@@ -40,8 +40,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mgrpo_cli.algo.solve import SolveSpec, solve
-from mgrpo_cli.data.models import ModelSpec, build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.data.problems import ArithTask, Problem, careful_solution, merged_solution, parse_arith, shortcut_merges
+from mgrpo_cli.models.loading import ModelSpec
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.engine import HFEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer
 

@@ -8,8 +8,8 @@ from conftest import loss_spec
 from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.algo.layers import LayerInput, layer_rewards, next_inputs, select_responses, transitions
 from mgrpo_cli.algo.loss import micro_batches
-from mgrpo_cli.config import build
-from mgrpo_cli.data.models import build_byte_tokenizer
+from mgrpo_cli.cli import build
+from mgrpo_cli.models.tiny import build_byte_tokenizer
 from mgrpo_cli.rollout.prompts import PromptRenderer
 
 T, F = True, False
@@ -100,7 +100,7 @@ def test_zero_advantage_completions_are_skipped_and_the_gradient_is_unchanged(lo
         prepare_layer_loss,
     )
     from mgrpo_cli.config.schema import ModelConfig
-    from mgrpo_cli.data.models import build_tiny_model
+    from mgrpo_cli.models.tiny import build_tiny_model
     from mgrpo_cli.rollout.engine import HFEngine
 
     tok = build_byte_tokenizer()

@@ -19,9 +19,9 @@ from mgrpo_cli.algo.loss import (
     output_weight,
     prepare_layer_loss,
 )
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import ModelConfig
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.engine import HFEngine, Rollout
 
 

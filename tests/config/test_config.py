@@ -31,9 +31,9 @@ def test_every_option_composes_and_validates(config_name, group):
 
 
 def test_options_build_their_objects():
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
     from mgrpo_cli.data.loaders import data_folder_file, load_problems
-    from mgrpo_cli.data.models import build_byte_tokenizer
+    from mgrpo_cli.models.tiny import build_byte_tokenizer
     from mgrpo_cli.rollout.prompts import PromptRenderer
 
     for name in options("reward"):
@@ -80,7 +80,7 @@ def test_conf_dir_env_override(monkeypatch, tmp_path):
 
 
 def test_arith_hard_starts_from_the_shipped_warm_start_of_the_default_task():
-    from mgrpo_cli.config.build import warmup_spec
+    from mgrpo_cli.cli.build import warmup_spec
     from mgrpo_cli.training.warmup import SHIPPED, cache_key
 
     shipped = {p.name for p in SHIPPED.iterdir() if (p / "warmup.json").is_file()}
@@ -126,7 +126,7 @@ BAD_COMBINATIONS = [
 @pytest.mark.parametrize("overrides,message", BAD_COMBINATIONS, ids=[" ".join(o) for o, _ in BAD_COMBINATIONS])
 def test_impossible_loss_combinations_are_one_line_errors(tmp_path, overrides, message):
     from mgrpo_cli.config import rules
-    from mgrpo_cli.config.errors import UserError
+    from mgrpo_cli.errors import UserError
 
     cfg = compose("train", [f"paths.outputs={tmp_path}", *overrides])
     with pytest.raises(UserError) as err:

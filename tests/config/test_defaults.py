@@ -2,7 +2,7 @@
 from conftest import compose
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import TrainAppConfig
 from mgrpo_cli.reporting.tracking import flatten
 from mgrpo_cli.training.warmup import SHIPPED, cache_key

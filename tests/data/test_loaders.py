@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, compose
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import ArithConfig, DatasetConfig, FieldMap
 from mgrpo_cli.data import loaders
 from mgrpo_cli.data.loaders import DataError, Loaded, split_source

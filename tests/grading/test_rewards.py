@@ -15,9 +15,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config import build
-from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import TrainAppConfig
+from mgrpo_cli.errors import UserError
 from mgrpo_cli.grading.extract import extract_answer, extract_gold_gsm8k, last_boxed
 from mgrpo_cli.grading.grader import Grader
 from mgrpo_cli.grading.rewards import RewardFunction, format_reward

@@ -4,10 +4,10 @@ import pytest
 from conftest import SMALL, compose
 
 from mgrpo_cli.algo.layers import LayerInput, run_layer
-from mgrpo_cli.config import build
-from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.data.models import load_policy
+from mgrpo_cli.cli import build
 from mgrpo_cli.data.problems import Problem
+from mgrpo_cli.errors import UserError
+from mgrpo_cli.models.loading import load_policy
 from mgrpo_cli.rollout.prompts import CUT_MARK
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many?"
@@ -61,8 +61,8 @@ def test_the_correction_prompt_budget_holds_the_question_budget():
 def test_training_and_held_out_questions_over_the_budget_are_skipped(caplog):
     """verl's filter_overlong_prompts: a question longer than model.max_prompt_length leaves the training pool
     and the held-out set whole (logged), never cut; a pool with nothing left is the one-line error."""
-    from mgrpo_cli.data.models import build_byte_tokenizer
     from mgrpo_cli.data.problems import ProblemStream
+    from mgrpo_cli.models.tiny import build_byte_tokenizer
 
     cfg = compose("train", SMALL + ["model.max_prompt_length=16"])
     tok = build_byte_tokenizer()

@@ -7,9 +7,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mgrpo_cli.algo.loss import completion_logps
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import ModelConfig
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model, load_policy
+from mgrpo_cli.models.loading import load_policy
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.decode import lean_supported
 from mgrpo_cli.rollout.engine import HFEngine, Rollout, batch_buckets, bucket_for, concat_rollouts, sample
 
@@ -380,7 +381,7 @@ def test_repetition_penalty_in_sampling_is_the_penalised_greedy_loop():
     """Greedy decoding with a penalty = a plain loop over the model's full forward that penalises every
     token of the prompt and the completion so far (the cache, the batch shrinking and the seen-token
     bookkeeping change nothing)."""
-    from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+    from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
     from mgrpo_cli.rollout.engine import penalize_repeats, sample
 
     tok = build_byte_tokenizer()

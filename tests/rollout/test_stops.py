@@ -8,9 +8,10 @@ import torch
 from conftest import SMALL, compose
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.config.schema import ModelConfig
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model, load_policy
+from mgrpo_cli.models.loading import load_policy
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.engine import stop_token_ids, truncated_rows
 
 ENDOFTEXT, IM_END = 151643, 151645

@@ -5,7 +5,7 @@ import json
 import lightning as L
 import torch
 
-from mgrpo_cli.config import build
+from mgrpo_cli.cli import build
 from mgrpo_cli.reporting import heldout
 from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable
 from tests.training.test_module import ParityReward, _module

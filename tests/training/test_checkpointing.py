@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mgrpo_cli.config.errors import DiskFull, UserError
+from mgrpo_cli.errors import DiskFull, UserError
 from mgrpo_cli.training.checkpointing import CheckpointWriter, DirectCheckpointIO, newest_loadable
 
 

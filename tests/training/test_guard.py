@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mgrpo_cli.config import rules
-from mgrpo_cli.config.errors import UserError
+from mgrpo_cli.errors import UserError
 from mgrpo_cli.training.guard import NonFiniteGuard, finite, grads_finite
 
 

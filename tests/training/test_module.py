@@ -4,10 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from mgrpo_cli.config import build, rules
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.cli import build
+from mgrpo_cli.config import rules
 from mgrpo_cli.grading.grader import Grader
 from mgrpo_cli.grading.rewards import Scored
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -129,7 +130,7 @@ def test_sequential_combine_and_kl_reference(small_cfg):
 
 def test_corrections_get_their_own_token_budget(small_cfg):
     """model.max_completion_length bounds layer 1; model.max_correction_length (or layer.max_new_tokens) layers 2+."""
-    from mgrpo_cli.config.build import correction_budget
+    from mgrpo_cli.cli.build import correction_budget
 
     cfg = small_cfg("layer.depth=3", "layer.select=all", "grpo.prompts_per_step=2", "grpo.num_generations=2",
                     "layer.group_size=2", "model.max_completion_length=4", "model.max_correction_length=9")
@@ -243,7 +244,7 @@ def test_dynamic_sampling_keeps_zero_variance_groups_out_of_the_loss_and_refills
 
 def test_refills_are_a_pure_function_of_the_step(small_cfg):
     """A resumed run redraws the same refills: they depend on (seed, step, rank, round) only."""
-    from mgrpo_cli.config import build
+    from mgrpo_cli.cli import build
 
     stream, again = build.problem_stream(small_cfg()), build.problem_stream(small_cfg())
     assert [p.question for p in stream.refill(5, 0, 1, 4)] == [p.question for p in again.refill(5, 0, 1, 4)]
@@ -325,7 +326,7 @@ def test_nonfinite_loss_or_gradient_never_reaches_the_weights(small_cfg):
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_with_one_line(small_cfg):
-    from mgrpo_cli.config.errors import UserError
+    from mgrpo_cli.errors import UserError
 
     cfg = small_cfg(*GUARDED, "trainer.max_nonfinite_steps=2")
     reward = ScheduledBadReward(inf_steps={1, 2, 3})

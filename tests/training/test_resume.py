@@ -1,4 +1,4 @@
-"""Exact resume and preemption through the real CLI (mgrpo_cli/training/resume.py, training/lifecycle.py, cli/train.py).
+"""Exact resume and preemption through the real CLI (mgrpo_cli/cli/resume.py, training/lifecycle.py, cli/train.py).
 
 A small run whose weights really change (one-digit answers graded with the last-number fallback,
 as in test_ddp: about one completion in ten is right, so groups have reward variance) is trained
@@ -23,8 +23,8 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from mgrpo_cli.config.errors import UserError
-from mgrpo_cli.training.resume import SAFE_OVERRIDES, prepare_argv
+from mgrpo_cli.cli.resume import SAFE_OVERRIDES, prepare_argv
+from mgrpo_cli.errors import UserError
 
 STEPS, EVERY = 12, 4
 # torch's default thread count (the test processes get OMP_NUM_THREADS=2): on CPU a resume is exact at any

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose, run_cli
 
-from mgrpo_cli.config import build
-from mgrpo_cli.data.models import build_byte_tokenizer, build_tiny_model
+from mgrpo_cli.cli import build
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.training import warmup
 from mgrpo_cli.training.warmup import SHIPPED, WarmupStopped, cache_key
 

@@ -1,4 +1,4 @@
-"""Hardware bounds of decoding and of the loss pass: bytes and FLOPs from a model's shapes.
+"""Hardware bounds of decoding and of the loss pass: bytes and FLOPs from a model's shapes (for gpu_check.py).
 
 Pure arithmetic, no torch. For a Llama-family decoder (``ModelShape``: hidden h, intermediate i,
 L layers, H query heads, K key/value heads of width d, vocabulary V) one token costs
@@ -16,7 +16,7 @@ A step can go no faster than ``max(bytes / bandwidth, FLOPs / peak)``: at batch 
 shapes the bytes decide.
 
 The **loss pass** is the policy's forward and backward (backward = 2 x forward FLOPs) plus, with a KL
-term, the reference's forward, laid out as :func:`mgrpo_cli.algo.layers.completion_logps` runs them. MFU is the model FLOPs over (seconds x dense bf16 peak): recomputation
+term, the reference's forward, laid out as :func:`mgrpo_cli.algo.loss.completion_logps` runs them. MFU is the model FLOPs over (seconds x dense bf16 peak): recomputation
 by gradient checkpointing is not counted, as in the PaLM paper's definition.
 
 ``GPUS`` holds the datasheet memory bandwidth and dense (no sparsity) bf16 tensor peak of common

@@ -1,5 +1,5 @@
 """scripts/gpu_check.py on the CPU with --tiny: every part runs and its JSON holds the measured rates,
-the bounds of mgrpo_cli.reporting.perf for the same shapes, and the fractions between them (the
+the bounds of scripts/perf.py for the same shapes, and the fractions between them (the
 measured rates are the machine's: only their presence is checked)."""
 import importlib.util
 import json
@@ -20,7 +20,7 @@ def _script():
 
 
 def _check_decode_and_loss(out: dict, script, compiled: bool):
-    from mgrpo_cli.reporting import perf
+    import perf
 
     shape = perf.ModelShape.from_config(script.TINY)
     hw = out["hardware"]
@@ -48,7 +48,7 @@ def _check_decode_and_loss(out: dict, script, compiled: bool):
 
 
 def test_gpu_check_tiny_decode_loss_and_one_step_run(tmp_path, capsys):
-    from mgrpo_cli.reporting import perf
+    import perf
 
     script = _script()
     assert perf.parameters(perf.ModelShape.from_config(script.QWEN25_1P5B)) == 1_543_714_304  # the published count

@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from mgrpo_cli.config.errors import UserError, bad_value
 from mgrpo_cli.config.rules import checkpoint_config, is_embedded
+from mgrpo_cli.errors import UserError, bad_value
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def warm_start(cfg: Any, reward_fn, should_stop: Optional[Callable[[], bool]] = 
 
 def model_spec(m: Any):
     """The ``model`` section as the plain ``models.ModelSpec`` that loads or builds the policy."""
-    from mgrpo_cli.data.models import ModelSpec
+    from mgrpo_cli.models.loading import ModelSpec
 
     return ModelSpec(name=m.name, path=m.path, dtype=str(m.dtype), attn_implementation=m.attn_implementation,
                      gradient_checkpointing=m.gradient_checkpointing, trust_remote_code=m.trust_remote_code,
@@ -156,7 +156,7 @@ def model_spec(m: Any):
 
 def lora_spec(lo: Any):
     """The ``lora`` section as the plain ``models.LoraSpec``."""
-    from mgrpo_cli.data.models import LoraSpec
+    from mgrpo_cli.models.loading import LoraSpec
 
     return LoraSpec(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=tuple(lo.target_modules),
                     export=str(lo.export))
@@ -165,7 +165,7 @@ def lora_spec(lo: Any):
 def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
     """(policy, tokenizer, source): ``path`` (a warm start or export folder), else ``model.path``, else
     the randomly initialised tiny model; LoRA applied when ``lora.enabled``."""
-    from mgrpo_cli.data.models import apply_lora, cast_lm_head_to_fp32, disable_dropout, load_policy
+    from mgrpo_cli.models.loading import apply_lora, cast_lm_head_to_fp32, disable_dropout, load_policy
 
     path = path or cfg.model.path
     try:
@@ -187,7 +187,7 @@ def policy(cfg: Any, path: Optional[str] = None, *, lora: bool = True):
 def correction_prompt_length(cfg: Any, model) -> Optional[int]:
     """``model.max_correction_prompt_length``, else the model's ``max_position_embeddings`` minus the
     correction budget (None for a model without one)."""
-    from mgrpo_cli.data.models import base_model
+    from mgrpo_cli.models.loading import base_model
 
     m = cfg.model
     if m.max_correction_prompt_length is not None:
@@ -217,7 +217,7 @@ def renderer(cfg: Any, tokenizer, model):
 
 def engine(cfg: Any, model, tokenizer):
     """The rollout engine; its rows stop on every token that ends the model's turn (``stop_token_ids``)."""
-    from mgrpo_cli.data.models import base_model
+    from mgrpo_cli.models.loading import base_model
     from mgrpo_cli.rollout.engine import HFEngine, stop_token_ids
 
     generation = getattr(base_model(model), "generation_config", None)
@@ -330,7 +330,7 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
     layer 1 refills from ``stream`` (the training problem stream; made here when not given)."""
     import torch
 
-    from mgrpo_cli.data.models import reference_policy
+    from mgrpo_cli.models.loading import reference_policy
     from mgrpo_cli.training.module import MGRPOModule, OptimSpec, RefSync
 
     g = cfg.grpo

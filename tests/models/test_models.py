@@ -16,18 +16,11 @@ from conftest import compose
 from safetensors.torch import load_file
 
 from mgrpo_cli.algo.loss import completion_logps
-from mgrpo_cli.config import build
-from mgrpo_cli.data.models import (
-    apply_lora,
-    build_byte_tokenizer,
-    build_tiny_model,
-    export,
-    is_peft,
-    load_policy,
-    reference_policy,
-)
+from mgrpo_cli.cli import build
 from mgrpo_cli.grading.grader import Grader
 from mgrpo_cli.grading.rewards import Scored
+from mgrpo_cli.models.loading import apply_lora, export, is_peft, load_policy, reference_policy
+from mgrpo_cli.models.tiny import build_byte_tokenizer, build_tiny_model
 from mgrpo_cli.rollout.engine import HFEngine
 
 # config.json of each hub model, the numbers that fix its architecture
@@ -217,7 +210,7 @@ def test_lora_run_exports_merged_and_eval_exports_the_same_from_its_checkpoint(s
 
 
 def test_disable_dropout_makes_train_mode_log_probs_deterministic():
-    from mgrpo_cli.data.models import disable_dropout
+    from mgrpo_cli.models.loading import disable_dropout
 
     tok = build_byte_tokenizer()
     model = build_tiny_model(build.model_spec(compose("train").model), tok, seed=0)
@@ -238,7 +231,7 @@ def test_disable_dropout_makes_train_mode_log_probs_deterministic():
 
 
 def test_fp32_head_keeps_the_tie_and_runs_in_float32_under_bf16():
-    from mgrpo_cli.data.models import Fp32Head, cast_lm_head_to_fp32
+    from mgrpo_cli.models.loading import Fp32Head, cast_lm_head_to_fp32
 
     tok = build_byte_tokenizer()
     model = build_tiny_model(build.model_spec(compose("train").model), tok, seed=0).to(torch.bfloat16)

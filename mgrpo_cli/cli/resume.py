@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from mgrpo_cli.config.errors import UserError, bad_value
+from mgrpo_cli.errors import UserError, bad_value
 
 log = logging.getLogger(__name__)
 

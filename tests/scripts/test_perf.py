@@ -1,8 +1,7 @@
-"""Bytes, FLOPs and bounds of decoding and of the loss pass, against numbers worked out by hand."""
+"""Bytes, FLOPs and bounds of decoding and of the loss pass (scripts/perf.py), against numbers worked out by hand."""
+import perf
 import pytest
-
-from mgrpo_cli.reporting import perf
-from mgrpo_cli.reporting.perf import GPU, ModelShape
+from perf import GPU, ModelShape
 
 # hidden 8, intermediate 16, 2 layers, 2 heads and 1 key/value head of width 4, vocabulary 10, tied
 SMALL = ModelShape(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10)
