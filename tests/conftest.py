@@ -41,18 +41,19 @@ def compose(config_name: str = "train", overrides: list[str] | None = None):
 
 
 def loss_spec(**changes):
-    """The default run's LossSpec (``build.loss_spec`` of the composed train config) with ``changes``."""
-    import dataclasses
-
+    """The LossSpec (``build.loss_spec``) of the composed train config with ``changes`` to ``grpo.*`` keys
+    (``max_completion_length``: ``model.*``'s)."""
     from mgrpo_cli.cli import build
 
-    global _DEFAULT_LOSS
-    if _DEFAULT_LOSS is None:
-        _DEFAULT_LOSS = build.loss_spec(compose("train"))
-    return dataclasses.replace(_DEFAULT_LOSS, **changes)
+    key = tuple(sorted(changes.items()))
+    if key not in _LOSS_SPECS:
+        overrides = [f"{'model' if k == 'max_completion_length' else 'grpo'}.{k}={'null' if v is None else v}"
+                     for k, v in key]
+        _LOSS_SPECS[key] = build.loss_spec(compose("train", overrides))
+    return _LOSS_SPECS[key]
 
 
-_DEFAULT_LOSS = None
+_LOSS_SPECS: dict = {}
 
 # corrections get the first answer's budget (a test's model.max_completion_length), not the tiny
 # config's 48 tokens: an untrained model never stops early

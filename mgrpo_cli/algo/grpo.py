@@ -254,6 +254,58 @@ class TokenLoss(NamedTuple):
     masked: torch.Tensor  # (B, 1) bool: completions the off-policy mask dropped (all False without it)
 
 
+def _per_sequence_mean(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return summed / mask.sum(-1).clamp(min=1)
+
+
+def _per_sequence_sum(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return summed
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token losses become the batch's scalar: a per-sequence term from the summed token values,
+    summed over the rows and divided by ``normalizer(mask, max_completion_length)`` of the whole batch;
+    ``local`` (bnpo): each micro-batch is divided by its own counted tokens instead, and the layer's
+    loss is the mean over its micro-batches (TRL's local batch = our micro-batch)."""
+
+    per_sequence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    normalizer: Callable[[torch.Tensor, int], float]
+    local: bool = False
+
+    def sequence_terms(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-token values -> (B,) per-sequence terms, to be summed and divided by the
+        normaliser (so micro-batches add up to the whole batch's loss)."""
+        return self.per_sequence((per_token * mask).sum(-1), mask)
+
+    def pass_normalizer(self, mask: torch.Tensor, batch_norm: float, passes: int) -> float:
+        """What one micro-batch's (mask: its (b, T) counted tokens) summed sequence terms are divided by:
+        the whole batch's ``batch_norm``, or, ``local``, its own counted tokens times the number of
+        micro-batches (the layer's loss is then the mean of the micro-batches' token means)."""
+        if not self.local:
+            return batch_norm
+        return float(max(mask.sum().item(), 1)) * max(passes, 1)
+
+
+def _rows(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.shape[0], 1))
+
+
+def _tokens(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.sum().item(), 1))
+
+
+def _constant(mask: torch.Tensor, length: int) -> float:
+    return float(max(mask.shape[0] * length, 1))
+
+
+PER_SEQUENCE_MEAN = Aggregation(_per_sequence_mean, _rows)  # 1/|o_i|, then the mean over rows
+TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens)  # every token of the batch alike
+CONSTANT = Aggregation(_per_sequence_sum, _constant)  # Dr. GRPO: rows x max_completion_length
+LOCAL_TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens, local=True)
+LENGTH_SCALED = Aggregation(_per_sequence_sum, _rows)  # LUSPO: the sequence's mean times its length, mean over rows
+
+
 def _clip_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
     return clipped_surrogate(x, adv, p.eps_low, p.eps_high, p.delta)
 
@@ -263,23 +315,55 @@ def _cispo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
 
 
 def _sapo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
-    return sapo_surrogate(x, adv, p.sapo_temperature_pos, p.sapo_temperature_neg)
+    return sapo_surrogate(x, adv, p.settings["sapo_temperature_pos"], p.settings["sapo_temperature_neg"])
 
 
 def _vespo_objective(p: PolicyLoss, x, logp, mask, adv) -> Surrogate:
-    return vespo_surrogate(x, logp, mask, adv, *p.vespo)
+    s = p.settings
+    return vespo_surrogate(x, logp, mask, adv, s["vespo_k_pos"], s["vespo_lambda_pos"], s["vespo_k_neg"],
+                           s["vespo_lambda_neg"])
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One ``grpo.loss_type``: its policy term, the aggregation of its per-token losses, whether the term
+    is PPO's clipped ratio (``delta`` caps only that; ``config.rules`` reads it), and the ``grpo.*``
+    settings of its own that the term reads (``PolicyLoss.settings``; their defaults are the schema's)."""
+
+    objective: Callable[..., Surrogate]
+    aggregation: Aggregation
+    clipped: bool
+    settings: tuple[str, ...] = ()
+
+
+# grpo.loss_type -> its one entry
+LOSS_TYPES: dict[str, LossType] = {
+    "grpo": LossType(_clip_objective, PER_SEQUENCE_MEAN, clipped=True),
+    "dapo": LossType(_clip_objective, TOKEN_MEAN, clipped=True),
+    "dr_grpo": LossType(_clip_objective, CONSTANT, clipped=True),
+    "bnpo": LossType(_clip_objective, LOCAL_TOKEN_MEAN, clipped=True),
+    "luspo": LossType(_clip_objective, LENGTH_SCALED, clipped=True),
+    "cispo": LossType(_cispo_objective, TOKEN_MEAN, clipped=False),
+    "sapo": LossType(_sapo_objective, PER_SEQUENCE_MEAN, clipped=False,
+                     settings=("sapo_temperature_pos", "sapo_temperature_neg")),
+    "vespo": LossType(_vespo_objective, TOKEN_MEAN, clipped=False,
+                      settings=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")),
+}
+AGGREGATIONS: dict[str, Aggregation] = {name: t.aggregation for name, t in LOSS_TYPES.items()}
 
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """The per-token GRPO loss with its variants fixed once (:func:`policy_loss` builds it).
+    """The per-token GRPO loss with its variants fixed once (:func:`policy_loss` builds it), and the
+    aggregation of its loss type.
 
     ``old_logp`` None means pi_old = pi_theta.detach() (one update per rollout: rho = 1 in value, the
     policy gradient in its gradient). ``token_mask`` (top-entropy tokens) multiplies the policy term
     only; the KL term and the aggregation mask stay on every completion token (as TRL). ``objective``
-    is the policy term of the loss type (``LOSS_TYPES``); ``off_policy_threshold`` drops far
-    off-policy negative-advantage completions from the policy term; ``bias_correction_kl`` multiplies
-    the KL term by the ratio (the unbiased estimate of KL(pi_theta || pi_ref) under pi_old's samples).
+    is the policy term of the loss type (``LOSS_TYPES``) and ``settings`` its own settings;
+    ``off_policy_threshold`` drops far off-policy negative-advantage completions from the policy term;
+    ``bias_correction_kl`` multiplies the KL term by the ratio (the unbiased estimate of
+    KL(pi_theta || pi_ref) under pi_old's samples).
     """
 
     eps_low: float
@@ -288,9 +372,8 @@ class PolicyLoss:
     beta: float
     log_ratio: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     objective: Callable[..., Surrogate]
-    sapo_temperature_pos: float
-    sapo_temperature_neg: float
-    vespo: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
+    aggregation: Aggregation
+    settings: dict[str, float]
     off_policy_threshold: float | None
     bias_correction_kl: bool
 
@@ -315,79 +398,34 @@ class PolicyLoss:
         return TokenLoss(loss, kl.detach(), sur.low, sur.high, masked)
 
 
-def _per_sequence_mean(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return summed / mask.sum(-1).clamp(min=1)
-
-
-def _per_sequence_sum(summed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return summed
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """How per-token losses become the batch's scalar: a per-sequence term from the summed token values,
-    summed over the rows and divided by ``normalizer(mask, max_completion_length)`` of the whole batch;
-    ``local`` (bnpo): each micro-batch is divided by its own counted tokens instead, and the layer's
-    loss is the mean over its micro-batches (TRL's local batch = our micro-batch)."""
-
-    per_sequence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    normalizer: Callable[[torch.Tensor, int], float]
-    local: bool = False
-
-
-def _rows(mask: torch.Tensor, length: int) -> float:
-    return float(max(mask.shape[0], 1))
-
-
-def _tokens(mask: torch.Tensor, length: int) -> float:
-    return float(max(mask.sum().item(), 1))
-
-
-def _constant(mask: torch.Tensor, length: int) -> float:
-    return float(max(mask.shape[0] * length, 1))
-
-
-PER_SEQUENCE_MEAN = Aggregation(_per_sequence_mean, _rows)  # 1/|o_i|, then the mean over rows
-TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens)  # every token of the batch alike
-CONSTANT = Aggregation(_per_sequence_sum, _constant)  # Dr. GRPO: rows x max_completion_length
-LOCAL_TOKEN_MEAN = Aggregation(_per_sequence_sum, _tokens, local=True)
-LENGTH_SCALED = Aggregation(_per_sequence_sum, _rows)  # LUSPO: the sequence's mean times its length, mean over rows
-
-# grpo.loss_type -> (the policy term, the aggregation)
-LOSS_TYPES: dict[str, tuple[Callable[..., Surrogate], Aggregation]] = {
-    "grpo": (_clip_objective, PER_SEQUENCE_MEAN),
-    "dapo": (_clip_objective, TOKEN_MEAN),
-    "dr_grpo": (_clip_objective, CONSTANT),
-    "bnpo": (_clip_objective, LOCAL_TOKEN_MEAN),
-    "luspo": (_clip_objective, LENGTH_SCALED),
-    "cispo": (_cispo_objective, TOKEN_MEAN),
-    "sapo": (_sapo_objective, PER_SEQUENCE_MEAN),
-    "vespo": (_vespo_objective, TOKEN_MEAN),
-}
-AGGREGATIONS: dict[str, Aggregation] = {name: agg for name, (_, agg) in LOSS_TYPES.items()}
-
-
 def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, epsilon_high: float | None = None,
                 delta: float | None = None, beta: float = 0.0, loss_type: str = "grpo", *,
-                sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-                vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-                off_policy_threshold: float | None = None, bias_correction_kl: bool = False) -> PolicyLoss:
+                off_policy_threshold: float | None = None, bias_correction_kl: bool = False,
+                **settings: float) -> PolicyLoss:
     """The :class:`PolicyLoss` of these settings (TRL's names; epsilon_high None = epsilon; for
-    ``cispo`` epsilon_high is the cap of the importance weight itself, TRL's and ScaleRL's eps_max)."""
+    ``cispo`` epsilon_high is the cap of the importance weight itself, TRL's and ScaleRL's eps_max).
+    ``settings``: the loss type's own (``LossType.settings``, e.g. ``sapo_temperature_pos``); one not
+    given takes the schema's default."""
+    from mgrpo_cli.config.schema import GRPOConfig
+
     if importance_sampling_level not in LOG_RATIOS:
         raise ValueError(f"importance_sampling_level: expected one of {tuple(LOG_RATIOS)}, "
                          f"got {importance_sampling_level!r}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    kind = LOSS_TYPES[loss_type]
+    unknown = sorted(set(settings) - set(kind.settings))
+    if unknown:
+        raise ValueError(f"loss_type={loss_type} has no setting {unknown[0]!r}; its settings: {kind.settings}")
+    own = {name: settings.get(name, getattr(GRPOConfig, name)) for name in kind.settings}
     return PolicyLoss(epsilon, epsilon if epsilon_high is None else epsilon_high, delta, beta,
-                      LOG_RATIOS[importance_sampling_level], LOSS_TYPES[loss_type][0], sapo_temperature_pos,
-                      sapo_temperature_neg, tuple(vespo), off_policy_threshold, bias_correction_kl)
+                      LOG_RATIOS[importance_sampling_level], kind.objective, kind.aggregation, own,
+                      off_policy_threshold, bias_correction_kl)
 
 
 def sequence_terms(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """(B, T) per-token values -> (B,) per-sequence terms, to be summed and divided by
-    :func:`loss_normalizer` (so micro-batches add up to the whole batch's loss)."""
-    return AGGREGATIONS[loss_type].per_sequence((per_token * mask).sum(-1), mask)
+    """(B, T) per-token values -> (B,) per-sequence terms of ``loss_type`` (:meth:`Aggregation.sequence_terms`)."""
+    return AGGREGATIONS[loss_type].sequence_terms(per_token, mask)
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
@@ -396,12 +434,8 @@ def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: i
 
 
 def pass_normalizer(mask: torch.Tensor, loss_type: str, batch_norm: float, passes: int) -> float:
-    """What one micro-batch's (mask: its (b, T) counted tokens) summed sequence terms are divided by:
-    the whole batch's ``batch_norm``, or for a ``local`` aggregation (bnpo) its own counted tokens times
-    the number of micro-batches (the layer's loss is then the mean of the micro-batches' token means)."""
-    if not AGGREGATIONS[loss_type].local:
-        return batch_norm
-    return float(max(mask.sum().item(), 1)) * max(passes, 1)
+    """What one micro-batch's summed sequence terms are divided by (:meth:`Aggregation.pass_normalizer`)."""
+    return AGGREGATIONS[loss_type].pass_normalizer(mask, batch_norm, passes)
 
 
 def token_entropy(logits: torch.Tensor, chunk_rows: int = 8, grad: bool = False) -> torch.Tensor:

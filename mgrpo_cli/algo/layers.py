@@ -2,10 +2,12 @@
 
 Every layer of MGRPO runs :func:`run_layer` on its own inputs with its own :class:`LayerSpec`: layer 1
 on the questions with G samples each, layer 2 on (question, a layer-1 response, a guiding phrase)
-with H samples each, and a layer k >= 3 on the layer before it the same way; the loss of every layer
-is applied by ``loss.prepare_layer_loss`` and ``loss.loss_pass``. The only layer-specific code is choosing which
-responses go on (:func:`select_responses`), building the next inputs (:func:`next_inputs`) and the
-optional improvement reward (:func:`layer_rewards`), each driven by the spec's values.
+with H samples each, and a layer k >= 3 on the layer before it the same way; the rollout samples as
+its ``Sampling`` says and the advantage estimator (``advantage.Advantages``) scores the groups; the
+loss of every layer is applied by ``loss.prepare_layer_loss`` and ``loss.loss_pass``. The only
+layer-specific code is data: which responses go on (a :class:`SelectionRule` of
+:data:`SELECTION_RULES`, named by ``layer.select``), turned into the next layer's inputs and spares
+by :func:`link`, and the optional improvement reward (:func:`layer_rewards`).
 """
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ from typing import Optional
 import torch
 
 from mgrpo_cli.algo import advantage, grpo
-from mgrpo_cli.algo.loss import LossSpec
 from mgrpo_cli.data.problems import Problem
-from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, concat_rollouts
+from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, Sampling, concat_rollouts
 from mgrpo_cli.rollout.prompts import PromptRenderer, Turn
 
 
@@ -34,7 +35,7 @@ class LayerSpec:
     improvement_bonus: float
     weight: float  # the layer's loss weight (lambda for corrections)
     keep_successful: bool  # only correct completions enter the loss ("dynamic verification")
-    select: Optional[str]  # which responses go on to the next layer: all | wrong | sample; None = last layer
+    select: Optional[str]  # which responses go on to the next layer: a SELECTION_RULES name; None = last layer
     k: int  # responses per input sent on when select == sample
     phrases: tuple[str, ...]  # guiding phrases appended to the responses sent on
     # DAPO's dynamic sampling: zero-variance groups are dropped and more inputs drawn, up to this many rollouts
@@ -73,31 +74,61 @@ def first_inputs(n_problems: int) -> list[LayerInput]:
 
 # ---------------------------------------------------------------- linking layers (pure functions)
 
+@dataclass(frozen=True)
+class SelectionRule:
+    """A ``layer.select`` value: ``pick(correct, k, rng)`` gives the responses of one group (its
+    per-response correctness) that go on to the next layer; ``spare(correct)`` says whether a response
+    not picked may still go on as a spare (the next layer's dynamic sampling draws them)."""
+
+    pick: Callable[[Sequence[Optional[bool]], int, random.Random], list[int]]
+    spare: Callable[[Optional[bool]], bool]
+
+
+def _pick_all(row: Sequence[Optional[bool]], k: int, rng: random.Random) -> list[int]:
+    return list(range(len(row)))
+
+
+def _pick_wrong(row: Sequence[Optional[bool]], k: int, rng: random.Random) -> list[int]:
+    return [i for i in range(len(row)) if row[i] is False]
+
+
+def _pick_sample(row: Sequence[Optional[bool]], k: int, rng: random.Random) -> list[int]:
+    """k responses, taking one right and one wrong first when the group has both (so the next layer
+    sees fixes and confirmations), the rest at random."""
+    idx = list(range(len(row)))
+    right = [i for i in idx if row[i] is True]
+    wrong = [i for i in idx if row[i] is False]
+    picked = []
+    if right and wrong and k >= 2:
+        picked = [rng.choice(right), rng.choice(wrong)]
+    rest = [i for i in idx if i not in picked]
+    rng.shuffle(rest)
+    return sorted(picked + rest[: max(k - len(picked), 0)])
+
+
+def _any(correct: Optional[bool]) -> bool:
+    return True
+
+
+def _is_wrong(correct: Optional[bool]) -> bool:
+    return correct is False
+
+
+# layer.select -> its rule (the schema's Select enum lists the same names)
+SELECTION_RULES: dict[str, SelectionRule] = {
+    "all": SelectionRule(_pick_all, _any),
+    "wrong": SelectionRule(_pick_wrong, _is_wrong),
+    "sample": SelectionRule(_pick_sample, _any),
+}
+
+
 def select_responses(correct: Sequence[Sequence[Optional[bool]]], mode: str, k: int,
                      rng: random.Random) -> list[tuple[int, int]]:
-    """Which (group, response) pairs of a layer go on to the next layer.
-
-    ``all``: every response; ``wrong``: the wrong ones; ``sample``: k per group, taking one right and
-    one wrong first when the group has both (so the next layer sees fixes and confirmations).
-    """
-    chosen: list[tuple[int, int]] = []
-    for g, row in enumerate(correct):
-        idx = list(range(len(row)))
-        if mode == "all":
-            picked = idx
-        elif mode == "wrong":
-            picked = [i for i in idx if row[i] is False]
-        else:
-            right = [i for i in idx if row[i] is True]
-            wrong = [i for i in idx if row[i] is False]
-            picked = []
-            if right and wrong and k >= 2:
-                picked = [rng.choice(right), rng.choice(wrong)]
-            rest = [i for i in idx if i not in picked]
-            rng.shuffle(rest)
-            picked = sorted(picked + rest[: max(k - len(picked), 0)])
-        chosen += [(g, i) for i in picked]
-    return chosen
+    """Which (group, response) pairs of a layer go on to the next layer: rule ``mode`` of
+    :data:`SELECTION_RULES` on each group (``all``: every response; ``wrong``: the wrong ones;
+    ``sample``: k per group, one right and one wrong first when the group has both)."""
+    pick = SELECTION_RULES[mode].pick
+    return [(g, i) for g, row in enumerate(correct) for i in pick(row, k, rng)]
 
 
 def next_inputs(result_inputs: Sequence[LayerInput], texts: Sequence[str], correct: Sequence[Optional[bool]],
@@ -168,23 +199,24 @@ def row_fields(problems: Sequence[Problem], inputs: Sequence[LayerInput], n: int
 
 
 def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, problems: Sequence[Problem],
-              inputs: list[LayerInput], spec: LayerSpec, loss: LossSpec) -> LayerResult:
-    """Rollout -> grade -> group advantages for one layer (the loss is applied by the caller)."""
+              inputs: list[LayerInput], spec: LayerSpec, sampling: Sampling,
+              advantages: advantage.Advantages) -> LayerResult:
+    """Rollout (as ``sampling`` says) -> grade -> group advantages (``advantages``) for one layer (the
+    loss is applied by the caller)."""
     n = spec.n
     fitted = [renderer.fit(problems[x.problem].question, x.turns) for x in inputs]
     prompts = [text for text, _ in fitted]
-    rollout = engine.generate(prompts, n=n, max_new_tokens=spec.max_new_tokens, temperature=loss.temperature,
-                              **loss.sampling)
+    rollout = engine.generate(prompts, n=n, max_new_tokens=spec.max_new_tokens, **sampling.kwargs())
     row_golds = [problems[x.problem].answer for x in inputs for _ in range(n)]
     scored = reward_fn(rollout.texts, row_golds, **row_fields(problems, inputs, n, spec.depth))
     base = torch.tensor([float("nan") if r is None else r for r in scored.rewards])
     prev = [x.prev_correct for x in inputs for _ in range(n)]
     rewards = layer_rewards(base, scored.correct, prev, spec.reward, spec.improvement_bonus).view(-1, n)
-    terms, weights = reward_terms(scored, prev, spec, n) if loss.advantages.decoupled else (None, None)
-    advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
+    terms, weights = reward_terms(scored, prev, spec, n) if advantages.decoupled else (None, None)
+    adv = advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     correct = list(scored.correct)
     keep = torch.tensor([bool(c) for c in correct]) if spec.keep_successful else None
-    result = LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights,
+    result = LayerResult(inputs, rollout, correct, rewards, adv, keep, terms=terms, term_weights=weights,
                          prompts_cut=sum(cut for _, cut in fitted))
     result.metrics = layer_metrics(result)
     return result
@@ -237,7 +269,7 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
 
 # ---------------------------------------------------------------- dynamic sampling (DAPO), per layer
 
-def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]], loss: LossSpec,
+def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]], advantages: advantage.Advantages,
                   pad_token_id: int = 0) -> LayerResult:
     """One LayerResult of the groups ``groups[i]`` of ``parts[i]``, in order; advantages recomputed
     over the merged groups (so ``scale_rewards=batch`` sees the batch that is trained on); metrics left
@@ -254,8 +286,8 @@ def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]],
     if parts[0].terms is not None:
         terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups, strict=True)])
         weights = parts[0].term_weights
-    advantages = loss.advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
-    return LayerResult(inputs, rollout, correct, rewards, advantages, keep, terms=terms, term_weights=weights,
+    adv = advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
+    return LayerResult(inputs, rollout, correct, rewards, adv, keep, terms=terms, term_weights=weights,
                        prompts_cut=sum(r.prompts_cut for r in parts))
 
 
@@ -269,7 +301,7 @@ class Sampled:
 
 
 def fill_layer(run: Callable[[list[LayerInput]], LayerResult], inputs: list[LayerInput],
-               draw: Callable[[int, int], list[LayerInput]], spec: LayerSpec, loss: LossSpec,
+               draw: Callable[[int, int], list[LayerInput]], spec: LayerSpec, advantages: advantage.Advantages,
                pad_token_id: int = 0) -> Sampled:
     """DAPO's dynamic sampling for one layer: ``run`` the inputs, keep the groups whose rewards vary
     (``advantage.varied_groups``) and, while fewer than ``len(inputs)`` are kept and fewer than
@@ -288,26 +320,48 @@ def fill_layer(run: Callable[[list[LayerInput]], LayerResult], inputs: list[Laye
     for g in kept:  # DAPO keeps exactly the batch size: extra groups of the last round are not trained on
         trimmed.append(g[:budget])
         budget -= len(trimmed[-1])
-    everything = merge_results(rounds, [range(len(r.inputs)) for r in rounds], loss, pad_token_id)
+    everything = merge_results(rounds, [range(len(r.inputs)) for r in rounds], advantages, pad_token_id)
     sampled = sum(len(r.inputs) for r in rounds)
     metrics = {**layer_metrics(everything), "sampling_rounds": float(len(rounds)),
                "kept_share": sum(map(len, trimmed)) / max(sampled, 1)}
-    return Sampled(merge_results(rounds, trimmed, loss, pad_token_id), rounds, metrics)
+    return Sampled(merge_results(rounds, trimmed, advantages, pad_token_id), rounds, metrics)
 
 
 def unused_responses(rounds: Sequence[LayerResult], chosen: set[tuple[int, int, int]], spec: LayerSpec,
                      rng: random.Random) -> list[LayerInput]:
     """The next layer's spare inputs for its dynamic sampling: every response of ``rounds`` not already
-    ``chosen`` (as (round, group, response)) that ``spec.select`` allows (``wrong``: the wrong ones),
-    each with a guiding phrase, in a shuffled order."""
+    ``chosen`` (as (round, group, response)) that ``spec.select``'s rule allows as a spare (``wrong``:
+    the wrong ones), each with a guiding phrase, in a shuffled order."""
+    allowed = SELECTION_RULES[spec.select].spare
     spare = []
     for r, res in enumerate(rounds):
         n = res.rollout.n
         for g in range(len(res.inputs)):
             for i in range(n):
-                if (r, g, i) in chosen or (spec.select == "wrong" and res.correct[g * n + i] is not False):
+                if (r, g, i) in chosen or not allowed(res.correct[g * n + i]):
                     continue
                 spare.append((r, g, i))
     rng.shuffle(spare)
     return [next_inputs(rounds[r].inputs, rounds[r].rollout.texts, rounds[r].correct, rounds[r].rollout.n,
                         [(g, i)], spec.phrases, rng)[0] for r, g, i in spare]
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a layer hands the next one: its inputs and, for its dynamic sampling, the spare ones."""
+
+    inputs: list[LayerInput]
+    spare: list[LayerInput]
+
+
+def link(rounds: Sequence[LayerResult], spec: LayerSpec, rng: random.Random) -> Link:
+    """The next layer's inputs from a layer's rollouts (``Sampled.rounds``; the first is the batch's
+    own): the responses of the first that ``spec.select`` picks, each with a guiding phrase, and, with
+    dynamic sampling, every other response the rule allows as a spare (:func:`unused_responses`).
+    Nothing after the last layer (``select`` None)."""
+    if spec.select is None:
+        return Link([], [])
+    chosen = chosen_after(rounds[0], spec, rng)
+    inputs = inputs_after(rounds[0], spec, rng, chosen)
+    spare = unused_responses(rounds, {(0, g, i) for g, i in chosen}, spec, rng) if spec.dynamic_sampling else []
+    return Link(inputs, spare)

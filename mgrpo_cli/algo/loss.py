@@ -7,9 +7,10 @@ steps, the same for every layer of MGRPO: :func:`prepare_layer_loss` fixes which
 (``keep``; not the truncated completions, when masked) and, when an option needs it, runs one no-grad
 pass that stores pi_old's log-probs (``num_iterations`` > 1) and the token entropies
 (``top_entropy_quantile`` < 1); then each of the ``num_iterations`` optimizer steps runs
-:func:`loss_pass`, which accumulates ``weight`` x the layer's loss (``LossSpec.objective``, aggregated
-per ``loss_type``: over the layer's batch, or per micro-batch for bnpo; minus the entropy bonus when
-the caller gives a coefficient) into the gradients.
+:func:`loss_pass`, which accumulates ``weight`` x the layer's loss (``LossSpec.policy``, aggregated
+as its loss type says: over the layer's batch, or per micro-batch for bnpo; minus the entropy bonus
+when the caller gives a coefficient) into the gradients. Under sharded training the caller gives a
+``lockstep`` (every rank runs as many passes).
 """
 from __future__ import annotations
 
@@ -19,86 +20,41 @@ from typing import Optional
 
 import torch
 
-from mgrpo_cli.algo import advantage, grpo
+from mgrpo_cli.algo import grpo
 from mgrpo_cli.models.loading import Fp32Head, base_model
 from mgrpo_cli.rollout.engine import Rollout, trim_shared_padding
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How a rollout becomes a loss: the GRPO objective's constants, chosen once by the build layer."""
+    """What a layer's loss passes take, chosen once by the build step (``cli.build.loss_spec``). The
+    sampling settings go to the rollout and the advantage estimator to the layer pipeline, not here."""
 
-    beta: float  # KL weight (k3 estimator against the reference policy)
-    epsilon: float  # clip range below 1
-    epsilon_high: float  # clip range above 1
-    loss_type: str  # grpo.LOSS_TYPES: the policy term and its aggregation (grpo.sequence_terms / grpo.loss_normalizer)
-    scale_rewards: str  # group | batch | none (advantage.group_advantages)
-    std_eps: float
-    temperature: float  # sampling temperature; log-probs are taken at the same temperature
-    top_p: float
-    micro_batch_tokens: int
+    policy: grpo.PolicyLoss  # the per-token loss and its aggregation (one grpo.LOSS_TYPES entry, settings bound)
+    temperature: float  # log-probs are taken at the sampling temperature
+    micro_batch_tokens: int  # the token budget of one micro-batch (:func:`micro_batches`)
     max_completion_length: int  # dr_grpo's constant normaliser
     num_iterations: int  # mu: optimizer steps per rollout, each a pass over the layer batches
     mask_truncated_completions: bool  # completions cut off by the budget leave the loss
-    importance_sampling_level: str  # token | sequence (GSPO)
-    delta: Optional[float]  # cap of the ratio (INTELLECT-2); None = off
     top_entropy_quantile: float  # share of completion tokens (highest entropy) in the policy term
-    top_k: int  # sampling: the k most likely tokens (0 = all)
-    min_p: Optional[float]  # sampling: tokens under min_p x the top probability dropped (None = off)
-    repetition_penalty: float  # sampling: seen tokens' logits divided (positive) or multiplied (negative)
-    sapo_temperature_pos: float
-    sapo_temperature_neg: float
-    vespo: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
-    adv_estimator: str  # advantage.ADV_ESTIMATORS
-    multi_objective_aggregation: str  # sum_then_normalize | normalize_then_sum (GDPO)
-    off_policy_mask_threshold: Optional[float]  # DeepSeek-V3.2's off-policy sequence mask; None = off
-    bias_correction_kl: bool  # the KL term times the ratio
-    # entropy bonus: the starting coefficient and, adaptive, its controller (grpo.next_entropy_coef)
-    entropy_coef: float
-    adaptive_entropy: bool
-    entropy_target: float
-    entropy_coef_delta: float
-    entropy_coef_min: float
-    entropy_coef_max: float
-    # sharded training: n -> the largest n of any rank, so every rank runs as many forward/backward
-    # passes (each is a collective there), each one forward call; the extra passes carry zero weight
-    lockstep: Optional[Callable[[int], int]] = None
-    # the per-token loss of the choices above, made once
-    objective: grpo.PolicyLoss = field(init=False, repr=False, compare=False)
-    # rewards -> advantages of the estimator and aggregation above, made once
-    advantages: advantage.Advantages = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "objective", grpo.policy_loss(
-            self.importance_sampling_level, self.epsilon, self.epsilon_high, self.delta, self.beta, self.loss_type,
-            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
-            vespo=self.vespo, off_policy_threshold=self.off_policy_mask_threshold,
-            bias_correction_kl=self.bias_correction_kl))
-        object.__setattr__(self, "advantages", advantage.advantage_fn(
-            self.adv_estimator, self.scale_rewards, self.std_eps, self.multi_objective_aggregation))
+    entropy_bonus: bool  # the loss carries an entropy term (its coefficient comes with each pass)
 
     @property
     def runs_every_row(self) -> bool:
         """Whether zero-advantage completions run through the loss too: their loss is not zero with a KL
         term, their entropy has a gradient with an entropy bonus, and bnpo counts their tokens in its
         micro-batches' normalisers (TRL's local batch holds them)."""
-        return self.beta > 0 or self.entropy_bonus or grpo.AGGREGATIONS[self.loss_type].local
-
-    @property
-    def entropy_bonus(self) -> bool:
-        """Whether the loss carries an entropy term (a coefficient, or the adaptive controller)."""
-        return self.entropy_coef != 0 or self.adaptive_entropy
-
-    @property
-    def sampling(self) -> dict:
-        """The sampling knobs beyond temperature, as ``RolloutEngine.generate`` takes them."""
-        return {"top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty}
+        return self.policy.beta > 0 or self.entropy_bonus or self.policy.aggregation.local
 
     @property
     def needs_first_pass(self) -> bool:
         """Whether a no-grad pass runs before the updates (stored pi_old, or entropies for the token mask)."""
         return self.num_iterations > 1 or self.top_entropy_quantile < 1.0
+
+
+# sharded training: n passes -> the largest n of any rank, so every rank runs as many forward/backward
+# passes (each is a collective there), each one forward call; the extra passes carry zero weight
+Lockstep = Callable[[int], int]
 
 
 # vocabularies at least this large take the chunked log-prob path (:func:`completion_logps`): at
@@ -305,7 +261,8 @@ def _first_of_run(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: LossSpec, *, weight: float = 1.0,
                        keep: Optional[torch.Tensor] = None,
-                       ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None) -> LayerLoss:
+                       ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None,
+                       lockstep: Optional[Lockstep] = None) -> LayerLoss:
     """Which tokens count, the micro-batches, and (``spec.needs_first_pass``) one no-grad pass.
 
     advantages: (B,) per completion; keep: (B,) bool, completions that count (default all). With
@@ -324,7 +281,7 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
         mask_all = mask_all * keep.to(mask_all.device).float().unsqueeze(-1)
     if spec.mask_truncated_completions:
         mask_all = mask_all * (~rollout.truncated.to(mask_all.device)).float().unsqueeze(-1)
-    norm = grpo.loss_normalizer(mask_all, spec.loss_type, spec.max_completion_length)
+    norm = spec.policy.aggregation.normalizer(mask_all, spec.max_completion_length)
     active = mask_all.sum(-1) > 0
     if not spec.runs_every_row:
         active &= advantages != 0
@@ -336,17 +293,17 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
         return layer
     stored = spec.num_iterations > 1
     old = torch.zeros_like(mask_all) if stored else None
-    ref = torch.zeros_like(mask_all) if stored and spec.beta > 0 and ref_logps is not None else None
+    ref = torch.zeros_like(mask_all) if stored and spec.policy.beta > 0 and ref_logps is not None else None
     ent = torch.zeros_like(mask_all)
     tokens, computed = 0, 0
     with torch.no_grad():
-        for rows, mask in _passes(layer, spec):
+        for rows, mask in _passes(layer, lockstep):
             logp, row_ent = completion_logps_and_entropy(model, rollout, rows, spec.temperature,
-                                                         share_prompts=spec.lockstep is None)
+                                                         share_prompts=lockstep is None)
             if not mask.any():  # a zero-weight pass to stay in step with the other ranks
                 continue
             ent[rows] = row_ent
-            n_rows, n_computed = _row_tokens(rollout, rows, spec.lockstep is None)
+            n_rows, n_computed = _row_tokens(rollout, rows, lockstep is None)
             tokens, computed = tokens + n_rows, computed + n_computed
             if old is not None:
                 old[rows] = logp
@@ -361,9 +318,9 @@ def prepare_layer_loss(model, rollout: Rollout, advantages: torch.Tensor, spec: 
     return layer
 
 
-def _passes(layer: LayerLoss, spec: LossSpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _passes(layer: LayerLoss, lockstep: Optional[Lockstep]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(rows, mask) of each micro-batch; under ``lockstep`` padded with zero-mask passes on row 0."""
-    n = spec.lockstep(len(layer.batches)) if spec.lockstep else len(layer.batches)
+    n = lockstep(len(layer.batches)) if lockstep else len(layer.batches)
     for i in range(n):
         if i < len(layer.batches):
             rows = layer.batches[i]
@@ -375,7 +332,7 @@ def _passes(layer: LayerLoss, spec: LossSpec) -> Iterator[tuple[torch.Tensor, to
 
 def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch.Tensor], None], *,
               ref_logps: Optional[Callable[[Rollout, torch.Tensor], torch.Tensor]] = None,
-              entropy_coef: float = 0.0) -> dict[str, float]:
+              entropy_coef: float = 0.0, lockstep: Optional[Lockstep] = None) -> dict[str, float]:
     """Accumulate ``layer.weight`` x the layer's GRPO loss into the gradients, micro-batch by micro-batch.
 
     ``ref_logps(rollout, rows)`` gives reference log-probs when beta > 0 (unless stored);
@@ -391,19 +348,20 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
     masked_sum = 0.0
     measure_entropy = "entropy" not in layer.stats
     bonus = entropy_coef != 0
-    for rows, mask in _passes(layer, spec):
+    for rows, mask in _passes(layer, lockstep):
         logp, ent = completion_logps_and_entropy(model, layer.rollout, rows, spec.temperature,
-                                                 share_prompts=spec.lockstep is None,
+                                                 share_prompts=lockstep is None,
                                                  entropy=measure_entropy or bonus, entropy_grad=bonus)
         old = None if layer.old_logps is None else layer.old_logps[rows]
         if layer.ref_logps is not None:
             ref = layer.ref_logps[rows]
         else:
-            ref = ref_logps(layer.rollout, rows) if (spec.beta > 0 and ref_logps is not None) else None
+            ref = ref_logps(layer.rollout, rows) if (spec.policy.beta > 0 and ref_logps is not None) else None
         token_mask = None if layer.token_mask is None else layer.token_mask[rows]
-        out = spec.objective(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask)
-        norm = grpo.pass_normalizer(mask, spec.loss_type, layer.norm, len(layer.batches))
-        loss = grpo.sequence_terms(out.loss, mask, spec.loss_type).sum() / norm
+        out = spec.policy(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask)
+        aggregation = spec.policy.aggregation
+        norm = aggregation.pass_normalizer(mask, layer.norm, len(layer.batches))
+        loss = aggregation.sequence_terms(out.loss, mask).sum() / norm
         if bonus:
             kept = mask if token_mask is None else mask * token_mask
             loss = loss - entropy_coef * grpo.entropy_bonus(ent, kept, layer.entropy_tokens)
@@ -414,7 +372,7 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
         low_sum += (out.low.float() * mask).sum().item()
         high_sum += (out.high.float() * mask).sum().item()
         if mask.any():
-            n_rows, n_computed = _row_tokens(layer.rollout, rows, spec.lockstep is None)
+            n_rows, n_computed = _row_tokens(layer.rollout, rows, lockstep is None)
             tokens, computed = tokens + n_rows, computed + n_computed
             if measure_entropy:
                 ent_sum += (ent.detach() * mask).sum().item()
@@ -425,7 +383,7 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
              "loss_tokens_computed": float(computed)}
     if measure_entropy:
         stats["entropy"] = ent_sum / ent_n if ent_n else 0.0
-    if spec.off_policy_mask_threshold is not None:
+    if spec.policy.off_policy_threshold is not None:
         stats["off_policy_masked"] = masked_sum / n
     return stats
 

@@ -2,14 +2,18 @@
 
 t1 = the model's answer to each question (greedy, or n samples at a temperature); t2 = one
 correction of the first t1 answer, prompted with a fixed guiding phrase (SCoRe's protocol, which the
-MGRPO paper reports). Prompts are sorted by length and generated ``batch_size`` at a time.
+MGRPO paper reports). Prompts are sorted by length and generated ``batch_size`` at a time. The
+answers come graded; :meth:`Solved.records` adds the extracted answers, one :class:`Graded` record
+per problem, from which validation takes its held-out rows and ``mgrpo eval`` its ``problems.jsonl``.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+from mgrpo_cli.reporting.heldout import ProblemResult
 from mgrpo_cli.rollout.engine import RolloutEngine
 from mgrpo_cli.rollout.prompts import PromptRenderer
 
@@ -26,6 +30,38 @@ class SolveSpec:
     phrase: Optional[str] = None  # t2's guiding phrase; None = t1 only
 
 
+@dataclass(frozen=True)
+class Graded:
+    """One problem answered and graded: t1's prompt, completions, verdicts and extracted answers, and
+    (two-pass) t2's."""
+
+    prompt: str
+    completions: list[str]
+    correct: list[Optional[bool]]
+    answers: list[Optional[str]]
+    t2_prompt: Optional[str] = None
+    t2_completion: Optional[str] = None  # None: no second pass
+    t2_correct: Optional[bool] = None
+    t2_answer: Optional[str] = None
+
+    def heldout(self, problem_id: str) -> ProblemResult:
+        """The held-out row (``reporting.heldout``): t1 = the first completion's verdict."""
+        two_pass = self.t2_completion is not None
+        return ProblemResult(problem_id, bool(self.correct[0]), bool(self.t2_correct) if two_pass else None,
+                             self.answers[0], self.t2_answer)
+
+    def fields(self) -> dict:
+        """``mgrpo eval``'s record fields (after the problem's own): prompt, completions, the t2 prompt and
+        completion when two-pass, answers and verdicts, then t2's."""
+        out: dict = {"prompt": self.prompt, "completions": self.completions}
+        if self.t2_completion is not None:
+            out["t2_prompt"], out["t2_completion"] = self.t2_prompt, self.t2_completion
+        out["answers"], out["correct"] = self.answers, list(self.correct)
+        if self.t2_completion is not None:
+            out["t2_answer"], out["t2_correct"] = self.t2_answer, self.t2_correct
+        return out
+
+
 @dataclass
 class Solved:
     """Answers of every problem: t1 and, when two-pass, t2 on t1."""
@@ -37,6 +73,19 @@ class Solved:
     prompts: list[str] = field(default_factory=list)
     t2_prompts: Optional[list[str]] = None
     t2_cut: int = 0  # t2 prompts whose first answer was shortened to fit the correction prompt budget
+
+    def records(self, golds: Sequence[str], answer: Callable[[str, str], Optional[str]]) -> list[Graded]:
+        """One :class:`Graded` record per problem (``golds``: theirs, in order), the answers as
+        ``answer(completion, gold)`` reads them (the grader's ``Grader.answer``)."""
+        out = []
+        for i, (texts, gold) in enumerate(zip(self.t1_texts, golds, strict=True)):
+            record = Graded(self.prompts[i], texts, self.t1_correct[i], [answer(t, gold) for t in texts])
+            if self.t2_texts is not None:
+                t2 = self.t2_texts[i]
+                record = dataclasses.replace(record, t2_prompt=self.t2_prompts[i], t2_completion=t2,
+                                             t2_correct=self.t2_correct[i], t2_answer=answer(t2, gold))
+            out.append(record)
+        return out
 
 
 def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, questions: Sequence[str],

@@ -3,7 +3,8 @@
 The rules come first (``config.rules.check``, before any model loads); the functions here turn the
 config into the plain objects the rest of the code takes: the reward function (with the grader), the policy and
 tokenizer (the tiny model's warm start is its own explicit step, :func:`warm_start`), the prompt
-renderer, the rollout engine, the :class:`~mgrpo_cli.algo.loss.LossSpec`, one
+renderer, the rollout engine and how it samples, the advantage estimator, the policy loss and the
+:class:`~mgrpo_cli.algo.loss.LossSpec` of the loss passes, the entropy controller, one
 :class:`~mgrpo_cli.algo.layers.LayerSpec` per depth, the :class:`~mgrpo_cli.algo.solve.SolveSpec` of validation
 and eval, the problem stream, the Lightning module, the strategy and the Trainer.
 
@@ -228,27 +229,57 @@ def engine(cfg: Any, model, tokenizer):
     return HFEngine(model, tokenizer, max_prompt_length=longest, seed=cfg.seed, stop_ids=stops)
 
 
+def sampling(cfg: Any):
+    """How training rollouts sample (``rollout.engine.Sampling``), for the layer pipeline."""
+    from mgrpo_cli.rollout.engine import Sampling
+
+    g = cfg.grpo
+    return Sampling(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty)
+
+
+def advantages(cfg: Any):
+    """The advantage estimator (``algo.advantage.Advantages``), for the layer pipeline."""
+    from mgrpo_cli.algo.advantage import advantage_fn
+
+    g = cfg.grpo
+    return advantage_fn(str(g.adv_estimator), str(g.scale_rewards), g.std_eps,
+                        str(cfg.reward.multi_objective_aggregation))
+
+
+def policy_loss(cfg: Any):
+    """The per-token policy loss of ``grpo.loss_type`` (``algo.grpo.PolicyLoss``), with the settings
+    its registry entry names (``grpo.LOSS_TYPES[...].settings``, read by their ``grpo.*`` keys)."""
+    from mgrpo_cli.algo import grpo
+
+    g = cfg.grpo
+    kind = str(g.loss_type)
+    return grpo.policy_loss(str(g.importance_sampling_level), g.epsilon, g.epsilon_high, g.delta, g.beta, kind,
+                            off_policy_threshold=g.off_policy_mask_threshold,
+                            bias_correction_kl=g.use_bias_correction_kl,
+                            **{name: g[name] for name in grpo.LOSS_TYPES[kind].settings})
+
+
 def loss_spec(cfg: Any):
+    """What the loss passes take (``algo.loss.LossSpec``)."""
     from mgrpo_cli.algo.loss import LossSpec
 
     g = cfg.grpo
-    return LossSpec(beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
-                    loss_type=str(g.loss_type), scale_rewards=str(g.scale_rewards), std_eps=g.std_eps,
-                    temperature=g.temperature, top_p=g.top_p, micro_batch_tokens=g.micro_batch_tokens,
+    return LossSpec(policy=policy_loss(cfg), temperature=g.temperature, micro_batch_tokens=g.micro_batch_tokens,
                     max_completion_length=cfg.model.max_completion_length, num_iterations=g.num_iterations,
                     mask_truncated_completions=g.mask_truncated_completions,
-                    importance_sampling_level=str(g.importance_sampling_level), delta=g.delta,
-                    top_entropy_quantile=g.top_entropy_quantile, top_k=g.top_k, min_p=g.min_p,
-                    repetition_penalty=g.repetition_penalty, sapo_temperature_pos=g.sapo_temperature_pos,
-                    sapo_temperature_neg=g.sapo_temperature_neg,
-                    vespo=(g.vespo_k_pos, g.vespo_lambda_pos, g.vespo_k_neg, g.vespo_lambda_neg),
-                    adv_estimator=str(g.adv_estimator),
-                    multi_objective_aggregation=str(cfg.reward.multi_objective_aggregation),
-                    off_policy_mask_threshold=g.off_policy_mask_threshold, bias_correction_kl=g.use_bias_correction_kl,
-                    entropy_coef=g.entropy_coef, adaptive_entropy=g.use_adaptive_entropy,
-                    entropy_target=g.entropy_target if g.entropy_target is not None else 0.0,
-                    entropy_coef_delta=g.entropy_coef_delta, entropy_coef_min=g.entropy_coef_min,
-                    entropy_coef_max=g.entropy_coef_max)
+                    top_entropy_quantile=g.top_entropy_quantile,
+                    entropy_bonus=g.entropy_coef != 0 or g.use_adaptive_entropy)
+
+
+def entropy_control(cfg: Any):
+    """The entropy bonus's coefficient per layer (``training.controllers.EntropyControl``)."""
+    from mgrpo_cli.training.controllers import EntropyControl
+
+    g = cfg.grpo
+    return EntropyControl(range(1, cfg.layer.depth + 1), g.entropy_coef, g.use_adaptive_entropy,
+                          g.entropy_target if g.entropy_target is not None else 0.0, g.entropy_coef_delta,
+                          g.entropy_coef_min, g.entropy_coef_max)
 
 
 def layer_specs(cfg: Any) -> list:
@@ -331,21 +362,24 @@ def module(cfg: Any, policy_model, tokenizer, reward_fn, stream=None):
     import torch
 
     from mgrpo_cli.models.loading import reference_policy
-    from mgrpo_cli.training.module import MGRPOModule, OptimSpec, RefSync
+    from mgrpo_cli.training.controllers import ReferenceSync, Refill
+    from mgrpo_cli.training.module import MGRPOModule, OptimSpec
 
     g = cfg.grpo
     bf16_mixed = str(cfg.trainer.precision).startswith("bf16-mixed")
+    reference = reference_policy(policy_model, g.beta)
     return MGRPOModule(
-        policy_model, tokenizer, engine=engine(cfg, policy_model, tokenizer), renderer=renderer(cfg, tokenizer, policy_model),
-        reward_fn=reward_fn, layers=layer_specs(cfg), loss=loss_spec(cfg),
+        policy_model, tokenizer, engine=engine(cfg, policy_model, tokenizer),
+        renderer=renderer(cfg, tokenizer, policy_model), reward_fn=reward_fn, grader=reward_fn.grader,
+        layers=layer_specs(cfg), sampling=sampling(cfg), advantages=advantages(cfg), loss=loss_spec(cfg),
         optim=OptimSpec(lr=g.lr, weight_decay=g.weight_decay, max_grad_norm=g.max_grad_norm,
                         step_per_layer=cfg.layer.combine == "sequential"),
-        validation=solve_spec(cfg),
-        seed=cfg.seed, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
-        reference=reference_policy(policy_model, g.beta),
+        validation=solve_spec(cfg), entropy=entropy_control(cfg),
+        seed=cfg.seed, max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, reference=reference,
         shard_param_dtype=torch.bfloat16 if bf16_mixed else None, hparams=config_dict(cfg),
-        refill=(stream or problem_stream(cfg)).refill if g.dynamic_sampling else None,
-        ref_sync=RefSync(g.ref_model_mixup_alpha, g.ref_model_sync_steps) if g.sync_ref_model else None,
+        refill=Refill((stream or problem_stream(cfg)).refill if g.dynamic_sampling else None),
+        ref_sync=(ReferenceSync(reference, g.ref_model_mixup_alpha, g.ref_model_sync_steps)
+                  if g.sync_ref_model and reference is not None else None),
         fp32_head=g.cast_lm_head_to_fp32)
 
 
@@ -442,17 +476,29 @@ def strategy(cfg: Any):
     return t.strategy
 
 
-def run_callbacks(cfg: Any, out: Path, run_logger=None) -> list:
-    """The training run's outputs (``training.callbacks``): the held-out files under ``out`` (and in the
-    MLflow run), and with an MLflow run the samples table every ``logger.samples_every`` steps and its
-    outbox forced to disk at every checkpoint."""
+def callbacks(cfg: Any, out: Path, run_logger=None, stopper=None, writer=None) -> list:
+    """Every callback of a training run, in order: step checkpoints under ``<out>/checkpoints`` through
+    ``writer`` (default :func:`checkpoint_writer`), the rich progress bar in steps (``step 120/300``),
+    the run's outputs (``training.callbacks``: the held-out files under ``out`` and in the MLflow run;
+    with an MLflow run its outbox forced to disk at every checkpoint and the samples table every
+    ``logger.samples_every`` steps), the stop-request checkpoints (``stopper``, a
+    ``lifecycle.StopAndCheckpoint``) and, with ``trainer.weight_checksums``, the weight checksums."""
     from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable, TrackingOnDisk
+    from mgrpo_cli.training.checkpointing import StepCheckpoint
+    from mgrpo_cli.training.distributed import weight_checksums_callback
+    from mgrpo_cli.training.progress import StepProgressBar
 
-    found: list = [HeldoutFiles(out, run_logger)]
+    t = cfg.trainer
+    found: list = [StepCheckpoint(writer or checkpoint_writer(cfg, out), every=t.checkpoint_every), StepProgressBar(),
+                   HeldoutFiles(out, run_logger)]
     if run_logger is not None:
         found.append(TrackingOnDisk(run_logger))
         if cfg.logger.samples_every:
             found.append(SamplesTable(run_logger, cfg.logger.samples_every, cfg.logger.samples_n))
+    if stopper is not None:
+        found.append(stopper)
+    if t.weight_checksums:
+        found.append(weight_checksums_callback(out))
     return found
 
 
@@ -463,22 +509,19 @@ def checkpoint_writer(cfg: Any, out: Path):
     return CheckpointWriter(out / "checkpoints", keep=cfg.trainer.keep_checkpoints)
 
 
-def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None, writer=None):
-    """The Lightning Trainer: step-based checkpoints through ``writer`` (default :func:`checkpoint_writer`),
-    the rich progress bar in steps (``step 120/300``)."""
+def trainer(cfg: Any, out: Path, logger=None, callbacks: Optional[list] = None):
+    """The Lightning Trainer of ``trainer.*`` with ``callbacks`` (:func:`callbacks`)."""
     import lightning as L
 
-    from mgrpo_cli.training.checkpointing import DirectCheckpointIO, StepCheckpoint
-    from mgrpo_cli.training.progress import StepProgressBar
+    from mgrpo_cli.training.checkpointing import DirectCheckpointIO
 
     t = cfg.trainer
-    ckpt = StepCheckpoint(writer or checkpoint_writer(cfg, out), every=t.checkpoint_every)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_time=t.max_time, val_check_interval=t.val_every,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1, logger=logger or False,
         deterministic=t.deterministic,
-        callbacks=[ckpt, StepProgressBar(), *(callbacks or [])], enable_checkpointing=False,
+        callbacks=list(callbacks or []), enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(out), use_distributed_sampler=False,
         plugins=[] if t.strategy == "deepspeed" else [DirectCheckpointIO()])  # DeepSpeed writes its own files
 

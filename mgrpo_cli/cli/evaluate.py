@@ -158,14 +158,9 @@ def generate_records(cfg: Any, policy, tok, problems, grader) -> tuple[list[dict
         solved = solve(engine, renderer, grader.correct, [p.question for p in problems], [p.answer for p in problems],
                        spec, progress=advance)
     seconds = time.perf_counter() - start
-    records = []
-    for i, p in enumerate(problems):
-        r = {"id": p.id, "question": p.question, "gold": p.answer, "subject": p.meta.get("subject"),
-             "level": p.meta.get("level"), "prompt": solved.prompts[i], "completions": solved.t1_texts[i]}
-        if solved.t2_texts is not None:
-            r["t2_prompt"], r["t2_completion"] = solved.t2_prompts[i], solved.t2_texts[i]
-        records.append(r)
-    attach_verdicts(records, solved.t1_correct, solved.t2_correct or [], grader)
+    graded = solved.records([p.answer for p in problems], grader.answer)
+    records = [{"id": p.id, "question": p.question, "gold": p.answer, "subject": p.meta.get("subject"),
+                "level": p.meta.get("level"), **record.fields()} for p, record in zip(problems, graded, strict=True)]
     counts = {"skipped_overlong": fits.count(False), "t2_prompts_cut": solved.t2_cut}
     return records, len(problems) / max(seconds, 1e-9), counts
 

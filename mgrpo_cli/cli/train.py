@@ -126,8 +126,6 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
 
     rules.check(cfg, "train")
     build.setup_runtime(cfg)
-    from mgrpo_cli.training.distributed import weight_checksums_callback
-
     reward_fn = build.reward(cfg)
     try:
         problems = build.data(cfg) if not cfg.warmup.only else None
@@ -145,9 +143,8 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
         writer = build.checkpoint_writer(cfg, out)
         last = writer.last
         stopper = lifecycle.StopAndCheckpoint(requests, writer, every_minutes=cfg.trainer.checkpoint_every_minutes)
-        callbacks = (build.run_callbacks(cfg, out, run_logger) + [stopper]
-                     + ([weight_checksums_callback(out)] if cfg.trainer.weight_checksums else []))
-        trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None, callbacks, writer)
+        trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None,
+                                build.callbacks(cfg, out, run_logger, stopper, writer))
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
         start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}
         if not start and not requests.requested:

@@ -170,7 +170,12 @@ def _check_train(cfg: Any) -> None:
                         "model=tiny with model.path=null")
 
 
-CLIPPED_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "luspo")  # the loss types with PPO's clip (and delta)
+def clipped_losses() -> list[str]:
+    """The loss types whose policy term is PPO's clipped ratio (``delta`` caps only that), from the
+    loss registry (``algo.grpo.LOSS_TYPES``)."""
+    from mgrpo_cli.algo.grpo import LOSS_TYPES
+
+    return [name for name, kind in LOSS_TYPES.items() if kind.clipped]
 
 
 def _check_loss(cfg: Any) -> None:
@@ -189,7 +194,7 @@ def _check_loss(cfg: Any) -> None:
         raise bad_value("grpo.epsilon_high", g.epsilon_high, f"loss_type=cispo caps the importance weight itself at "
                         f"epsilon_high ({eps_high:g} would scale every token's gradient down); set the cap, e.g. "
                         "grpo.epsilon_high=5.0 (ScaleRL's eps_max)")
-    if g.delta is not None and loss not in CLIPPED_LOSSES:
+    if g.delta is not None and loss not in clipped_losses():
         raise bad_value("grpo.delta", g.delta, f"delta caps the clipped ratio, which loss_type={loss} has not; "
                         "use null")
     if str(g.adv_estimator) != "grpo" and str(g.scale_rewards) != "group":

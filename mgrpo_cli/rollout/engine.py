@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -287,6 +287,23 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     tokens = tokens[:, :width]
     completion_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
     return tokens, completion_mask
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a training rollout samples (the ``grpo.*`` keys of the same names): the temperature and the
+    filters of :func:`filter_probs` (``top_k`` 0 = all, ``min_p`` None = off; ``repetition_penalty``
+    1 = off), as ``RolloutEngine.generate`` takes them (``**sampling.kwargs()``)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: Optional[float]
+    repetition_penalty: float
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty}
 
 
 class RolloutEngine(Protocol):

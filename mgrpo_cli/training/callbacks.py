@@ -11,7 +11,7 @@
   does not have yet, ``reporting.outbox``) is forced to disk, so what a run logged before its last
   checkpoint survives even a crash of the machine.
 
-The build layer makes them (``cli.build.run_callbacks``); without them the module trains the same.
+The build layer makes them (``cli.build.callbacks``); without them the module trains the same.
 """
 from __future__ import annotations
 

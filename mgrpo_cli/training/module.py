@@ -2,9 +2,9 @@
 
 ``training_step`` loops over the layers' :class:`~mgrpo_cli.algo.layers.LayerSpec`: each layer runs the
 same rollout -> grade -> advantage path (``layers.run_layer``; with dynamic sampling
-``layers.fill_layer``, refilling the batch with groups whose rewards vary) and prepares the same loss
-(``loss.prepare_layer_loss``), then hands the responses its spec selects, each with a guiding
-phrase, to the next layer. Layer losses are summed (L1 + lambda * L2: each of the
+``layers.fill_layer``, refilling the batch with groups whose rewards vary, ``controllers.Refill``) and
+prepares the same loss (``loss.prepare_layer_loss``), then ``layers.link`` turns its result into the
+next layer's inputs (and spares). Layer losses are summed (L1 + lambda * L2: each of the
 ``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
 ``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
 two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
@@ -21,45 +21,42 @@ so a run resumed from a checkpoint draws what the uninterrupted run drew. A step
 gradient is not finite (on any rank) does not update the weights (``guard``): its gradients are
 dropped, the skip is counted (``train/nonfinite_steps``), and after ``max_nonfinite_steps`` such
 steps in a row the step raises a ``UserError``. The checkpoint carries the steps done, the guard's
-counts, the start-of-run held-out metrics, each layer's entropy-bonus coefficient (adaptive control
-steers it once per step, ``_steer_entropy``) and, with ``RefSync`` (TR-DPO, ``_sync_reference`` after
-each optimizer step), the moved KL reference (``on_save_checkpoint``).
+counts, the start-of-run held-out metrics and the state of the small controllers
+(``training.controllers``): each layer's entropy-bonus coefficient (``EntropyControl``, steered once per
+step) and, with ``ReferenceSync`` (TR-DPO, after each optimizer step), the moved KL reference.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from mgrpo_cli.algo import grpo
-from mgrpo_cli.algo.layers import (
-    LayerInput,
-    LayerResult,
-    LayerSpec,
-    Sampled,
-    chosen_after,
-    fill_layer,
-    first_inputs,
-    inputs_after,
-    run_layer,
-    unused_responses,
+from mgrpo_cli.algo.advantage import Advantages
+from mgrpo_cli.algo.layers import LayerInput, LayerResult, LayerSpec, Sampled, fill_layer, first_inputs, link, run_layer
+from mgrpo_cli.algo.loss import (
+    TOKEN_COUNTS,
+    LayerLoss,
+    Lockstep,
+    LossSpec,
+    completion_logps,
+    loss_pass,
+    prepare_layer_loss,
 )
-from mgrpo_cli.algo.loss import TOKEN_COUNTS, LayerLoss, LossSpec, completion_logps, loss_pass, prepare_layer_loss
 from mgrpo_cli.algo.solve import SolveSpec, solve
 from mgrpo_cli.data.problems import Problem
 from mgrpo_cli.errors import UserError
 from mgrpo_cli.models.loading import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
 from mgrpo_cli.reporting.metrics import self_correction
-from mgrpo_cli.rollout.engine import Rollout, RolloutEngine
+from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, Sampling
 from mgrpo_cli.rollout.prompts import PromptRenderer
 from mgrpo_cli.training import distributed
+from mgrpo_cli.training.controllers import EntropyControl, ReferenceSync, Refill
 from mgrpo_cli.training.guard import NonFiniteGuard, finite, grads_finite
 from mgrpo_cli.training.seeding import seed_step, step_seed
 
@@ -75,14 +72,6 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
-class RefSync:
-    """TR-DPO: every ``every`` optimizer steps the KL reference becomes alpha x policy + (1 - alpha) x itself."""
-
-    alpha: float
-    every: int
-
-
-@dataclass(frozen=True)
 class TrainedStep:
     """What the last training step trained on, for callbacks (``callbacks.SamplesTable``): each layer's
     spec and result, and the step's problems (dynamic sampling's refills included)."""
@@ -92,31 +81,30 @@ class TrainedStep:
 
 
 class MGRPOModule(L.LightningModule):
-    def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn,
-                 layers: Sequence[LayerSpec], loss: LossSpec, optim: OptimSpec, validation: SolveSpec,
-                 seed: int = 0, max_nonfinite_steps: int = 3, reference=None,
-                 shard_param_dtype: Optional[torch.dtype] = None, hparams: Optional[dict[str, Any]] = None,
-                 refill: Optional[Callable[[int, int, int, int], list[Problem]]] = None,
-                 ref_sync: Optional[RefSync] = None, fp32_head: bool = False):
+    def __init__(self, policy, tokenizer, *, engine: RolloutEngine, renderer: PromptRenderer, reward_fn, grader,
+                 layers: Sequence[LayerSpec], sampling: Sampling, advantages: Advantages, loss: LossSpec,
+                 optim: OptimSpec, validation: SolveSpec, entropy: EntropyControl, seed: int = 0,
+                 max_nonfinite_steps: int = 3, reference=None, shard_param_dtype: Optional[torch.dtype] = None,
+                 hparams: Optional[dict[str, Any]] = None, refill: Optional[Refill] = None,
+                 ref_sync: Optional[ReferenceSync] = None, fp32_head: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
         self.engine, self.renderer, self.reward_fn = engine, renderer, reward_fn
-        self.layers, self.loss, self.optim = list(layers), loss, optim
+        self.grader = grader  # the reward function's grader: its counters, and validation's verdicts
+        self.layers, self.sampling, self.advantages = list(layers), sampling, advantages
+        self.loss, self.optim = loss, optim
         self.validation = validation
         self.shard_param_dtype = shard_param_dtype  # FSDP2's compute dtype of gathered parameters (bf16-mixed)
+        self.lockstep: Optional[Lockstep] = None  # sharded strategies: every rank runs as many passes
         self._reference = [reference]  # a list, so Lightning neither registers nor checkpoints it
-        self.ref_sync = ref_sync if reference is not None else None
-        self.ref_syncs = 0  # reference updates made (TR-DPO), kept in the checkpoint with the reference
+        self.ref_sync = ref_sync  # TR-DPO's moving reference (None: the reference stays the start's)
+        self.entropy = entropy  # the entropy bonus's coefficient per layer
+        self.refill = refill or Refill(None)  # dynamic sampling's more inputs
         self.fp32_head = fp32_head  # re-applied after Lightning's precision cast (on_fit_start)
-        # the entropy bonus per layer depth: the coefficient and the last step's (rank-averaged) entropy
-        self.entropy_coefs = {spec.depth: loss.entropy_coef for spec in layers}
-        self.last_entropy = {spec.depth: float("inf") for spec in layers}
         self.seed = seed
         self.rng = random.Random(seed)  # reseeded at every training step
-        # dynamic sampling's more problems for layer 1: refill(step, rank, round, n) (ProblemStream.refill)
-        self.refill = refill
         self.batches_done = 0  # training batches consumed: where the problem stream continues on resume
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.start_val: dict[str, float] = {}  # held-out metrics before training, kept in the checkpoint
@@ -153,29 +141,25 @@ class MGRPOModule(L.LightningModule):
         strategy = self.trainer.strategy
         if not isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy)):
             return
-        self.loss = dataclasses.replace(self.loss, lockstep=distributed.max_over_ranks)
+        self.lockstep = distributed.max_over_ranks
         if isinstance(strategy, ModelParallelStrategy) and not distributed.is_sharded(self.policy):
             distributed.shard_policy(self.policy, strategy.device_mesh["data_parallel"], param_dtype=self.shard_param_dtype)
             self.engine = distributed.FullParamsEngine(self.engine, self.policy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mgrpo"] = {"batches_done": self.batches_done, "nonfinite": self.guard.state_dict(),
-                               "start_val": dict(self.start_val), "entropy_coefs": dict(self.entropy_coefs),
-                               "last_entropy": dict(self.last_entropy)}
+                               "start_val": dict(self.start_val), **self.entropy.state_dict()}
         if self.ref_sync is not None:  # the moved reference is state of the run (otherwise a copy of the start)
-            checkpoint["mgrpo"]["reference"] = self._reference[0].state_dict()
-            checkpoint["mgrpo"]["ref_syncs"] = self.ref_syncs
+            checkpoint["mgrpo"].update(self.ref_sync.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("mgrpo", {})
         self.batches_done = saved.get("batches_done", 0)
         if "nonfinite" in saved:
             self.guard.load_state_dict(saved["nonfinite"])
-        self.entropy_coefs.update(saved.get("entropy_coefs", {}))
-        self.last_entropy.update(saved.get("last_entropy", {}))
-        if self.ref_sync is not None and "reference" in saved:
-            self._reference[0].load_state_dict(saved["reference"])
-            self.ref_syncs = saved.get("ref_syncs", 0)
+        self.entropy.load_state_dict(saved)
+        if self.ref_sync is not None:
+            self.ref_sync.load_state_dict(saved)
         # start_val stays this run's: resume= reads it from the checkpoint before fit (train._saved_start)
 
     def on_fit_start(self) -> None:
@@ -197,7 +181,7 @@ class MGRPOModule(L.LightningModule):
             if is_peft(self.policy):
                 with self.policy.disable_adapter():  # sharded: one forward call, as every rank makes
                     return completion_logps(self.policy, rollout, rows, self.loss.temperature,
-                                            share_prompts=self.loss.lockstep is None)
+                                            share_prompts=self.lockstep is None)
             return completion_logps(self._reference[0], rollout, rows, self.loss.temperature)
 
     # ------------------------------------------------------------------ training
@@ -239,10 +223,10 @@ class MGRPOModule(L.LightningModule):
         that many per layer before the next layer samples (sequential)."""
         start = time.perf_counter()
         self._seed_step()
-        self.reward_fn.grader.pop_stats()  # the grader's counts since the last step (validation's) are not this step's
+        self.grader.pop_stats()  # the grader's counts since the last step (validation's) are not this step's
         opt = self.optimizers()
         problems = list(batch)  # dynamic sampling appends layer 1's refills
-        inputs, spare = first_inputs(len(problems)), []
+        inputs, spare = first_inputs(len(problems)), []  # this layer's inputs; its dynamic sampling's spares
         metrics: dict[str, float] = {}
         trained: list[tuple[LayerSpec, LayerResult]] = []
         pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]] = []
@@ -254,16 +238,15 @@ class MGRPOModule(L.LightningModule):
             sampled = self._sample(spec, problems, inputs, spare)
             result = sampled.train
             layer = prepare_layer_loss(self.policy, result.rollout, result.advantages.reshape(-1), self.loss,
-                                       weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps)
+                                       weight=spec.weight, keep=result.keep, ref_logps=self._ref_logps,
+                                       lockstep=self.lockstep)
             pending.append((spec, layer, sampled.metrics))
             if self.optim.step_per_layer:
                 updated &= self._update(opt, pending, metrics)
                 pending = []
             trained.append((spec, result))
-            chosen = chosen_after(sampled.rounds[0], spec, self.rng)
-            inputs = inputs_after(sampled.rounds[0], spec, self.rng, chosen)
-            if spec.dynamic_sampling and spec.select is not None:  # the next layer's refills
-                spare = unused_responses(sampled.rounds, {(0, g, i) for g, i in chosen}, spec, self.rng)
+            nxt = link(sampled.rounds, spec, self.rng)
+            inputs, spare = nxt.inputs, nxt.spare
         if pending:
             updated &= self._update(opt, pending, metrics)
         self.trained = TrainedStep(trained, problems)
@@ -278,68 +261,30 @@ class MGRPOModule(L.LightningModule):
     def _sample(self, spec: LayerSpec, problems: list[Problem], inputs: list[LayerInput],
                 spare: list[LayerInput]) -> Sampled:
         """The layer's rollout(s): one, or with dynamic sampling as many as fill its batch with groups
-        whose rewards vary; layer 1 draws more problems (``refill``, a pure function of the step), a
-        correction layer more of the layer before's responses (``spare``)."""
+        whose rewards vary; layer 1 draws more problems, a correction layer more of the layer before's
+        responses (``spare``), as ``refill`` says."""
         def run(xs: list[LayerInput]) -> LayerResult:
-            return run_layer(self.engine, self.renderer, self.reward_fn, problems, xs, spec, self.loss)
+            return run_layer(self.engine, self.renderer, self.reward_fn, problems, xs, spec, self.sampling,
+                             self.advantages)
 
         if not spec.dynamic_sampling:
             result = run(inputs)
             return Sampled(result, [result], result.metrics)
-
-        def draw(n: int, round_: int) -> list[LayerInput]:
-            if spec.depth > 1:
-                taken = spare[:n]
-                del spare[:n]
-                return taken
-            if self.refill is None:
-                return []
-            first = len(problems)
-            problems.extend(self.refill(self.batches_done, self.global_rank, round_, n))
-            return first_inputs(len(problems))[first:]
-
-        return fill_layer(run, inputs, draw, spec, self.loss, self.tokenizer.pad_token_id or 0)
+        draw = self.refill.draws(spec.depth, problems, spare, self.batches_done, self.global_rank)
+        return fill_layer(run, inputs, draw, spec, self.advantages, self.tokenizer.pad_token_id or 0)
 
     def _end_step(self, metrics: dict[str, float], updated: bool, seconds: float, batch_size: int) -> None:
         """The guard's count, the grader's and the step's own metrics; logged (averaged over ranks)."""
         self.guard.observe(updated)
-        metrics.update({f"train/grader/{k}": float(v) for k, v in self.reward_fn.grader.pop_stats().items()})
+        metrics.update({f"train/grader/{k}": float(v) for k, v in self.grader.pop_stats().items()})
         metrics["train/nonfinite_steps"] = float(self.guard.total)
         metrics["train/step_time"] = seconds
         if self.ref_sync is not None:
-            metrics["train/ref_syncs"] = float(self.ref_syncs)
+            metrics["train/ref_syncs"] = float(self.ref_sync.syncs)
         self.batches_done += 1
         metrics = distributed.mean_over_ranks(metrics)
-        self._steer_entropy(metrics)
+        self.entropy.observe(metrics)  # once per step, from the rank-averaged entropies
         self._log_step(metrics, batch_size)
-
-    def _steer_entropy(self, metrics: dict[str, float]) -> None:
-        """Skywork-OR1's adaptive entropy control, once per training step and layer, from the layer's
-        entropy averaged over ranks (so every rank holds the same coefficients)."""
-        if not self.loss.adaptive_entropy:
-            return
-        spec = self.loss
-        for depth in self.entropy_coefs:
-            entropy = metrics.get(f"train/layer{depth}/entropy")
-            if entropy is None:  # the layer did not run this step
-                continue
-            self.entropy_coefs[depth] = grpo.next_entropy_coef(self.entropy_coefs[depth], entropy, spec.entropy_target,
-                                                               spec.entropy_coef_delta, spec.entropy_coef_min,
-                                                               spec.entropy_coef_max)
-            self.last_entropy[depth] = entropy
-
-    def _entropy_coef(self, depth: int) -> float:
-        """The entropy bonus's coefficient this step applies to layer ``depth``."""
-        return grpo.applied_entropy_coef(self.entropy_coefs[depth], self.last_entropy[depth],
-                                         self.loss.adaptive_entropy, self.loss.entropy_target)
-
-    def _sync_reference(self) -> None:
-        """TR-DPO: after every ``ref_sync.every``-th optimizer step the reference moves alpha of the way to
-        the policy (``grpo.mix_into``); every rank does the same with the same (averaged) weights."""
-        if self.ref_sync is None or self.trainer.global_step % self.ref_sync.every != 0:
-            return
-        grpo.mix_into(list(self._reference[0].parameters()), list(self.policy.parameters()), self.ref_sync.alpha)
-        self.ref_syncs += 1
 
     def _update(self, opt, pending: list[tuple[LayerSpec, LayerLoss, dict[str, float]]],
                 metrics: dict[str, float]) -> bool:
@@ -352,19 +297,21 @@ class MGRPOModule(L.LightningModule):
             loss = 0.0
             for (spec, layer, _), total in zip(pending, totals, strict=True):
                 stats = loss_pass(self.policy, layer, self.loss, self.manual_backward, ref_logps=self._ref_logps,
-                                  entropy_coef=self._entropy_coef(spec.depth) if self.loss.entropy_bonus else 0.0)
+                                  entropy_coef=self.entropy.applied(spec.depth) if self.entropy.active else 0.0,
+                                  lockstep=self.lockstep)
                 loss += stats["loss"]
                 for k, v in stats.items():
                     total[k] = total.get(k, 0.0) + v
             updated &= self._step_optimizer(opt, loss)
-            self._sync_reference()
+            if self.ref_sync is not None:
+                self.ref_sync.after_step(self.trainer.global_step, self.policy)
         mu = self.loss.num_iterations
         for (spec, layer, sampled), total in zip(pending, totals, strict=True):
             passes = {k: v if k in TOKEN_COUNTS else v / mu for k, v in total.items()}
             for k in TOKEN_COUNTS:
                 passes[k] += layer.stats.get(k, 0.0)
-            if self.loss.entropy_bonus:
-                passes["entropy_coef"] = self._entropy_coef(spec.depth)
+            if self.entropy.active:
+                passes["entropy_coef"] = self.entropy.applied(spec.depth)
             metrics.update({f"train/layer{spec.depth}/{k}": v for k, v in {**sampled, **layer.stats, **passes}.items()})
         return updated
 
@@ -381,16 +328,10 @@ class MGRPOModule(L.LightningModule):
         with distributed.full_params(self.policy):  # collective: entered by every rank, even with no problems
             if not mine:
                 return
-            solved = solve(self.engine, self.renderer, self.reward_fn.grader.correct, [p.question for p in mine],
+            solved = solve(self.engine, self.renderer, self.grader.correct, [p.question for p in mine],
                            [p.answer for p in mine], self.validation)
-        answer = self.reward_fn.grader.answer
-        for i, p in enumerate(mine):
-            t2 = solved.t2_texts[i] if solved.t2_texts else None
-            self._val_rows.append({
-                "id": p.id, "t1": bool(solved.t1_correct[i][0]),
-                "t2": bool(solved.t2_correct[i]) if solved.t2_correct else None,
-                "t1_answer": answer(solved.t1_texts[i][0], p.answer),
-                "t2_answer": None if t2 is None else answer(t2, p.answer)})
+        graded = solved.records([p.answer for p in mine], self.grader.answer)
+        self._val_rows += [record.heldout(p.id).to_json() for p, record in zip(mine, graded, strict=True)]
 
     def on_validation_epoch_end(self) -> None:
         rows, self._val_rows = distributed.gather(self._val_rows), []

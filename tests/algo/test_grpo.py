@@ -681,3 +681,20 @@ def test_mix_into_moves_the_reference_alpha_of_the_way():
     assert ref[0].tolist() == [1.5, 1.5] and ref[1].tolist() == [[0.25]]
     grpo.mix_into(ref, pol, 1.0)
     assert ref[0].tolist() == [3.0, 0.0]
+
+
+def test_loss_types_are_one_registry_entry_each_with_their_settings():
+    """An entry holds the policy term, its aggregation and whether it clips; a loss type's own settings
+    default to the schema's and no other setting is taken."""
+    from mgrpo_cli.config.schema import GRPOConfig
+
+    for name, kind in grpo.LOSS_TYPES.items():
+        loss = grpo.policy_loss(loss_type=name, epsilon_high=5.0 if name == "cispo" else None)
+        assert loss.objective is kind.objective and loss.aggregation is kind.aggregation is grpo.AGGREGATIONS[name]
+        assert loss.settings == {k: getattr(GRPOConfig, k) for k in kind.settings}
+        assert all(hasattr(GRPOConfig, k) for k in kind.settings)
+    assert grpo.policy_loss(loss_type="sapo", sapo_temperature_neg=2.0).settings == {
+        "sapo_temperature_pos": GRPOConfig.sapo_temperature_pos, "sapo_temperature_neg": 2.0}
+    with pytest.raises(ValueError, match="sapo_temperature_pos"):
+        grpo.policy_loss(loss_type="grpo", sapo_temperature_pos=1.0)
+

@@ -168,9 +168,9 @@ def _spec(**kw):
 
 
 
-def _loss():
-    return loss_spec(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group", std_eps=1e-4,
-                     temperature=1.0, top_p=1.0, micro_batch_tokens=65536, max_completion_length=4)
+def _advantages():
+    """The layer pipeline's advantage estimator: grpo, group-scaled."""
+    return advantage.advantage_fn("grpo", "group", 1e-4)
 
 
 def test_fill_layer_drops_zero_variance_groups_and_refills():
@@ -187,7 +187,7 @@ def test_fill_layer_drops_zero_variance_groups_and_refills():
         drawn.append(k)
         return [LayerInput(first + i) for i in range(k)]
 
-    out = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=5), _loss())
+    out = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=5), _advantages())
     # round 0 keeps problems 0 and 3; round 1 draws 2 (4, 5): none; round 2 draws 2 (6, 7): 6; round 3 draws 1 (8): none
     # round 4 draws 1 (9): kept -> full
     assert drawn == [2, 2, 1, 1] and [x.problem for x in out.train.inputs] == [0, 3, 6, 9]
@@ -195,13 +195,13 @@ def test_fill_layer_drops_zero_variance_groups_and_refills():
     assert advantage.varied_groups(out.train.rewards).all() and out.train.rollout.texts[:2] == ["r0.0", "r0.1"]
     assert out.metrics["groups"] == 10.0  # the metrics describe every rollout made
     # the round limit: what was kept is trained on, however few
-    few = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=1), _loss())
+    few = fill_layer(run, [LayerInput(i) for i in range(4)], draw, _spec(max_sampling_rounds=1), _advantages())
     assert [x.problem for x in few.train.inputs] == [0, 3] and few.metrics["sampling_rounds"] == 1.0
     # a draw that comes back empty ends it; the kept groups beyond the batch are not trained on
-    none = fill_layer(run, [LayerInput(i) for i in range(2)], lambda k, r: [], _spec(max_sampling_rounds=9), _loss())
+    none = fill_layer(run, [LayerInput(i) for i in range(2)], lambda k, r: [], _spec(max_sampling_rounds=9), _advantages())
     assert [x.problem for x in none.train.inputs] == [0]
     trim = fill_layer(run, [LayerInput(1)], lambda k, r: [LayerInput(3), LayerInput(6)], _spec(max_sampling_rounds=3),
-                      _loss())
+                      _advantages())
     assert [x.problem for x in trim.train.inputs] == [3]
 
 
@@ -216,6 +216,39 @@ def test_unused_responses_are_the_next_layers_spare_inputs():
     assert all(x.turns[0][1] == "P" and x.prev_correct is not None for x in spare)
     wrong = unused_responses(rounds, chosen, _spec(select="wrong", phrases=("P",)), random.Random(0))
     assert sorted(x.turns[0][0] for x in wrong) == ["r0.1", "r1.0", "r2.0"]
+
+
+def test_selection_rules_are_the_schemas_choices():
+    from mgrpo_cli.algo.layers import SELECTION_RULES
+    from mgrpo_cli.config.schema import Select
+
+    assert set(SELECTION_RULES) == {s.value for s in Select}
+
+
+def test_link_is_the_selected_inputs_and_the_spares(monkeypatch):
+    """``link`` hands the next layer the picked responses of the first round, each with a phrase, and
+    (dynamic sampling) the rest its rule allows, drawing from the rng in that order; a rule added to the
+    registry is all a new ``layer.select`` needs below the schema."""
+    from mgrpo_cli.algo import layers
+    from mgrpo_cli.algo.layers import chosen_after, inputs_after, link, unused_responses
+
+    rounds = [_fake_result([LayerInput(0), LayerInput(1)], [1.0, 0.0, 0.0, 0.0]),
+              _fake_result([LayerInput(2)], [0.0, 1.0])]
+    for select in ("all", "wrong", "sample"):
+        spec = _spec(select=select, k=1, phrases=("P", "Q"))
+        got = link(rounds, spec, random.Random(5))
+        rng = random.Random(5)
+        chosen = chosen_after(rounds[0], spec, rng)
+        assert got.inputs == inputs_after(rounds[0], spec, rng, chosen)
+        assert got.spare == unused_responses(rounds, {(0, g, i) for g, i in chosen}, spec, rng)
+    assert link(rounds, _spec(select="all", dynamic_sampling=False, phrases=("P",)), random.Random(0)).spare == []
+    assert link(rounds, _spec(select=None), random.Random(0)) == layers.Link([], [])
+    # a new rule: the first response of every group, the right ones as spares
+    first = layers.SelectionRule(lambda row, k, rng: [0], lambda correct: correct is True)
+    monkeypatch.setitem(layers.SELECTION_RULES, "first", first)
+    out = link(rounds, _spec(select="first", phrases=("P",)), random.Random(0))
+    assert [x.turns[0][0] for x in out.inputs] == ["r0.0", "r1.0"]
+    assert [x.turns[0][0] for x in out.spare] == ["r2.1"]
 
 
 def test_row_fields_reach_own_reward_functions():

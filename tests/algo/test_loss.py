@@ -243,7 +243,7 @@ def test_sequence_level_ratio_gives_the_token_level_gradient_at_ratio_one(setup)
     seq = _update(model, ro, spec(importance_sampling_level="sequence"))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_grads(model), want, strict=True))
     assert seq["loss"] == pytest.approx(token["loss"], abs=1e-6)
-    assert spec(importance_sampling_level="sequence").objective.log_ratio is grpo.sequence_log_ratio
+    assert spec(importance_sampling_level="sequence").policy.log_ratio is grpo.sequence_log_ratio
 
 
 def test_reference_log_probs_are_stored_once_for_several_iterations(setup):

@@ -142,3 +142,24 @@ def test_closed_sets_fail_at_compose_time():
         compose("train", ["grpo.adv_estimator=gae"])
     with pytest.raises(ConfigCompositionException):
         compose("train", ["reward.multi_objective_aggregation=mean"])
+
+
+def test_the_rules_know_which_losses_clip_from_the_loss_registry(tmp_path):
+    """``grpo.delta`` caps PPO's clipped ratio: the rules allow it for exactly the registry's clipped
+    loss types, and the registry holds exactly the schema's loss types."""
+    from mgrpo_cli.algo.grpo import LOSS_TYPES
+    from mgrpo_cli.config import rules
+    from mgrpo_cli.config.schema import LossType
+    from mgrpo_cli.errors import UserError
+
+    assert set(LOSS_TYPES) == {t.value for t in LossType}
+    for name, kind in LOSS_TYPES.items():
+        level = "sequence" if name == "luspo" else "token"
+        cfg = compose("train", [f"paths.outputs={tmp_path}", f"grpo.loss_type={name}", "grpo.delta=2.0",
+                                "grpo.epsilon_high=0.5" if name != "cispo" else "grpo.epsilon_high=5.0",
+                                f"grpo.importance_sampling_level={level}"])
+        if kind.clipped:
+            rules.check(cfg)
+        else:
+            with pytest.raises(UserError, match="delta caps the clipped ratio"):
+                rules.check(cfg)

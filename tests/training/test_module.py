@@ -397,7 +397,7 @@ def test_each_2026_option_trains_a_debug_step_on_every_layer(small_cfg, options,
             value = float(metrics[f"train/layer{depth}/{key}"])
             assert torch.isfinite(torch.as_tensor(value)), (depth, key, value)
     if "grpo.sync_ref_model=true" in options:  # synced after each of the run's optimizer steps
-        assert float(metrics["train/ref_syncs"]) == trainer.global_step == module.ref_syncs
+        assert float(metrics["train/ref_syncs"]) == trainer.global_step == module.ref_sync.syncs
         ref = module.reference
         assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), policy.parameters(), strict=True))
     if "grpo.disable_dropout=true" in options:
@@ -428,13 +428,13 @@ def test_adaptive_entropy_and_the_synced_reference_are_steered_and_survive_a_che
     trainer.fit(module, train_dataloaders=build.train_loader(build.problem_stream(cfg), module))
     reward.grader.close()
     assert applied == [0.0, pytest.approx(0.015)]
-    assert module.entropy_coefs == {1: pytest.approx(0.02), 2: pytest.approx(0.02)}
-    assert module.ref_syncs == 2
+    assert module.entropy.coefs == {1: pytest.approx(0.02), 2: pytest.approx(0.02)}
+    assert module.ref_sync.syncs == 2
     saved = {}
     module.on_save_checkpoint(saved)
     fresh = build.module(cfg, *build.policy(cfg)[:2], reward)
-    assert fresh.entropy_coefs[1] == 0.01 and fresh.ref_syncs == 0
+    assert fresh.entropy.coefs[1] == 0.01 and fresh.ref_sync.syncs == 0
     fresh.on_load_checkpoint(saved)
-    assert fresh.entropy_coefs == module.entropy_coefs and fresh.last_entropy == module.last_entropy
-    assert fresh.ref_syncs == 2
+    assert fresh.entropy.coefs == module.entropy.coefs and fresh.entropy.last_entropy == module.entropy.last_entropy
+    assert fresh.ref_sync.syncs == 2
     assert all(torch.equal(a, b) for a, b in zip(fresh.reference.parameters(), module.reference.parameters(), strict=True))
