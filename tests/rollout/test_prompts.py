@@ -45,7 +45,8 @@ def test_a_correction_layer_counts_its_cut_prompts(qwen_math):
     inputs = [LayerInput(0, ((long_answer, "Wait, let me double-check that."),), False),
               LayerInput(0, (("\\boxed{72}", "Wait, let me double-check that."),), True)]
     problems = [Problem("p0", QUESTION, "72")]
-    result = run_layer(engine, renderer, build.reward(cfg), problems, inputs, spec, build.loss_spec(cfg))
+    result = run_layer(engine, renderer, build.reward(cfg), problems, inputs, spec, build.sampling(cfg),
+                       build.advantages(cfg))
     assert result.metrics["prompts_cut"] == 1.0
     assert int(result.rollout.prompt_mask[0].sum()) <= 160
 
