@@ -405,7 +405,8 @@ def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, 
     """The :class:`PolicyLoss` of these settings (TRL's names; epsilon_high None = epsilon; for
     ``cispo`` epsilon_high is the cap of the importance weight itself, TRL's and ScaleRL's eps_max).
     ``settings``: the loss type's own (``LossType.settings``, e.g. ``sapo_temperature_pos``); one not
-    given takes the schema's default."""
+    given takes the schema's default (``vespo=(k_pos, lambda_pos, k_neg, lambda_neg)``, the earlier
+    form, is still read for one release)."""
     from mgrpo_cli.config.schema import GRPOConfig
 
     if importance_sampling_level not in LOG_RATIOS:
@@ -414,6 +415,8 @@ def policy_loss(importance_sampling_level: str = "token", epsilon: float = 0.2, 
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     kind = LOSS_TYPES[loss_type]
+    if "vespo" in settings:  # the one-release alias of the four VESPO settings as one tuple
+        settings.update(zip(LOSS_TYPES["vespo"].settings, settings.pop("vespo"), strict=True))
     unknown = sorted(set(settings) - set(kind.settings))
     if unknown:
         raise ValueError(f"loss_type={loss_type} has no setting {unknown[0]!r}; its settings: {kind.settings}")

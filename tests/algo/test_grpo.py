@@ -697,4 +697,5 @@ def test_loss_types_are_one_registry_entry_each_with_their_settings():
         "sapo_temperature_pos": GRPOConfig.sapo_temperature_pos, "sapo_temperature_neg": 2.0}
     with pytest.raises(ValueError, match="sapo_temperature_pos"):
         grpo.policy_loss(loss_type="grpo", sapo_temperature_pos=1.0)
-
+    assert grpo.policy_loss(loss_type="vespo", vespo=(1.0, 2.0, 3.0, 4.0)).settings == {
+        "vespo_k_pos": 1.0, "vespo_lambda_pos": 2.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 4.0}
