@@ -155,7 +155,7 @@ def test_the_rules_know_which_losses_clip_from_the_loss_registry(tmp_path):
     assert set(LOSS_TYPES) == {t.value for t in LossType}
     for name, kind in LOSS_TYPES.items():
         level = "sequence" if name == "luspo" else "token"
-        cfg = compose("train", [f"paths.outputs={tmp_path}", f"grpo.loss_type={name}", "grpo.delta=2.0",
+        cfg = compose("train", [f"paths.outputs={tmp_path}", f"grpo.loss_type={name}", "grpo.delta=10.0",
                                 "grpo.epsilon_high=0.5" if name != "cispo" else "grpo.epsilon_high=5.0",
                                 f"grpo.importance_sampling_level={level}"])
         if kind.clipped:
