@@ -97,8 +97,9 @@ def full_errors() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class JobFailed:
-    """What a sweep job whose task raised a ``UserError`` returns to Hydra: its one line. The sweep
-    callback (``reporting.sweep``) reads it from the job's result and lists the job as failed."""
+    """What a sweep job whose task raised a ``UserError`` (or filled the disk) returns to Hydra: its one
+    line. The sweep callback (``reporting.sweep``) reads it from the job's result and lists the job as
+    failed."""
 
     error: str
 
