@@ -205,7 +205,7 @@ def time_ours(model, ids, mask, a, device, static: bool, compiled: bool = False)
         _sync(device)
         warmup_s = time.perf_counter() - start
         start = time.perf_counter()
-        out, out_mask = sample(model, ids, mask, max_new_tokens=a.new_tokens, **kw)
+        out, out_mask, _ = sample(model, ids, mask, max_new_tokens=a.new_tokens, **kw)
         _sync(device)
         seconds = time.perf_counter() - start
     tokens = int(out_mask.sum())

@@ -246,6 +246,56 @@ def off_policy_mask(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tens
     return keep.to(mask.dtype)
 
 
+# ---------------------------------------------------------------- the sampler/trainer gap
+
+def rollout_gap(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the sampler's log-probs are from the trainer's for the same tokens, over the ``mask``ed
+    completion tokens ((B, T) each): sums and counts, so micro-batches add up (:func:`gap_metrics`).
+    ``abs_diff``: summed |log pi_train - log pi_sampler| (NeMo-RL's token_mult_prob_error is the mean of
+    its exp); ``kl``: summed k3 estimate of KL(pi_sampler || pi_train) per token, r - 1 - log r with
+    r = pi_train / pi_sampler (the tokens were drawn from the sampler, so it is unbiased and >= 0; summed
+    over a sequence it is the sequence's KL, NeMo-RL's gen_kl_error); ``ratio_max``: the largest token r;
+    ``tokens`` and ``rows``: the counted tokens and the rows that have any."""
+    with torch.no_grad():
+        m = mask.bool()
+        ftype = torch.promote_types(train_logp.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        d = (train_logp.detach().to(ftype) - sampling_logp.to(ftype)).masked_fill(~m, 0.0)
+        r = torch.exp(d)
+        return {"abs_diff": d.abs().sum(), "kl": (r - 1 - d).masked_fill(~m, 0.0).sum(),
+                "ratio_max": r.masked_fill(~m, 0.0).max() if m.any() else d.new_zeros(()),
+                "tokens": m.sum().to(d.dtype), "rows": m.any(-1).sum().to(d.dtype)}
+
+
+# grpo.rollout_is -> (level, action): TRL's vllm_importance_sampling_mode names
+ROLLOUT_IS_MODES = {"token_truncate": ("token", "truncate"), "token_mask": ("token", "mask"),
+                    "sequence_truncate": ("sequence", "truncate"), "sequence_mask": ("sequence", "mask")}
+
+
+class ISWeights(NamedTuple):
+    """The rollout's importance weights and where the ratio exceeded the cap."""
+
+    weights: torch.Tensor  # (B, T) float, no gradient; 1 outside the mask
+    capped: torch.Tensor  # (B, T) bool: the (token or sequence) ratio was above the cap (truncated or masked)
+
+
+def rollout_is_weights(old_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> ISWeights:
+    """Importance weights against the sampler/trainer gap, (B, T), no gradient: the ratio
+    w = pi_old / pi_sampler of each token (``token_*``), or of each sequence, exp of the summed token
+    log-ratios over its completion tokens (``sequence_*``, every token of the row holding it);
+    ``*_truncate`` caps w at ``cap`` (TIS), ``*_mask`` sets a w above ``cap`` to 0 (MIS: the token, or
+    the whole sequence, leaves the policy term). Masked-out positions get 1 (they count for nothing)."""
+    level, action = ROLLOUT_IS_MODES[mode]
+    with torch.no_grad():
+        log_w = (old_logp.detach() - sampling_logp) * mask
+        if level == "sequence":
+            log_w = log_w.sum(-1, keepdim=True).expand_as(mask)
+        w = torch.exp(log_w.clamp(max=80.0))  # e^80 overflows no float32 and lies far above any cap
+        capped = (w > cap) & mask.bool()
+        w = w.clamp(max=cap) if action == "truncate" else w.masked_fill(capped, 0.0)
+        return ISWeights(torch.where(mask.bool(), w, torch.ones_like(w)), capped)
+
+
 class TokenLoss(NamedTuple):
     loss: torch.Tensor  # (B, T) policy term (times the token and off-policy masks) + beta * KL
     kl: torch.Tensor  # (B, T) the KL term as in the loss (k3, times the ratio with bias correction), detached
@@ -358,7 +408,8 @@ class PolicyLoss:
     aggregation of its loss type.
 
     ``old_logp`` None means pi_old = pi_theta.detach() (one update per rollout: rho = 1 in value, the
-    policy gradient in its gradient). ``token_mask`` (top-entropy tokens) multiplies the policy term
+    policy gradient in its gradient). ``token_mask`` (top-entropy tokens) and ``is_weights`` (the
+    sampler/trainer gap's importance weights, :func:`rollout_is_weights`) multiply the policy term
     only; the KL term and the aggregation mask stay on every completion token (as TRL). ``objective``
     is the policy term of the loss type (``LOSS_TYPES``) and ``settings`` its own settings;
     ``off_policy_threshold`` drops far off-policy negative-advantage completions from the policy term;
@@ -379,11 +430,13 @@ class PolicyLoss:
 
     def __call__(self, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                  old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
-                 token_mask: torch.Tensor | None = None) -> TokenLoss:
+                 token_mask: torch.Tensor | None = None, is_weights: torch.Tensor | None = None) -> TokenLoss:
         old = logp.detach() if old_logp is None else old_logp
         x = self.log_ratio(logp, old, mask)
         sur = self.objective(self, x, logp, mask, advantages)
         loss = sur.loss if token_mask is None else sur.loss * token_mask
+        if is_weights is not None:  # the rollout's importance weights (rollout_is_weights), policy term only
+            loss = loss * is_weights
         masked = torch.zeros(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
         if self.off_policy_threshold is not None:
             keep = off_policy_mask(logp, old, mask, advantages, self.off_policy_threshold)

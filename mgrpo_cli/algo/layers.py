@@ -20,6 +20,7 @@ import torch
 
 from mgrpo_cli.algo import advantage, grpo
 from mgrpo_cli.data.problems import Problem
+from mgrpo_cli.grading.rewards import overlong_penalty
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, Sampling, concat_rollouts
 from mgrpo_cli.rollout.prompts import PromptRenderer, Turn
 
@@ -41,6 +42,9 @@ class LayerSpec:
     # DAPO's dynamic sampling: zero-variance groups are dropped and more inputs drawn, up to this many rollouts
     dynamic_sampling: bool
     max_sampling_rounds: int
+    # DAPO's soft overlong punishment inside the last overlong_buffer_len tokens of max_new_tokens; None = off
+    overlong_buffer_len: Optional[int]
+    overlong_penalty_factor: float
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class LayerResult:
     terms: Optional[torch.Tensor] = None
     term_weights: Optional[torch.Tensor] = None
     prompts_cut: int = 0  # prompts whose earlier answers were shortened to fit the correction prompt budget
+    overlong: Optional[torch.Tensor] = None  # (groups * n,) the overlong penalty in the rewards; None = off
 
 
 def first_inputs(n_problems: int) -> list[LayerInput]:
@@ -211,22 +216,28 @@ def run_layer(engine: RolloutEngine, renderer: PromptRenderer, reward_fn, proble
     scored = reward_fn(rollout.texts, row_golds, **row_fields(problems, inputs, n, spec.depth))
     base = torch.tensor([float("nan") if r is None else r for r in scored.rewards])
     prev = [x.prev_correct for x in inputs for _ in range(n)]
-    rewards = layer_rewards(base, scored.correct, prev, spec.reward, spec.improvement_bonus).view(-1, n)
-    terms, weights = reward_terms(scored, prev, spec, n) if advantages.decoupled else (None, None)
+    rewards = layer_rewards(base, scored.correct, prev, spec.reward, spec.improvement_bonus)
+    overlong = None
+    if spec.overlong_buffer_len is not None:
+        overlong = overlong_penalty(rollout.lengths.cpu(), spec.max_new_tokens, spec.overlong_buffer_len,
+                                    spec.overlong_penalty_factor).to(rewards.dtype)
+        rewards = rewards + overlong  # an ungradable completion stays NaN
+    rewards = rewards.view(-1, n)
+    terms, weights = reward_terms(scored, prev, spec, n, overlong) if advantages.decoupled else (None, None)
     adv = advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     correct = list(scored.correct)
     keep = torch.tensor([bool(c) for c in correct]) if spec.keep_successful else None
     result = LayerResult(inputs, rollout, correct, rewards, adv, keep, terms=terms, term_weights=weights,
-                         prompts_cut=sum(cut for _, cut in fitted))
+                         prompts_cut=sum(cut for _, cut in fitted), overlong=overlong)
     result.metrics = layer_metrics(result)
     return result
 
 
-def reward_terms(scored, prev: Sequence[Optional[bool]], spec: LayerSpec,
-                 n: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def reward_terms(scored, prev: Sequence[Optional[bool]], spec: LayerSpec, n: int,
+                 overlong: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The (groups, n, K) reward-term values (NaN = ungradable) and (K,) weights of ``scored`` for GDPO's
-    per-term normalisation; a correction layer's improvement bonus is one more term of weight 1.
-    (None, None) when the reward function gives no terms."""
+    per-term normalisation; a correction layer's improvement bonus and the ``overlong`` penalty (per
+    completion) are one more term each, of weight 1. (None, None) when the reward function gives no terms."""
     if scored.terms is None:
         return None, None
     values = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in scored.terms],
@@ -236,6 +247,9 @@ def reward_terms(scored, prev: Sequence[Optional[bool]], spec: LayerSpec,
         zero = torch.zeros(len(scored.terms))
         bonus = layer_rewards(zero, scored.correct, prev, "improvement", spec.improvement_bonus)
         values, weights = torch.cat([values, bonus.unsqueeze(-1)], -1), torch.cat([weights, torch.ones(1)])
+    if overlong is not None:
+        values = torch.cat([values, overlong.to(values.dtype).unsqueeze(-1)], -1)
+        weights = torch.cat([weights, torch.ones(1)])
     return values.view(-1, n, values.shape[-1]), weights
 
 
@@ -244,7 +258,8 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
     max, of the completions that ended with EOS, the share cut off: ``clipped_ratio``), the sampled
     prompt + completion tokens (``num_tokens`` per row as TRL counts them, ``num_tokens_computed`` with
     each group's prompt once), the prompts whose earlier answers were shortened to fit (``prompts_cut``),
-    and for corrections the wrong<->right transitions."""
+    for corrections the wrong<->right transitions, and with overlong shaping the mean penalty
+    (``overlong_penalty``) and the share of completions it reached (``overlong_share``)."""
     rewards, rollout, correct = result.rewards, result.rollout, result.correct
     valid = ~torch.isnan(rewards)
     metrics = {
@@ -261,6 +276,9 @@ def layer_metrics(result: LayerResult) -> dict[str, float]:
         "groups": float(len(result.inputs)),
         "prompts_cut": float(result.prompts_cut),
     }
+    if result.overlong is not None:
+        metrics["overlong_penalty"] = result.overlong.mean().item() if result.overlong.numel() else 0.0
+        metrics["overlong_share"] = (result.overlong < 0).double().mean().item() if result.overlong.numel() else 0.0
     if result.inputs and result.inputs[0].prev_correct is not None:
         n = rollout.n
         metrics.update(transitions([x.prev_correct for x in result.inputs for _ in range(n)], correct))
@@ -282,13 +300,15 @@ def merge_results(parts: Sequence[LayerResult], groups: Sequence[Sequence[int]],
     keep = None
     if parts[0].keep is not None:
         keep = torch.cat([r.keep.view(-1, n)[list(g)].reshape(-1) for r, g in zip(parts, groups, strict=True)])
-    terms = weights = None
+    terms = weights = overlong = None
     if parts[0].terms is not None:
         terms = torch.cat([r.terms[list(g)] for r, g in zip(parts, groups, strict=True)])
         weights = parts[0].term_weights
+    if parts[0].overlong is not None:
+        overlong = torch.cat([r.overlong.view(-1, n)[list(g)].reshape(-1) for r, g in zip(parts, groups, strict=True)])
     adv = advantages(rewards, rollout.lengths.cpu().view(-1, n), terms, weights)
     return LayerResult(inputs, rollout, correct, rewards, adv, keep, terms=terms, term_weights=weights,
-                       prompts_cut=sum(r.prompts_cut for r in parts))
+                       prompts_cut=sum(r.prompts_cut for r in parts), overlong=overlong)
 
 
 @dataclass

@@ -38,6 +38,9 @@ class LossSpec:
     mask_truncated_completions: bool  # completions cut off by the budget leave the loss
     top_entropy_quantile: float  # share of completion tokens (highest entropy) in the policy term
     entropy_bonus: bool  # the loss carries an entropy term (its coefficient comes with each pass)
+    # importance sampling against the sampler/trainer gap (grpo.ROLLOUT_IS_MODES; None = off) and its cap
+    rollout_is: Optional[str]
+    rollout_is_cap: float
 
     @property
     def runs_every_row(self) -> bool:
@@ -346,6 +349,7 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
     """
     total_loss, kl_sum, low_sum, high_sum, ent_sum, ent_n, tokens, computed = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
     masked_sum = 0.0
+    gap = dict.fromkeys(("abs_diff", "kl", "ratio_max", "tokens", "rows", "is_sum", "is_capped"), 0.0)
     measure_entropy = "entropy" not in layer.stats
     bonus = entropy_coef != 0
     for rows, mask in _passes(layer, lockstep):
@@ -358,7 +362,18 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
         else:
             ref = ref_logps(layer.rollout, rows) if (spec.policy.beta > 0 and ref_logps is not None) else None
         token_mask = None if layer.token_mask is None else layer.token_mask[rows]
-        out = spec.policy(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask)
+        is_weights = None
+        if layer.rollout.sampling_logps is not None:  # pi_old (stored, or this pass's) against the sampler's
+            sampled, trainer_old = layer.rollout.sampling_logps[rows], logp.detach() if old is None else old
+            for k, v in grpo.rollout_gap(trainer_old, sampled, mask).items():
+                gap[k] = max(gap[k], v.item()) if k == "ratio_max" else gap[k] + v.item()
+            if spec.rollout_is is not None:
+                is_weights, capped = grpo.rollout_is_weights(trainer_old, sampled, mask, spec.rollout_is,
+                                                             spec.rollout_is_cap)
+                gap["is_sum"] += (is_weights * mask).sum().item()
+                gap["is_capped"] += (capped.float() * mask).sum().item()
+        out = spec.policy(logp, layer.advantages[rows], mask, old_logp=old, ref_logp=ref, token_mask=token_mask,
+                          is_weights=is_weights)
         aggregation = spec.policy.aggregation
         norm = aggregation.pass_normalizer(mask, layer.norm, len(layer.batches))
         loss = aggregation.sequence_terms(out.loss, mask).sum() / norm
@@ -385,7 +400,24 @@ def loss_pass(model, layer: LayerLoss, spec: LossSpec, backward: Callable[[torch
         stats["entropy"] = ent_sum / ent_n if ent_n else 0.0
     if spec.policy.off_policy_threshold is not None:
         stats["off_policy_masked"] = masked_sum / n
+    if layer.rollout.sampling_logps is not None:
+        stats.update(gap_metrics(gap, spec.rollout_is is not None))
     return stats
+
+
+def gap_metrics(gap: dict[str, float], weighted: bool) -> dict[str, float]:
+    """The sampler/trainer gap over the tokens of a loss pass (summed :func:`grpo.rollout_gap` parts):
+    ``rollout_logp_abs_diff`` (mean |delta log p| per token), ``rollout_kl`` (mean per completion of its
+    summed k3 KL(sampler || trainer)), ``rollout_ratio_max`` (1 when no token was run); with ``weighted``
+    (grpo.rollout_is) the mean importance weight and the share of tokens whose ratio was above the cap
+    (``rollout_is_mean``, ``rollout_is_capped``)."""
+    tokens, rows = max(gap["tokens"], 1.0), max(gap["rows"], 1.0)
+    out = {"rollout_logp_abs_diff": gap["abs_diff"] / tokens, "rollout_kl": gap["kl"] / rows,
+           "rollout_ratio_max": gap["ratio_max"] if gap["tokens"] else 1.0}
+    if weighted:
+        out.update(rollout_is_mean=gap["is_sum"] / tokens if gap["tokens"] else 1.0,
+                   rollout_is_capped=gap["is_capped"] / tokens)
+    return out
 
 
 # the loss-pass stats that add up over passes (the others are averaged)

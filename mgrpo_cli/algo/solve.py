@@ -123,3 +123,17 @@ def solve(engine: RolloutEngine, renderer: PromptRenderer, grader_correct, quest
         solved.t2_cut = sum(cut for _, cut in fitted)
         solved.t2_correct = grader_correct(t2, list(golds))
     return solved
+
+
+def attach_verdicts(records: list[dict], correct: list[list], t2_correct: list, grader) -> list[dict]:
+    """Each record's verdicts (``correct`` per completion; ``t2_correct`` for the records that have a
+    ``t2_completion``, in order) and the answers the grader read in its completions (``grader.answer``),
+    in place."""
+    for r, ok in zip(records, correct, strict=True):
+        r["answers"] = [grader.answer(c, r["gold"]) for c in r["completions"]]
+        r["correct"] = list(ok)
+    with_t2 = [r for r in records if r.get("t2_completion") is not None]
+    for r, v in zip(with_t2, t2_correct, strict=True):
+        r["t2_answer"] = grader.answer(r["t2_completion"], r["gold"])
+        r["t2_correct"] = v
+    return records

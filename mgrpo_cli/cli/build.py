@@ -110,7 +110,7 @@ def reward(cfg: Any):
     r = cfg.reward
     return RewardFunction([(t.name, t.weight) for t in r.terms],
                           Grader(timeout_s=r.timeout_s, last_number_fallback=r.last_number_fallback),
-                          format_style=str(r.format_style))
+                          format_style=str(r.format_style), random_probability=r.random_probability)
 
 
 def correction_budget(cfg: Any, first_budget: Optional[int] = None) -> int:
@@ -217,7 +217,10 @@ def renderer(cfg: Any, tokenizer, model):
 
 
 def engine(cfg: Any, model, tokenizer):
-    """The rollout engine; its rows stop on every token that ends the model's turn (``stop_token_ids``)."""
+    """The rollout engine; its rows stop on every token that ends the model's turn (``stop_token_ids``),
+    and with ``model.rollout_dtype`` it samples in that precision."""
+    import torch
+
     from mgrpo_cli.models.loading import base_model
     from mgrpo_cli.rollout.engine import HFEngine, stop_token_ids
 
@@ -226,7 +229,9 @@ def engine(cfg: Any, model, tokenizer):
                            chat=cfg.model.prompt_template == "chat")
     # prompts come fitted to their budgets (renderer); the engine's own cut is a guard at the larger one
     longest = max(cfg.model.max_prompt_length, correction_prompt_length(cfg, model) or 0)
-    return HFEngine(model, tokenizer, max_prompt_length=longest, seed=cfg.seed, stop_ids=stops)
+    dtype = cfg.model.rollout_dtype
+    return HFEngine(model, tokenizer, max_prompt_length=longest, seed=cfg.seed, stop_ids=stops,
+                    rollout_dtype=None if dtype is None else getattr(torch, str(dtype)))
 
 
 def sampling(cfg: Any):
@@ -269,7 +274,8 @@ def loss_spec(cfg: Any):
                     max_completion_length=cfg.model.max_completion_length, num_iterations=g.num_iterations,
                     mask_truncated_completions=g.mask_truncated_completions,
                     top_entropy_quantile=g.top_entropy_quantile,
-                    entropy_bonus=g.entropy_coef != 0 or g.use_adaptive_entropy)
+                    entropy_bonus=g.entropy_coef != 0 or g.use_adaptive_entropy,
+                    rollout_is=None if g.rollout_is is None else str(g.rollout_is), rollout_is_cap=g.rollout_is_cap)
 
 
 def entropy_control(cfg: Any):
@@ -293,7 +299,9 @@ def layer_specs(cfg: Any) -> list:
     for depth in range(1, lay.depth + 1):
         last = depth == lay.depth
         common = dict(depth=depth, select=None if last else str(lay.select), k=lay.k, phrases=phrases,
-                      dynamic_sampling=g.dynamic_sampling, max_sampling_rounds=g.max_sampling_rounds)
+                      dynamic_sampling=g.dynamic_sampling, max_sampling_rounds=g.max_sampling_rounds,
+                      overlong_buffer_len=cfg.reward.overlong_buffer_len,
+                      overlong_penalty_factor=cfg.reward.overlong_penalty_factor)
         if depth == 1:
             # the questions' layer: the plain reward, full weight, every completion in the loss
             specs.append(LayerSpec(n=cfg.grpo.num_generations, max_new_tokens=cfg.model.max_completion_length,
@@ -307,15 +315,15 @@ def layer_specs(cfg: Any) -> list:
 
 
 def solve_spec(cfg: Any, *, command: str = "train"):
-    """How held-out problems are answered: validation during training (greedy), or ``mgrpo eval``."""
+    """How held-out problems are answered (``eval.n`` samples at ``eval.temperature``, greedy by
+    default): validation during training, or ``mgrpo eval`` (whose ``eval.max_new_tokens`` may set the budget)."""
     from mgrpo_cli.algo.solve import SolveSpec
 
     ev = cfg.eval
     first = (ev.max_new_tokens if command == "eval" else None) or cfg.model.max_completion_length
     phrase = cfg.layer.eval_phrase if ev.two_pass else None
-    if command == "eval":
-        return SolveSpec(first, correction_budget(cfg, first), ev.batch_size, ev.n, ev.temperature, phrase)
-    return SolveSpec(first, correction_budget(cfg), ev.batch_size, phrase=phrase)
+    second = correction_budget(cfg, first) if command == "eval" else correction_budget(cfg)
+    return SolveSpec(first, second, ev.batch_size, ev.n, ev.temperature, phrase)
 
 
 def dataset_spec(d: Any):

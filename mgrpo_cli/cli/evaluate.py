@@ -21,6 +21,7 @@ from mgrpo_cli.cli import build
 from mgrpo_cli.config import rules
 from mgrpo_cli.config.schema import conf_dir, register_configs
 from mgrpo_cli.errors import JobFailed, UserError, run_command
+from mgrpo_cli.reporting.metrics import summarize
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class RescoreError(UserError):
 def grade_records(records: list[dict], grader) -> list[dict]:
     """Grade every record's completions and t2 completion against its gold, in place (``rescore=``:
     saved completions; a generated run's records come graded from ``solve``)."""
+    from mgrpo_cli.algo.solve import attach_verdicts
+
     flat = [(i, c) for i, r in enumerate(records) for c in r["completions"]]
     verdicts = grader.correct([c for _, c in flat], [records[i]["gold"] for i, _ in flat])
     correct: list[list] = [[] for _ in records]
@@ -42,45 +45,6 @@ def grade_records(records: list[dict], grader) -> list[dict]:
     with_t2 = [r for r in records if r.get("t2_completion") is not None]
     t2 = grader.correct([r["t2_completion"] for r in with_t2], [r["gold"] for r in with_t2]) if with_t2 else []
     return attach_verdicts(records, correct, t2, grader)
-
-
-def attach_verdicts(records: list[dict], correct: list[list], t2_correct: list, grader) -> list[dict]:
-    """Each record's verdicts (``correct`` per completion; ``t2_correct`` for the records that have a
-    ``t2_completion``, in order) and the answers the grader read in its completions, in place."""
-    for r, ok in zip(records, correct, strict=True):
-        r["answers"] = [grader.answer(c, r["gold"]) for c in r["completions"]]
-        r["correct"] = list(ok)
-    with_t2 = [r for r in records if r.get("t2_completion") is not None]
-    for r, v in zip(with_t2, t2_correct, strict=True):
-        r["t2_answer"] = grader.answer(r["t2_completion"], r["gold"])
-        r["t2_correct"] = v
-    return records
-
-
-def summarize(records: list[dict]) -> dict[str, Any]:
-    """Accuracy (t1 = first completion), pass@k/maj@k when n > 1, t1/t2 metrics, breakdowns."""
-    from mgrpo_cli.reporting.metrics import breakdown, maj_at_k, mean_pass_at_k, self_correction
-
-    if not records:
-        raise RescoreError("no problems to score")
-    t1 = [bool(r["correct"][0]) for r in records]
-    out: dict[str, Any] = {"n": len(records), "acc_t1": sum(t1) / len(t1)}
-    n = min(len(r["completions"]) for r in records)
-    if n > 1:
-        counts = [(n, sum(bool(c) for c in r["correct"][:n])) for r in records]
-        out["mean_acc"] = sum(c for _, c in counts) / (n * len(records))
-        k = 1
-        while k <= n:
-            out[f"pass@{k}"] = mean_pass_at_k(counts, k)
-            k *= 2
-        out[f"maj@{n}"] = sum(maj_at_k(r["answers"], r["correct"], n) for r in records) / len(records)
-    if all(r.get("t2_correct") is not None or r.get("t2_completion") is not None for r in records):
-        out.update(self_correction(t1, [bool(r.get("t2_correct")) for r in records]))
-    rows = [{"correct": ok, "level": r.get("level"), "subject": r.get("subject")} for r, ok in zip(records, t1, strict=True)]
-    for key in ("level", "subject"):
-        if any(r.get(key) is not None for r in records):
-            out[f"by_{key}"] = breakdown(rows, key)
-    return out
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -191,7 +155,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             log.info("scoring %s on %d problems", source, len(problems))
             records, rate, counts = generate_records(cfg, policy, tok, problems, grader)
         name = cfg.dataset.name
-        summary = summarize(records)
+        summary = summarize(records)  # the same scores as validation during training
         summary["skipped_rows"] = skipped
         summary.update(counts)
         if rate is not None:

@@ -27,7 +27,7 @@ from mgrpo_cli.cli import build, resume
 from mgrpo_cli.config import rules
 from mgrpo_cli.config.schema import conf_dir, register_configs
 from mgrpo_cli.errors import EXIT_USER_ERROR, JobFailed, UserError, one_line, run_command
-from mgrpo_cli.reporting import provenance
+from mgrpo_cli.reporting import heldout, provenance
 from mgrpo_cli.training import runlock
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
                                 build.callbacks(cfg, out, run_logger, stopper, writer))
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
         start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}
-        if not start and not requests.requested:
+        if not start and cfg.trainer.val_before_train and not requests.requested:
             start = _validate(trainer, module, setup.val_loader)
         module.start_val = start
         log.info("held-out before training: %s", _fmt(start))
@@ -165,7 +165,9 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
         result = {f"start/{k}": v for k, v in start.items()} | {f"end/{k}": v for k, v in end.items()}
         export_policy(cfg, module.policy, module.tokenizer, out / "export", trainer.is_global_zero, start_from)
         if trainer.is_global_zero:
-            (out / "result.json").write_text(json.dumps(result, indent=1))
+            # every validation's val/* by step as well (the held-out scores files; a run without MLflow has them too)
+            validations = {str(step): scores for step, scores in heldout.read_scores(out).items()}
+            (out / "result.json").write_text(json.dumps({**result, "validations": validations}, indent=1))
             if run_logger:
                 run_logger.log_metrics(result, step=trainer.global_step)
                 run_logger.set_tags({"checkpoint": str(last.resolve()) if last.is_file() else "(none)",

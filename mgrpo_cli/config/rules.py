@@ -93,6 +93,14 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("grpo.ref_model_sync_steps", _at_least(1), "sync the reference every N >= 1 optimizer steps"),
     ("grpo.off_policy_mask_threshold", _unset_or(lambda v: _finite(v) and v >= 0),
      "a mean log-ratio threshold >= 0 (e.g. 0.5), or null for off"),
+    ("reward.random_probability", lambda v: _finite(v) and 0 <= v <= 1,
+     "the random reward's chance of 1 is a probability in [0, 1]"),
+    ("reward.overlong_buffer_len", _unset_or(_at_least(1)),
+     "the overlong buffer is the last N >= 1 tokens of a layer's budget (or null for off)"),
+    ("reward.overlong_penalty_factor", lambda v: _finite(v) and v >= 0,
+     "the overlong penalty at the budget is a number >= 0"),
+    ("grpo.rollout_is_cap", lambda v: _finite(v) and v >= 1,
+     "the importance weights' cap must be >= 1 (below 1 it would shrink every weight; verl uses 2, TRL 3)"),
     ("layer.depth", _at_least(1), "need at least 1 layer (1 = GRPO, 2 = MGRPO)"),
     ("layer.k", _at_least(1), "send at least 1 response per input to the next layer"),
     ("layer.weight", lambda v: _finite(v) and v >= 0, "the correction layers' loss weight must be a number >= 0"),
@@ -124,7 +132,7 @@ def check(cfg: Any, command: str = "train") -> None:
         raise bad_value("resume", cfg.resume, "continues a training run: mgrpo train resume=<run folder>")
     if command == "train":
         _check_train(cfg)
-    elif cfg.eval.n > 1 and cfg.eval.temperature <= 0:
+    if cfg.eval.n > 1 and cfg.eval.temperature <= 0:
         raise bad_value("eval.temperature", cfg.eval.temperature, f"eval.n={cfg.eval.n} samples per problem need "
                         "a temperature > 0")
     _check_model(cfg)
@@ -165,6 +173,22 @@ def _check_train(cfg: Any) -> None:
     if g.dynamic_sampling and t.strategy == "fsdp" and ranks > 1:
         raise bad_value("grpo.dynamic_sampling", True, "with trainer=fsdp every rollout gathers the sharded weights "
                         "(a collective), and ranks would make different numbers of rollouts; use trainer=ddp")
+    m = cfg.model
+    if m.rollout_dtype is not None and (str(m.dtype) != "float32" or not str(t.precision).startswith("32")):
+        raise bad_value("model.rollout_dtype", str(m.rollout_dtype), f"samples a float32 model in lower precision, and "
+                        f"this one trains in model.dtype={m.dtype} with trainer.precision={t.precision}; use "
+                        "model.dtype=float32 with trainer.precision=32-true, or rollout_dtype=null")
+    buffer = cfg.reward.overlong_buffer_len
+    if buffer is not None:
+        from mgrpo_cli.config.build import correction_budget
+
+        budgets = {"model.max_completion_length": cfg.model.max_completion_length}
+        if lay.depth >= 2:
+            budgets["the correction budget"] = correction_budget(cfg)
+        for name, budget in budgets.items():
+            if buffer >= budget:
+                raise bad_value("reward.overlong_buffer_len", buffer, f"the buffer must be shorter than each layer's "
+                                f"token budget ({name} = {budget}), or every completion would be penalised")
     if cfg.warmup.enabled and cfg.warmup.only and not is_embedded(cfg):
         raise bad_value("warmup.only", True, "the warm-up makes the embedded tiny model's start; it needs "
                         "model=tiny with model.path=null")

@@ -60,6 +60,8 @@ ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence"
 LoraExport = _choice("LoraExport", "merged", "adapter")
 WarmupTask = _choice("WarmupTask", "dataset", "default")
 Dtype = _choice("Dtype", "auto", "float32", "bfloat16", "float16")
+RolloutDtype = _choice("RolloutDtype", "bfloat16", "float16")
+RolloutIS = _choice("RolloutIS", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass
@@ -71,6 +73,9 @@ class ModelConfig:
     # hub name or local folder; null = build the embedded tiny model (tiny only)
     path: Optional[str] = None
     dtype: Dtype = Dtype.float32  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    # bfloat16 | float16: a float32 model samples under torch.autocast to this dtype (as a bf16
+    # inference engine samples) while training stays in float32; null = sample in the model's precision
+    rollout_dtype: Optional[RolloutDtype] = None
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     # a question's prompt budget: a longer question is skipped and counted, never cut
@@ -162,6 +167,12 @@ class RewardConfig:
     timeout_s: float = 2.0
     last_number_fallback: bool = False
     format_style: FormatStyle = FormatStyle.boxed
+    # the random term's chance of reward 1 (reward=random: the spurious-rewards control)
+    random_probability: float = 0.5
+    # DAPO's soft overlong punishment, per layer: a completion longer than its layer's budget minus
+    # overlong_buffer_len tokens loses up to overlong_penalty_factor, linearly to the budget; null = off
+    overlong_buffer_len: Optional[int] = None
+    overlong_penalty_factor: float = 1.0
 
 
 GUIDING_PHRASES = [
@@ -260,6 +271,10 @@ class GRPOConfig:
     # inputs drawn until the layer's batch is full or max_sampling_rounds rollouts were made
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    # importance sampling against the sampler/trainer gap (pi_old / pi_sampler per token or sequence,
+    # capped at rollout_is_cap: truncated, or masked to 0 above it); null = off (the gap is logged either way)
+    rollout_is: Optional[RolloutIS] = None
+    rollout_is_cap: float = 2.0
 
 
 @dataclass
@@ -292,6 +307,8 @@ class TrainerConfig:
     max_steps: int = 300
     max_time: Optional[str] = None  # "DD:HH:MM:SS"
     val_every: int = 50
+    # validate the held-out set before the first training step (verl's name; step 0 of the held-out files)
+    val_before_train: bool = True
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
     # torch.use_deterministic_algorithms (Lightning's Trainer(deterministic=True)): bit-exact resume on GPU,
     # at the cost of slower deterministic kernels (docs/resume.md); CPU runs are exact without it
@@ -339,8 +356,8 @@ class EvalConfig:
     split: str = "test"
     limit: Optional[int] = None
     batch_size: int = 64
-    n: int = 1  # samples per problem; 1 = greedy
-    temperature: float = 0.0
+    n: int = 1  # samples per problem; 1 = greedy (validation during training and mgrpo eval alike)
+    temperature: float = 1.0  # the samples' temperature when n > 1
     two_pass: bool = True
     max_new_tokens: Optional[int] = None
 

@@ -6,7 +6,13 @@ share the shape ``f(completions, golds, **row_fields) -> list[float | None]``; `
 "cannot be graded": the trainer leaves it out of the group statistics.
 Accuracy: the ``Grader``'s verdict (``grading.grader``), 1.0 or 0.0. Format: a non-empty
 ``\boxed{}`` (style boxed), or exactly ``[<think>]…</think><answer>…</answer>`` (style think; the
-opening tag may end the prompt).
+opening tag may end the prompt). Random: 1.0 with probability ``random_probability``, else 0.0,
+whatever the completion says (the spurious-rewards control): drawn from the function's own generator,
+which training reseeds at every step (``reseed``), so a resumed run draws the same rewards.
+The answers are graded for every term (``Scored.correct``: accuracy and transitions stay measured).
+
+:func:`overlong_penalty` is DAPO's soft overlong punishment, added per layer to the reward by the
+layer pipeline (``algo.layers``), which knows each layer's token budget.
 """
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mgrpo_cli.grading.extract import MAX_COMPLETION_CHARS, last_boxed
 from mgrpo_cli.grading.grader import Grader
 
-REWARD_TERMS = ("accuracy", "format")
-
+REWARD_TERMS = ("accuracy", "format", "random")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,20 @@ def format_reward(completions: Sequence[str], golds: Sequence[str], *, style: st
     return [float(_has_format(text, style)) for text in completions]
 
 
+def random_reward(n: int, probability: float, generator: torch.Generator) -> list[float]:
+    """n Bernoulli(``probability``) rewards, 1.0 or 0.0, from ``generator``."""
+    return (torch.rand(n, generator=generator, dtype=torch.float64) < probability).double().tolist()
+
+
+def overlong_penalty(lengths: torch.Tensor, budget: int, buffer_len: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment per completion, (B,) token lengths -> (B,) float64 penalties <= 0:
+    0 up to ``budget - buffer_len`` tokens, then falling linearly to ``-factor`` at the budget,
+    ``-factor * (length - (budget - buffer_len)) / buffer_len`` (verl's and OpenRLHF's rule). A completion
+    the budget cut off has the budget's length and gets the full ``-factor``."""
+    exceed = lengths.to(torch.float64) - (budget - buffer_len)
+    return (-factor * exceed / buffer_len).clamp(max=0.0)
+
+
 class RewardFunction:
     """Weighted sum of reward terms: ``reward = sum_k weight_k * term_k`` (None if a term is None).
 
@@ -67,7 +88,8 @@ class RewardFunction:
     other fields, ...). An own function should take ``**kwargs`` for the fields it does not use.
     """
 
-    def __init__(self, terms: list[tuple[str, float]], grader: Grader, format_style: str) -> None:
+    def __init__(self, terms: list[tuple[str, float]], grader: Grader, format_style: str,
+                 random_probability: float = 0.5) -> None:
         from mgrpo_cli.grading.terms import resolve_reward_function
 
         self.own: dict[str, Callable[..., Sequence[float | None]]] = {
@@ -75,12 +97,20 @@ class RewardFunction:
         self.terms = [(name, float(weight)) for name, weight in terms]
         self.grader = grader
         self.format_style = format_style
+        self.random_probability = random_probability
+        self.generator = torch.Generator().manual_seed(0)  # the random term's; reseeded per training step
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random term's draws from ``seed`` (training calls it at every step)."""
+        self.generator.manual_seed(seed)
 
     def __call__(self, completions: list[str], golds: list[str], **row_fields: Sequence[Any]) -> Scored:
         correct = self.grader.correct(completions, golds)
         values = {"accuracy": [None if c is None else float(c) for c in correct]}
         if any(name == "format" for name, _ in self.terms):
             values["format"] = format_reward(completions, golds, style=self.format_style)
+        if any(name == "random" for name, _ in self.terms):
+            values["random"] = random_reward(len(completions), self.random_probability, self.generator)
         if self.own:
             from mgrpo_cli.grading.terms import call_reward_function
 

@@ -8,7 +8,8 @@ One JSON object per line and per problem::
 when the evaluation has no second pass); the answers are the extracted final answers (null when
 none was found). ``mgrpo train`` writes one file per held-out evaluation,
 ``<run>/heldout/step_<global step, 6 digits>.jsonl`` (step 0 = before training, the last = after),
-and ``mgrpo eval`` keeps its richer ``problems.jsonl`` (``correct`` = per-sample verdicts, the first
+with the evaluation's scores (``val/*`` without the prefix) beside it in ``step_<n>.json``
+(:func:`write_scores`, written first: the rows file marks a finished evaluation), and ``mgrpo eval`` keeps its richer ``problems.jsonl`` (``correct`` = per-sample verdicts, the first
 one is t1; ``t2_correct``, ``answers``, ``t2_answer``), which :func:`read_rows` reads as well.
 """
 from __future__ import annotations
@@ -58,6 +59,30 @@ def write_rows(path: str | Path, rows: list[ProblemResult]) -> Path:
         for r in rows:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     tmp.replace(out)  # a reader never sees half a file
+    return out
+
+
+def scores_file(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / FOLDER / f"step_{int(step):06d}.json"
+
+
+def write_scores(run_dir: str | Path, step: int, scores: dict[str, float]) -> Path:
+    """An evaluation's scores at ``step`` to ``heldout/step_<n>.json``, whole or not at all."""
+    out = scores_file(run_dir, step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(scores, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def read_scores(run_dir: str | Path, up_to: Optional[int] = None) -> dict[int, dict[str, float]]:
+    """Every evaluation's scores of a run folder by step (those at steps <= ``up_to``, when given)."""
+    out: dict[int, dict[str, float]] = {}
+    for path in sorted((Path(run_dir) / FOLDER).glob("step_*.json")):
+        m = re.match(r"^step_(\d+)\.json$", path.name)
+        if m and (up_to is None or int(m.group(1)) <= up_to):
+            out[int(m.group(1))] = json.loads(path.read_text())
     return out
 
 

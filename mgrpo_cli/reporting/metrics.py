@@ -132,3 +132,32 @@ def _group_order(name: str) -> tuple[Any, ...]:
     except ValueError:
         return (1, 0, name)
     return (0, number, name) if math.isfinite(number) else (1, 0, name)
+
+
+def summarize(records: list[dict]) -> dict[str, Any]:
+    """The scores of per-problem records (``algo.solve.solved_records``; ``mgrpo eval`` and validation
+    during training): ``n``, ``acc_t1`` (the first completion), with n > 1 samples ``mean@n`` (the mean
+    sample accuracy), ``pass@k`` for k = 1, 2, 4, ... <= n and ``maj@n``; with a second pass
+    :func:`self_correction`'s (a rate with no denominator is None); the t1 accuracy ``by_level`` and
+    ``by_subject`` where the records have them."""
+    if not records:
+        raise ValueError("summarize: no problems to score")
+    t1 = [bool(r["correct"][0]) for r in records]
+    out: dict[str, Any] = {"n": len(records), "acc_t1": sum(t1) / len(t1)}
+    n = min(len(r["correct"]) for r in records)
+    if n > 1:
+        counts = [(n, sum(bool(c) for c in r["correct"][:n])) for r in records]
+        out[f"mean@{n}"] = sum(c for _, c in counts) / (n * len(records))
+        k = 1
+        while k <= n:
+            out[f"pass@{k}"] = mean_pass_at_k(counts, k)
+            k *= 2
+        out[f"maj@{n}"] = sum(maj_at_k(r["answers"], r["correct"], n) for r in records) / len(records)
+    if all(r.get("t2_correct") is not None or r.get("t2_completion") is not None for r in records):
+        out.update(self_correction(t1, [bool(r.get("t2_correct")) for r in records]))
+    rows = [{"correct": ok, "level": r.get("level"), "subject": r.get("subject")} for r, ok in zip(records, t1, strict=True)]
+    for key in ("level", "subject"):
+        if any(r.get(key) is not None for r in records):
+            out[f"by_{key}"] = breakdown(rows, key)
+    return out
+

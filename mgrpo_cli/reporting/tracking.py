@@ -79,6 +79,11 @@ class TrackingUnavailable(Exception):
     """The tracking store does not answer, or refuses, at the start of a run."""
 
 
+def metric_name(key: str) -> str:
+    """A metric's name in MLflow, which allows no ``@``: ``val/pass@4`` is ``val/pass_at_4`` there."""
+    return key.replace("@", "_at_")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """For a tracking server (``http(s)://``): raise :class:`TrackingUnavailable` unless it answers as
     MLflow within ``timeout`` seconds, with no retries (a refused connection is known at once). Other
@@ -207,7 +212,7 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         from mgrpo_cli.reporting.outbox import now_ms
 
-        self._put({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step or 0,
+        self._put({"op": "metrics", "metrics": {metric_name(k): float(v) for k, v in metrics.items()}, "step": step or 0,
                    "ts": now_ms()})
 
     def log_text(self, text: str, artifact_file: str) -> None:

@@ -20,6 +20,7 @@ implement the same ``RolloutEngine.generate`` signature.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
@@ -40,6 +41,10 @@ class Rollout:
     texts: list[str]  # decoded completions up to their stop token (excluded), special tokens removed
     n: int  # completions per prompt (the group size)
     truncated: Optional[torch.Tensor] = None  # (B,) bool: cut off by the token budget (no stop token); None = none
+    # (B, C) float32: each completion token's log-prob under the distribution the sampler drew it from
+    # (the softmax at the temperature of the logits it was drawn from, before top-k/top-p/min-p), 0 on
+    # padding; None = not recorded (greedy)
+    sampling_logps: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.truncated is None:
@@ -56,7 +61,8 @@ class Rollout:
                             device=self.prompt_ids.device)
         trimmed = trim_shared_padding(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                                       self.completion_mask[rows])
-        return Rollout(*trimmed, [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows])
+        logps = None if self.sampling_logps is None else self.sampling_logps[rows][:, :trimmed[2].shape[1]]
+        return Rollout(*trimmed, [self.texts[r] for r in rows.tolist()], self.n, self.truncated[rows], logps)
 
 
 IM_END = "<|im_end|>"  # ChatML's end of turn (Qwen)
@@ -113,11 +119,14 @@ def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
         extra = t.new_full((t.shape[0], width - t.shape[1]), value)
         return torch.cat([extra, t] if left else [t, extra], 1)
 
+    logps = None
+    if all(r.sampling_logps is not None for r in parts):
+        logps = torch.cat([pad(r.sampling_logps, c_width, False, 0) for r in parts])
     return Rollout(torch.cat([pad(r.prompt_ids, p_width, True, pad_token_id) for r in parts]),
                    torch.cat([pad(r.prompt_mask, p_width, True, 0) for r in parts]),
                    torch.cat([pad(r.completion_ids, c_width, False, pad_token_id) for r in parts]),
                    torch.cat([pad(r.completion_mask, c_width, False, 0) for r in parts]),
-                   [t for r in parts for t in r.texts], parts[0].n, torch.cat([r.truncated for r in parts]))
+                   [t for r in parts for t in r.texts], parts[0].n, torch.cat([r.truncated for r in parts]), logps)
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -148,15 +157,18 @@ def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p:
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator, top_k: int = 0,
-          min_p: Optional[float] = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+          min_p: Optional[float] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, V) logits -> (B,) token ids and (B,) float32 their log-probs under the temperature's full
+    softmax (before the filters); greedy (temperature 0): no log-probs."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_probs(torch.softmax(logits.float() / temperature, dim=-1), top_k, top_p, min_p)
+        return logits.argmax(-1), None
+    full = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = filter_probs(full, top_k, top_p, min_p)
     # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), draws i with probability p_i
     # (torch.multinomial does the same, with a slower exponential sampler on CPU)
     noise = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
-    return (probs / noise).argmax(-1)
+    picked = (probs / noise).argmax(-1)
+    return picked, full.gather(-1, picked.unsqueeze(-1)).squeeze(-1).log()
 
 
 # steps between looks at the finished rows on an asynchronous device (each look waits for the GPU);
@@ -213,8 +225,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
            top_p: float = 1.0, generator: Optional[torch.Generator] = None,
            lean: bool = True, check_every: Optional[int] = None,
            static: bool = False, top_k: int = 0, min_p: Optional[float] = None,
-           repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids and mask.
+           repetition_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Sample n completions per prompt. (U, P) distinct left-padded prompts -> (U*n, C) ids, mask and
+    float32 sampling log-probs: each token's under the temperature's softmax of the logits it was drawn
+    from (after the repetition penalty, before the top-k/top-p/min-p filters), 0 on padding; None when
+    greedy. Recording them draws nothing: the tokens are those of a run that does not look at them.
     A row ends at the first of its ``eos_token_id`` (one id or several, as in ``model.generate``).
 
     ``top_k``, ``top_p``, ``min_p`` filter the distribution (:func:`filter_probs`); a
@@ -248,6 +263,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     buckets = batch_buckets(rows)
     stops = _as_ids(eos_token_id, device)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(rows, max_new_tokens, device=device) if temperature > 0 else None
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
     running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted a stop token
@@ -255,7 +271,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     for t in range(max_new_tokens):
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
-        nxt = _pick(logits, temperature, top_p, generator, top_k, min_p)  # (b,)
+        nxt, logp = _pick(logits, temperature, top_p, generator, top_k, min_p)  # (b,), (b,) or None
+        if logps is not None:
+            logps[live, t] = logp.masked_fill(~running, 0.0)
         if seen is not None:
             seen[torch.arange(nxt.shape[0], device=device), nxt] = True
         finished = running & torch.isin(nxt, stops)
@@ -286,7 +304,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     width = int(lengths.max().item()) if rows else 0
     tokens = tokens[:, :width]
     completion_mask = (torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return tokens, completion_mask
+    return tokens, completion_mask, None if logps is None else logps[:, :width]
 
 
 @dataclass(frozen=True)
@@ -318,8 +336,11 @@ class HFEngine:
     """The default engine: :func:`sample` on the training policy itself (no weight sync needed)."""
 
     def __init__(self, model, tokenizer, *, max_prompt_length: int, seed: int = 0, stop_at_eos: bool = True,
-                 stop_ids: Optional[Sequence[int]] = None):
+                 stop_ids: Optional[Sequence[int]] = None, rollout_dtype: Optional[torch.dtype] = None):
         self.model, self.tokenizer = model, tokenizer
+        # sample under torch.autocast to this dtype (the matmuls in it, as a bf16 inference engine runs
+        # them) while the weights and the training passes keep theirs; None = the model's own precision
+        self.rollout_dtype = rollout_dtype
         self.max_prompt_length = max_prompt_length
         # the rows' stop tokens (stop_token_ids; None = the tokenizer's EOS); stop_at_eos=False: every
         # completion runs to max_new_tokens (benchmarks compare equal lengths)
@@ -348,12 +369,15 @@ class HFEngine:
         prompt_ids, prompt_mask = self.encode(prompts)
         was_training = self.model.training
         self.model.eval()
+        precision = (torch.autocast(self.device.type, dtype=self.rollout_dtype) if self.rollout_dtype is not None
+                     else contextlib.nullcontext())
         try:
             gen = self.generator if self.device.type == "cpu" else None
-            ids, mask = sample(self.model, prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
-                               eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               temperature=temperature, top_p=top_p, generator=gen, top_k=top_k, min_p=min_p,
-                               repetition_penalty=repetition_penalty)
+            with precision:
+                ids, mask, logps = sample(self.model, prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
+                                          eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                          temperature=temperature, top_p=top_p, generator=gen, top_k=top_k,
+                                          min_p=min_p, repetition_penalty=repetition_penalty)
         finally:
             self.model.train(was_training)
         truncated = truncated_rows(ids, mask, self.eos_token_id)
@@ -363,4 +387,4 @@ class HFEngine:
         texts = self.tokenizer.batch_decode([row[:end] for row, end in zip(ids.tolist(), ends, strict=True)],
                                             skip_special_tokens=True)
         return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
-                       ids, mask, texts, n, truncated)
+                       ids, mask, texts, n, truncated, logps)

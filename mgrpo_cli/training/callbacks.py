@@ -3,9 +3,10 @@
 - :class:`SamplesTable`: every ``every`` training steps, up to ``n`` completions per layer, as
   trained on, appended to the run's MLflow table ``samples.json`` (step, layer, question, gold,
   turns, completion, reward, advantage), from the module's ``trained`` (the last step's layers).
-- :class:`HeldoutFiles`: after each validation, rank 0 writes the per-problem rows the module
-  gathered (``val_rows``) to ``<run folder>/heldout/step_<step>.jsonl`` (``reporting.heldout``) and,
-  with an MLflow run, logs the file under ``heldout/``.
+- :class:`HeldoutFiles`: after each validation, rank 0 writes its scores (``last_val``) to
+  ``<run folder>/heldout/step_<step>.json`` and the per-problem rows the module gathered
+  (``val_rows``) to ``heldout/step_<step>.jsonl`` (``reporting.heldout``) and, with an MLflow run,
+  logs the rows file under ``heldout/``.
 
 - :class:`TrackingOnDisk`: at every checkpoint, the MLflow run's outbox (what it logged and the store
   does not have yet, ``reporting.outbox``) is forced to disk, so what a run logged before its last
@@ -96,6 +97,7 @@ class HeldoutFiles(L.Callback):
         rows = pl_module.val_rows
         if not rows or not trainer.is_global_zero:
             return
+        heldout.write_scores(self.run_dir, trainer.global_step, pl_module.last_val)  # first: rows mark the end
         path = heldout.write_rows(heldout.step_file(self.run_dir, trainer.global_step),
                                   [heldout.ProblemResult(**r) for r in rows])
         if self.run_logger is not None:

@@ -7,7 +7,7 @@ prepares the same loss (``loss.prepare_layer_loss``), then ``layers.link`` turns
 next layer's inputs (and spares). Layer losses are summed (L1 + lambda * L2: each of the
 ``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
 ``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
-two-pass (t1, t2) greedy answer of ``solve``. Manual optimization: the step owns its backward passes (micro-batched)
+two-pass (t1, t2) answer of ``solve`` (greedy, or ``eval.n`` samples), scored as ``mgrpo eval`` scores. Manual optimization: the step owns its backward passes (micro-batched)
 and the optimizer step. The module takes plain objects made by ``mgrpo_cli.cli.build``, never the config, and writes no
 files: the samples table and the held-out files are callbacks' (``training.callbacks``), which read
 the last step's layers (``trained``) and the last validation's rows (``val_rows``).
@@ -16,7 +16,8 @@ averaged once per optimizer step, metrics are averaged over ranks, validation pr
 between ranks and their rows gathered; under FSDP2 the policy is sharded and rollouts gather it whole.
 
 Every training step starts by seeding every random generator from (seed, step, rank)
-(``seeding.seed_step``: Python, NumPy, torch CPU and CUDA, the rollout engine, the module's ``rng``),
+(``seeding.seed_step``: Python, NumPy, torch CPU and CUDA, the rollout engine, the reward function's
+random term, the module's ``rng``),
 so a run resumed from a checkpoint draws what the uninterrupted run drew. A step whose loss or
 gradient is not finite (on any rank) does not update the weights (``guard``): its gradients are
 dropped, the skip is counted (``train/nonfinite_steps``), and after ``max_nonfinite_steps`` such
@@ -52,7 +53,7 @@ from mgrpo_cli.algo.solve import SolveSpec, solve
 from mgrpo_cli.data.problems import Problem
 from mgrpo_cli.errors import UserError
 from mgrpo_cli.models.loading import cast_lm_head_to_fp32, is_peft, restore_rotary, rotary_frequencies
-from mgrpo_cli.reporting.metrics import self_correction
+from mgrpo_cli.reporting.metrics import summarize
 from mgrpo_cli.rollout.engine import Rollout, RolloutEngine, Sampling
 from mgrpo_cli.rollout.prompts import PromptRenderer
 from mgrpo_cli.training import distributed
@@ -215,6 +216,7 @@ class MGRPOModule(L.LightningModule):
         """Every random draw of this step from (seed, step, rank) alone (see the module docstring)."""
         s = seed_step(self.seed, self.batches_done, self.global_rank)
         self.engine.reseed(s)
+        self.reward_fn.reseed(step_seed(self.seed, self.batches_done, self.global_rank, "reward"))
         self.rng = random.Random(step_seed(self.seed, self.batches_done, self.global_rank, "module"))
 
     def training_step(self, batch: list[Problem], batch_idx: int):
@@ -323,27 +325,35 @@ class MGRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation: two-pass t1/t2
     def validation_step(self, batch: list[Problem], batch_idx: int):
-        """Each rank answers every world_size-th problem of the batch; rows are gathered at epoch end."""
+        """Each rank answers every world_size-th problem of the batch (``solve``, as ``mgrpo eval``);
+        records are gathered at epoch end. Sampled validation (``validation.n`` > 1) draws from
+        (seed, step, rank, batch), so a resumed run validates as the uninterrupted one did."""
         mine = batch[self.global_rank::self.trainer.world_size]
+        if self.validation.n > 1:
+            s = step_seed(self.seed, self.batches_done, self.global_rank, f"validation/{batch_idx}")
+            self.engine.reseed(s)
+            torch.manual_seed(s)  # the noise of a CUDA rollout; every training step reseeds it anyway
         with distributed.full_params(self.policy):  # collective: entered by every rank, even with no problems
             if not mine:
                 return
             solved = solve(self.engine, self.renderer, self.grader.correct, [p.question for p in mine],
                            [p.answer for p in mine], self.validation)
         graded = solved.records([p.answer for p in mine], self.grader.answer)
-        self._val_rows += [record.heldout(p.id).to_json() for p, record in zip(mine, graded, strict=True)]
+        self._val_rows += [{"id": p.id, **record.fields()} for p, record in zip(mine, graded, strict=True)]
 
     def on_validation_epoch_end(self) -> None:
-        rows, self._val_rows = distributed.gather(self._val_rows), []
-        self.val_rows = rows
-        if not rows:
+        """Every rank's records scored as ``mgrpo eval`` scores them (``metrics.summarize``: Acc@t1/t2,
+        the transitions, pass@k, maj@k, mean@k), logged as ``val/*``; the held-out rows keep t1 and t2
+        of the first sample."""
+        records, self._val_rows = distributed.gather(self._val_rows), []
+        self.val_rows = [{"id": r["id"], "t1": bool(r["correct"][0]),
+                          "t2": bool(r["t2_correct"]) if "t2_correct" in r else None,
+                          "t1_answer": r["answers"][0], "t2_answer": r.get("t2_answer")} for r in records]
+        if not records:
             return
-        t1 = [r["t1"] for r in rows]
-        if rows[0]["t2"] is None:
-            out = {"acc_t1": sum(t1) / len(t1), "n": float(len(t1))}
-        else:
-            out = self_correction(t1, [r["t2"] for r in rows])
-        self.last_val = {k: float(v) for k, v in out.items() if v is not None}  # a rate with no denominator: not logged
+        # numbers only (not the breakdowns); a rate with no denominator (None) is not logged
+        self.last_val = {k: float(v) for k, v in summarize(records).items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # every rank holds the same numbers; sync_dist keeps Lightning's epoch-level bookkeeping consistent
-        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(rows),
+        self.log_dict({f"val/{k}": v for k, v in self.last_val.items()}, batch_size=len(records),
                       sync_dist=self.trainer.world_size > 1)

@@ -699,3 +699,56 @@ def test_loss_types_are_one_registry_entry_each_with_their_settings():
         grpo.policy_loss(loss_type="grpo", sapo_temperature_pos=1.0)
     assert grpo.policy_loss(loss_type="vespo", vespo=(1.0, 2.0, 3.0, 4.0)).settings == {
         "vespo_k_pos": 1.0, "vespo_lambda_pos": 2.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 4.0}
+
+
+# ---------------------------------------------------------------- the sampler/trainer gap (issue 32)
+
+E05, E_1, E_05 = 1.6487212707001282, 0.36787944117144233, 0.6065306597126334  # e^0.5, e^-1, e^-0.5
+# row 0: token log-ratios log(pi_old / pi_sampler) = +0.5, -1.0 and a padded position; its sum -0.5
+# row 1: +0.8 on each of three tokens (ratio e^0.8 = 2.2255), its sum 2.4 (ratio e^2.4 = 11.02)
+OLD = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.2, -0.2]], dtype=torch.float64)
+SAMPLED = torch.tensor([[-1.5, -1.0, -9.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+CAP = 1.5
+IS_CASES = {  # mode -> (weights, capped), by hand: padding gets weight 1 and is never capped
+    "token_truncate": ([[CAP, E_1, 1.0], [CAP, CAP, CAP]], [[True, False, False], [True, True, True]]),
+    "token_mask": ([[0.0, E_1, 1.0], [0.0, 0.0, 0.0]], [[True, False, False], [True, True, True]]),
+    "sequence_truncate": ([[E_05, E_05, 1.0], [CAP, CAP, CAP]], [[False, False, False], [True, True, True]]),
+    "sequence_mask": ([[E_05, E_05, 1.0], [0.0, 0.0, 0.0]], [[False, False, False], [True, True, True]]),
+}
+
+
+@pytest.mark.parametrize("mode", list(IS_CASES))
+def test_rollout_is_weights_equal_the_hand_computed_ones(mode):
+    w, capped = grpo.rollout_is_weights(OLD, SAMPLED, MASK, mode, CAP)
+    want, want_capped = IS_CASES[mode]
+    # float64 throughout: exp of a difference of exact binary fractions, to a few ulps
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert capped.tolist() == want_capped
+    assert not w.requires_grad
+
+
+def test_rollout_gap_sums_by_hand():
+    gap = grpo.rollout_gap(OLD, SAMPLED, MASK)
+    # |d| = 0.5 + 1.0 + 3 x 0.8; k3 = r - 1 - d per token
+    assert gap["abs_diff"].item() == pytest.approx(3.9, rel=1e-12)
+    k3 = (E05 - 1 - 0.5) + (E_1 - 1 + 1.0) + 3 * (math.exp(0.8) - 1 - 0.8)
+    assert gap["kl"].item() == pytest.approx(k3, rel=1e-12)
+    assert gap["ratio_max"].item() == pytest.approx(math.exp(0.8), rel=1e-12)
+    assert gap["tokens"].item() == 5 and gap["rows"].item() == 2
+
+
+def test_is_weights_multiply_the_policy_term_only():
+    """With beta > 0 the KL term stays as it is; the policy term of each token is scaled by its weight."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.8, -0.4]], dtype=torch.float64)
+    adv = torch.tensor([0.7], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 2.0, 0.0]], dtype=torch.float64)
+    loss = grpo.policy_loss(beta=0.1)
+    plain = loss(logp, adv, mask, ref_logp=ref)
+    weighted = loss(logp, adv, mask, ref_logp=ref, is_weights=weights)
+    kl = 0.1 * grpo.k3_kl(logp.detach(), ref)
+    # ratio 1 in value: the policy term is -A per token
+    assert torch.allclose(weighted.loss - kl, -0.7 * weights, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(plain.loss - kl, torch.full((1, 3), -0.7, dtype=torch.float64), rtol=1e-12, atol=1e-15)

@@ -164,7 +164,8 @@ def _spec(**kw):
 
     return LayerSpec(**{"depth": 1, "n": 2, "max_new_tokens": 4, "reward": "correct", "improvement_bonus": 0.0,
                         "weight": 1.0, "keep_successful": False, "select": None, "k": 2, "phrases": (),
-                        "dynamic_sampling": True, "max_sampling_rounds": 1, **kw})
+                        "dynamic_sampling": True, "max_sampling_rounds": 1, "overlong_buffer_len": None,
+                        "overlong_penalty_factor": 1.0, **kw})
 
 
 

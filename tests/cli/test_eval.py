@@ -4,7 +4,8 @@ import json
 import pytest
 from conftest import compose, requires_data
 
-from mgrpo_cli.cli.evaluate import RescoreError, read_records, run_eval, scalars, summarize
+from mgrpo_cli.cli.evaluate import RescoreError, read_records, run_eval, scalars
+from mgrpo_cli.reporting.metrics import summarize
 
 
 def _write(path, rows):
@@ -50,7 +51,7 @@ def test_summary_on_a_literal_table():
          "t2_correct": False, "level": 2, "subject": "Geometry"},
     ]
     s = summarize(records)
-    assert s["n"] == 3 and s["acc_t1"] == pytest.approx(2 / 3) and s["mean_acc"] == pytest.approx(3 / 6)
+    assert s["n"] == 3 and s["acc_t1"] == pytest.approx(2 / 3) and s["mean@2"] == pytest.approx(3 / 6)
     assert s["pass@1"] == pytest.approx(0.5) and s["pass@2"] == pytest.approx(2 / 3)
     assert s["maj@2"] == pytest.approx(2 / 3)  # ties go to the first answer
     assert s["acc_t2"] == pytest.approx(2 / 3)

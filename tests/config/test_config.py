@@ -120,6 +120,17 @@ BAD_COMBINATIONS = [
     (["grpo.sapo_temperature_neg=0"], "grpo.sapo_temperature_neg=0"),
     (["grpo.vespo_lambda_pos=0"], "grpo.vespo_lambda_pos=0"),
     (["grpo.vespo_k_neg=-1"], "grpo.vespo_k_neg=-1"),
+    (["reward=random", "reward.random_probability=1.5"], "reward.random_probability=1.5: the random reward's"),
+    (["reward.overlong_buffer_len=0"], "reward.overlong_buffer_len=0: the overlong buffer is the last N >= 1"),
+    (["reward.overlong_buffer_len=32"], "reward.overlong_buffer_len=32: the buffer must be shorter than each "
+     "layer's token budget (model.max_completion_length = 32)"),
+    (["reward.overlong_buffer_len=16", "model.max_correction_length=16"],
+     "reward.overlong_buffer_len=16: the buffer must be shorter than each layer's token budget (the correction"),
+    (["reward.overlong_penalty_factor=-1"], "reward.overlong_penalty_factor=-1"),
+    (["grpo.rollout_is=token_mask", "grpo.rollout_is_cap=0.5"], "grpo.rollout_is_cap=0.5: the importance weights' cap"),
+    (["model.rollout_dtype=bfloat16", "model.dtype=bfloat16"], "model.rollout_dtype=bfloat16: samples a float32 model "
+     "in lower precision, and this one trains in model.dtype=bfloat16 with trainer.precision=32-true"),
+    (["model.rollout_dtype=float16", "trainer.precision=bf16-mixed"], "model.rollout_dtype=float16: samples a float32"),
 ]
 
 

@@ -464,7 +464,10 @@ def test_reward_configs_build(path):
         scored = reward(["<think>x</think><answer>\\boxed{3}</answer>", "3"], ["3", "3"])
         weights = {t.name: t.weight for t in cfg.reward.terms}
         assert scored.correct == [True, False]
-        assert scored.rewards == [sum(weights.values()), 0.0]
+        if "random" in weights:  # whatever the answer
+            assert set(scored.rewards) <= {0.0, weights["random"]}
+        else:
+            assert scored.rewards == [sum(weights.values()), 0.0]
 
 
 
@@ -522,3 +525,32 @@ def test_olympiadbench_golds_grade_right_boxed_whole_and_one_box_per_part(grader
     per_part = [" and ".join(f"$\\boxed{{{p}}}$" for p in split_parts(g)) for g in several]
     assert len(several) >= 50  # the joined multi-answer golds
     assert grader.correct(per_part, several) == [True] * len(several)
+
+
+# DAPO's overlong shaping and the random-reward control (issue 32) ---------------------------------------
+
+def test_overlong_penalty_is_zero_before_the_buffer_and_linear_inside_it():
+    import torch
+
+    from mgrpo_cli.grading.rewards import overlong_penalty
+
+    # budget 16, buffer 4: free up to 12 tokens; 14 tokens = 2 of 4 into the buffer = -0.5 * factor
+    got = overlong_penalty(torch.tensor([0, 10, 12, 13, 14, 16]), budget=16, buffer_len=4, factor=2.0)
+    assert got.tolist() == [0.0, 0.0, 0.0, -0.5, -1.0, -2.0]
+
+
+def test_the_random_term_is_bernoulli_reseeded_and_ignores_the_answer(grader):
+    fn = RewardFunction([("random", 1.0)], grader, "boxed", random_probability=0.25)
+    right = [b("4")] * 400
+    fn.reseed(7)
+    first = fn(right, ["4"] * 400)
+    fn.reseed(7)
+    again = fn(right, ["4"] * 400)
+    assert first.rewards == again.rewards and set(first.rewards) == {0.0, 1.0}
+    assert first.correct == [True] * 400  # still graded: accuracy stays measured
+    # 400 draws of p = 0.25: mean 0.25, std 0.0217; 5 std either side
+    assert abs(sum(first.rewards) / 400 - 0.25) < 5 * (0.25 * 0.75 / 400) ** 0.5
+    fn.reseed(8)
+    assert fn(right, ["4"] * 400).rewards != first.rewards
+    assert RewardFunction([("random", 1.0)], grader, "boxed", random_probability=0.0)(right, ["4"] * 400).rewards \
+        == [0.0] * 400

@@ -108,6 +108,9 @@ class ParityReward:
     def __init__(self):
         self.grader = Grader(timeout_s=2.0, last_number_fallback=False)
 
+    def reseed(self, seed):  # draws nothing at random
+        pass
+
     def __call__(self, completions, golds, **fields):
         ok = [bool(c) and ord(c[0]) % 2 == 0 for c in completions]
         return Scored(rewards=[float(x) for x in ok], correct=ok)

@@ -50,7 +50,7 @@ def _assert_greedy_equals_generate(model, tok, prompts, lean, n=1, max_new_token
     """``sample`` at temperature 0 (n rows per prompt) gives ``model.generate``'s greedy tokens, cut at EOS."""
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=max_new_tokens,
+    ids, mask, _ = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean,
                        **kw)
     assert ids.device == device
@@ -108,7 +108,7 @@ def test_decode_steps_see_only_bucket_sizes(monkeypatch, check_every):
                         or step(self, tokens, *a))
     model, tok = _warm_start()
     enc = tok(PADDED + ["2+20-11+5\n", "15-3\n"], return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=8, max_new_tokens=48,
+    ids, mask, _ = sample(model, enc.input_ids, enc.attention_mask, n=8, max_new_tokens=48,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=1.0,
                        generator=torch.Generator().manual_seed(0), check_every=check_every)
     assert mask.sum(-1).unique().numel() > 3  # rows stopped at many different steps
@@ -141,7 +141,7 @@ def test_sampled_tokens_follow_the_models_distribution(check_every, static):
     n, kw = 48, dict(max_new_tokens=40, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      check_every=check_every, static=static)
 
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=1.0, top_p=0.6,
+    ids, mask, _ = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=1.0, top_p=0.6,
                        generator=torch.Generator().manual_seed(1), **kw)
     probs = _plain_forward_probs(model, enc, ids, mask, n, 1.0)
     p_tok = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -149,7 +149,7 @@ def test_sampled_tokens_follow_the_models_distribution(check_every, static):
     assert (mass_above[mask.bool()] < 0.6 + 1e-4).all()
     assert len(set(map(tuple, ids.tolist()))) > len(enc.input_ids)  # groups are not all one sample
 
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=3.0, top_p=1.0,
+    ids, mask, _ = sample(model, enc.input_ids, enc.attention_mask, n=n, temperature=3.0, top_p=1.0,
                        generator=torch.Generator().manual_seed(2), **kw)
     probs = _plain_forward_probs(model, enc, ids, mask, n, 3.0)[mask.bool()]
     top_p, top = probs.max(-1)
@@ -199,7 +199,7 @@ def test_bf16_greedy_tokens_on_cuda_are_the_plain_forwards_argmax(lean, n):
     assert model.dtype == torch.bfloat16
     prompts = PADDED + ["2+20-11+5\n", "15-3\n"]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-    ids, mask = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=48,
+    ids, mask, _ = sample(model, enc.input_ids, enc.attention_mask, n=n, max_new_tokens=48,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=0.0, lean=lean)
     full_mask = torch.cat([enc.attention_mask.repeat_interleave(n, 0), mask], 1)
     full = torch.cat([enc.input_ids.repeat_interleave(n, 0), ids], 1)
@@ -320,7 +320,7 @@ def test_lean_decoder_drives_lora_adapters_and_leaves_other_models_to_their_forw
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size + 8, n_embd=32, n_layer=1, n_head=2)).eval()
     assert not lean_supported(gpt2)
-    ids, mask = sample(gpt2, enc.input_ids, enc.attention_mask, **kw)  # the model's own forward
+    ids, mask, _ = sample(gpt2, enc.input_ids, enc.attention_mask, **kw)  # the model's own forward
     assert ids.shape[0] == 4 and mask.shape == ids.shape
 
 
@@ -390,7 +390,7 @@ def test_repetition_penalty_in_sampling_is_the_penalised_greedy_loop():
     model = build_tiny_model(cfg, tok, seed=0).eval()
     ids = torch.tensor([[65, 66, 67, 65], [0, 70, 71, 72]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
-    got, _ = sample(model, ids, mask, max_new_tokens=6, eos_token_id=-1, pad_token_id=0, temperature=0.0,
+    got, _, _ = sample(model, ids, mask, max_new_tokens=6, eos_token_id=-1, pad_token_id=0, temperature=0.0,
                     repetition_penalty=3.0)
     for row in range(2):
         seq = ids[row][mask[row].bool()].tolist()

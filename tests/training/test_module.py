@@ -20,6 +20,9 @@ class ParityReward:
         self.grader = Grader(timeout_s=2.0, last_number_fallback=False)
         self.calls = []
 
+    def reseed(self, seed):  # draws nothing at random
+        pass
+
     def __call__(self, completions, golds, **fields):
         self.calls.append(len(completions))
         ok = [bool(c) and ord(c[0]) % 2 == 0 for c in completions]
@@ -438,3 +441,115 @@ def test_adaptive_entropy_and_the_synced_reference_are_steered_and_survive_a_che
     assert fresh.entropy.coefs == module.entropy.coefs and fresh.entropy.last_entropy == module.entropy.last_entropy
     assert fresh.ref_sync.syncs == 2
     assert all(torch.equal(a, b) for a, b in zip(fresh.reference.parameters(), module.reference.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- issue 32's options, on every layer
+
+SHAPING_OPTIONS = [
+    ["reward=random"],
+    ["reward.overlong_buffer_len=2", "reward.overlong_penalty_factor=0.5"],
+    ["reward.overlong_buffer_len=2", "grpo.mask_truncated_completions=true"],
+    ["model.rollout_dtype=bfloat16"],
+    *([f"grpo.rollout_is={mode}", "grpo.rollout_is_cap=1.001", "model.rollout_dtype=bfloat16"]
+      for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")),
+    ["grpo.rollout_is=token_mask", "grpo.num_iterations=2", "model.rollout_dtype=bfloat16"],
+]
+
+
+@pytest.mark.parametrize("layer", ["mgrpo", "grpo"])
+@pytest.mark.parametrize("options", SHAPING_OPTIONS, ids=[" ".join(o) for o in SHAPING_OPTIONS])
+def test_issue32_options_train_a_debug_step_on_every_layer(small_cfg, options, layer):
+    """A debug-size step with the real reward function (build.reward): the random control rewards
+    about half the completions whatever they say; the overlong penalty is logged per layer."""
+    cfg = small_cfg(f"layer={layer}", "layer.select=all", "model.max_completion_length=6",
+                    "model.max_correction_length=6", *options)
+    rules.check(cfg)
+    reward = build.reward(cfg)
+    module, train_dl = _module(cfg, reward)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=train_dl)
+    reward.close()
+    metrics = trainer.callback_metrics
+    for depth in (1, 2) if layer == "mgrpo" else (1,):
+        m = {k.rsplit("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(f"train/layer{depth}/")}
+        assert all(torch.isfinite(torch.tensor(v)) for v in m.values()), m
+        if "reward=random" in options:  # a random model is never right, yet some completions are rewarded
+            assert m["accuracy"] == 0.0 and 0.0 < m["reward_mean"] < 1.0
+        if cfg.reward.overlong_buffer_len is not None:
+            # the random model seldom stops: most completions end at the budget (the full penalty), the
+            # others 1 or 2 tokens into the 2-token buffer (half or all of it) or before it
+            factor = cfg.reward.overlong_penalty_factor
+            assert 0 < m["clipped_ratio"] <= m["overlong_share"] <= 1
+            assert -factor * m["overlong_share"] <= m["overlong_penalty"] <= -factor * m["clipped_ratio"]
+        else:
+            assert "overlong_penalty" not in m
+        assert m["rollout_logp_abs_diff"] >= 0 and m["rollout_kl"] >= 0 and m["rollout_ratio_max"] > 0
+        if cfg.grpo.rollout_is is not None:  # a cap just above 1 that the bf16 gap crosses
+            assert 0 <= m["rollout_is_capped"] <= 1
+            if cfg.grpo.rollout_is.startswith("token"):
+                assert (m["rollout_is_capped"] > 0) == (m["rollout_ratio_max"] > cfg.grpo.rollout_is_cap)
+            if cfg.grpo.rollout_is.endswith("truncate"):
+                assert 0 < m["rollout_is_mean"] <= cfg.grpo.rollout_is_cap
+        else:
+            assert "rollout_is_mean" not in m
+
+
+def test_bf16_sampling_opens_a_gap_that_fp32_sampling_does_not(small_cfg):
+    """One step each of the same run sampling in float32 and in bfloat16 (the policy training in float32):
+    the sampler's log-probs against the trainer's recomputed ones. float32 sampling differs only by the
+    rounding of a cached decode step against a full forward (a few float32 ulps of ~5.6-nat log-probs,
+    ~1e-6); bf16 rounds every matmul input to 8 bits of mantissa (2^-9 relative), ~1e-3 nats."""
+    gaps = {}
+    for dtype in ("null", "bfloat16"):
+        cfg = small_cfg("model.max_completion_length=8", f"model.rollout_dtype={dtype}")
+        metrics, _, _ = _fit_one_step(cfg)
+        gaps[dtype] = {k: float(metrics[f"train/layer1/rollout_{k}"]) for k in ("logp_abs_diff", "kl", "ratio_max")}
+    assert gaps["null"]["logp_abs_diff"] < 1e-5 and gaps["null"]["kl"] < 1e-8
+    assert abs(gaps["null"]["ratio_max"] - 1) < 1e-4
+    assert gaps["bfloat16"]["logp_abs_diff"] > 1e-4 and gaps["bfloat16"]["kl"] > 1e-7
+    assert gaps["bfloat16"]["ratio_max"] > 1 + 1e-4
+
+
+# ---------------------------------------------------------------- validation as mgrpo eval scores (issue 32)
+
+def test_sampled_validation_scores_pass_maj_mean_and_draws_from_the_step(small_cfg):
+    """eval.n = 4 samples per held-out problem on the shipped warm start: the val/* metrics are
+    mgrpo eval's (reporting.metrics.summarize), the samples are drawn from (seed, step, rank, batch),
+    so validating twice at a step draws the same completions, and another step draws others."""
+    from mgrpo_cli.training.warmup import SHIPPED
+
+    start = next(p for p in SHIPPED.iterdir() if p.is_dir())
+    cfg = small_cfg(f"model.path={start}", "eval.n=4", "eval.limit=8", "eval.batch_size=4")
+    rules.check(cfg)
+    reward = ParityReward()
+    policy, tok, _ = build.policy(cfg)
+    module = build.module(cfg, policy, tok, reward)
+    texts = []
+    generate = module.engine.generate
+
+    def spy(prompts, **kw):
+        ro = generate(prompts, **kw)
+        texts.append(ro.texts)
+        return ro
+
+    module.engine.generate = spy
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    val = build.val_loader(build.held_out(cfg).problems, 4)  # two batches of problems
+    runs = []
+    for step in (0, 0, 5):
+        module.batches_done, texts[:] = step, []
+        trainer.validate(module, val, verbose=False)
+        runs.append((dict(module.last_val), list(texts), list(module.val_rows)))
+    reward.grader.close()
+    metrics, first_texts, rows = runs[0]
+    assert runs[1][1] == first_texts and runs[1][0] == metrics  # the same step draws the same
+    assert runs[2][1] != first_texts  # another step, other samples
+    for key in ("n", "acc_t1", "acc_t2", "delta", "pass@1", "pass@2", "pass@4", "maj@4", "mean@4"):
+        assert key in metrics, key
+        assert f"val/{key}" in trainer.callback_metrics
+    assert metrics["n"] == 8 and metrics["pass@1"] == pytest.approx(metrics["mean@4"], abs=1e-12)
+    assert metrics["pass@1"] <= metrics["pass@2"] <= metrics["pass@4"]
+    assert 0 < metrics["pass@4"] and metrics["mean@4"] < 1  # the warm start is right sometimes
+    assert len(rows) == 8 and metrics["acc_t1"] == sum(r["t1"] for r in rows) / 8  # t1 = the first sample
+    assert metrics["acc_t2"] == sum(r["t2"] for r in rows) / 8
