@@ -263,7 +263,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int
     buckets = batch_buckets(rows)
     stops = _as_ids(eos_token_id, device)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros(rows, max_new_tokens, device=device) if temperature > 0 else None
+    logps = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device) if temperature > 0 else None
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # which output rows the batch rows are
     running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows that have not emitted a stop token
