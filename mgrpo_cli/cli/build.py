@@ -484,13 +484,14 @@ def strategy(cfg: Any):
     return t.strategy
 
 
-def callbacks(cfg: Any, out: Path, run_logger=None, stopper=None, writer=None) -> list:
+def callbacks(cfg: Any, out: Path, run_logger=None, stopper=None, writer=None, best=None) -> list:
     """Every callback of a training run, in order: step checkpoints under ``<out>/checkpoints`` through
     ``writer`` (default :func:`checkpoint_writer`), the rich progress bar in steps (``step 120/300``),
     the run's outputs (``training.callbacks``: the held-out files under ``out`` and in the MLflow run;
     with an MLflow run its outbox forced to disk at every checkpoint and the samples table every
     ``logger.samples_every`` steps), the stop-request checkpoints (``stopper``, a
-    ``lifecycle.StopAndCheckpoint``) and, with ``trainer.weight_checksums``, the weight checksums."""
+    ``lifecycle.StopAndCheckpoint``) and, with ``trainer.weight_checksums``, the weight checksums;
+    ``best`` (:func:`best_checkpoints`) goes before the held-out files (see ``training.best``)."""
     from mgrpo_cli.training.callbacks import HeldoutFiles, SamplesTable, TrackingOnDisk
     from mgrpo_cli.training.checkpointing import StepCheckpoint
     from mgrpo_cli.training.distributed import weight_checksums_callback
@@ -498,7 +499,7 @@ def callbacks(cfg: Any, out: Path, run_logger=None, stopper=None, writer=None) -
 
     t = cfg.trainer
     found: list = [StepCheckpoint(writer or checkpoint_writer(cfg, out), every=t.checkpoint_every), StepProgressBar(),
-                   HeldoutFiles(out, run_logger)]
+                   *([best] if best is not None else []), HeldoutFiles(out, run_logger)]
     if run_logger is not None:
         found.append(TrackingOnDisk(run_logger))
         if cfg.logger.samples_every:
@@ -508,6 +509,19 @@ def callbacks(cfg: Any, out: Path, run_logger=None, stopper=None, writer=None) -
     if t.weight_checksums:
         found.append(weight_checksums_callback(out))
     return found
+
+
+def best_checkpoints(cfg: Any, out: Path, writer):
+    """With ``trainer.monitor``, the callback keeping the ``trainer.save_top_k`` best validations' checkpoints
+    through ``writer`` and stopping after ``trainer.early_stop_patience`` validations without improvement;
+    else None."""
+    t = cfg.trainer
+    if t.monitor is None:
+        return None
+    from mgrpo_cli.training.best import PREFIX, BestCheckpoints, Monitor
+
+    return BestCheckpoints(Monitor(str(t.monitor)[len(PREFIX):], str(t.monitor_mode), t.save_top_k,
+                                   t.early_stop_patience), writer, out)
 
 
 def checkpoint_writer(cfg: Any, out: Path):
@@ -542,15 +556,19 @@ def scored_policy(cfg: Any, start: Optional[str] = None):
     else ``model.path``, else ``start`` (the tiny model's warm start)."""
     if not cfg.checkpoint:
         return policy(cfg, None if cfg.model.path else start)
-    import torch
-
     saved = checkpoint_config(cfg.checkpoint, "checkpoint")
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides()}
     keep = {group: {k: v for k, v in (saved.get(group) or {}).items() if f"{group}.{k}" not in given}
             for group in ("model", "lora")}
     cfg = OmegaConf.merge(cfg, keep)
     model, tok, _ = policy(cfg)
-    ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
-    model.load_state_dict(state)
+    load_policy_weights(model, cfg.checkpoint)
     return model, tok, str(cfg.checkpoint)
+
+
+def load_policy_weights(model, checkpoint: str | Path) -> None:
+    """The policy's weights of an mgrpo Lightning checkpoint into ``model`` (built with the run's settings)."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    model.load_state_dict({k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")})

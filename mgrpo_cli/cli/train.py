@@ -70,7 +70,7 @@ def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
                             f"{cfg.trainer.max_steps}> (or a longer trainer.max_time) to train it further")
     requests = lifecycle.StopRequests()
     requests.install()
-    run_logger, status, error, exit_code = None, "FAILED", None, None
+    run_logger, status, error, exit_code, reason = None, "FAILED", None, None, None
     try:
         if not cfg.warmup.only:  # the MLflow run first: a job that fails from here on shows as FAILED
             run_logger = build.run_logger(cfg, run_name=f"{cfg.task_name}-{out.name}", run_folder=out,
@@ -79,7 +79,7 @@ def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
             lifecycle.write_status(out, "RUNNING", None, run_logger.run_id if run_logger else None)
             provenance.record(out, run_logger)
             lifecycle.on_rank_death(lambda why: _record_end(out, zero, run_logger, "FAILED", why))
-        result, stopped = _train(cfg, out, run_logger, requests)
+        result, stopped, reason = _train(cfg, out, run_logger, requests)
         status = "KILLED" if stopped else "FINISHED"
         exit_code = lifecycle.EXIT_PREEMPTED if stopped else None
     except (KeyboardInterrupt, SystemExit) as e:
@@ -95,7 +95,7 @@ def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
         raise
     finally:
         requests.restore()
-        _record_end(out, zero, run_logger, status, error)
+        _record_end(out, zero, run_logger, status, error, reason)
     if exit_code is not None:
         log.warning("stopped by %s (%s); continue with: mgrpo train resume=%s", requests.name or "Ctrl+C",
                     status, out)
@@ -104,24 +104,29 @@ def _run_train(cfg: DictConfig, out: Path, zero: bool) -> dict[str, float]:
     return result
 
 
-def _record_end(out: Path, zero: bool, run_logger, status: str, error: Optional[str]) -> None:
+def _record_end(out: Path, zero: bool, run_logger, status: str, error: Optional[str],
+                reason: Optional[str] = None) -> None:
     """The job's end in status.json, then in MLflow (which may wait up to 30 s for an absent tracking
-    server: status.json is written first); a failure to record never hides the job's own error."""
+    server: status.json is written first); a failure to record never hides the job's own error.
+    ``reason``: why a FINISHED run ended before its last step (status.json, the MLflow tag ``stop_reason``)."""
     from mgrpo_cli.training import lifecycle
 
     run_id = run_logger.run_id if run_logger else None
     if zero:
-        lifecycle.write_status(out, status, error, run_id)
+        lifecycle.write_status(out, status, error, run_id, reason)
     try:
         if run_logger:
+            if reason:
+                run_logger.set_tags({"stop_reason": reason})
             run_logger.end(status, error)
     except Exception as e:
         log.error("could not record the end of MLflow run %s: %s", run_id, one_line(e))
 
 
-def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, float], bool]:
-    """The run itself: (start and end held-out metrics, whether a stop request, ``requests``
-    (``lifecycle.StopRequests``), ended it early)."""
+def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, float], bool, Optional[str]]:
+    """The run itself: (start, end and best held-out metrics, whether a stop request, ``requests``
+    (``lifecycle.StopRequests``), ended it early, why training ended before ``trainer.max_steps``
+    when early stopping ended it)."""
     from mgrpo_cli.training import lifecycle
 
     rules.check(cfg, "train")
@@ -134,17 +139,18 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
         try:
             start_from = build.warm_start(cfg, reward_fn, should_stop=lambda: requests.requested)
         except WarmupStopped:
-            return {}, True  # nothing half-written: the warm start is saved whole or not at all
+            return {}, True, None  # nothing half-written: the warm start is saved whole or not at all
         if cfg.warmup.only:
             log.info("warm start ready: %s", start_from)
-            return {}, False
+            return {}, False, None
         setup = build.training(cfg, reward_fn, problems, start_from)
         module = setup.module
         writer = build.checkpoint_writer(cfg, out)
         last = writer.last
         stopper = lifecycle.StopAndCheckpoint(requests, writer, every_minutes=cfg.trainer.checkpoint_every_minutes)
+        best = build.best_checkpoints(cfg, out, writer)
         trainer = build.trainer(cfg, out, run_logger.logger if run_logger else None,
-                                build.callbacks(cfg, out, run_logger, stopper, writer))
+                                build.callbacks(cfg, out, run_logger, stopper, writer, best))
         log.info("policy: %s; run folder: %s; %d held-out problems", setup.source, out, setup.n_val)
         start = _saved_start(cfg.ckpt_path) if cfg.get("resume") and cfg.ckpt_path else {}
         if not start and cfg.trainer.val_before_train and not requests.requested:
@@ -152,30 +158,44 @@ def _train(cfg: DictConfig, out: Path, run_logger, requests) -> tuple[dict[str, 
         module.start_val = start
         log.info("held-out before training: %s", _fmt(start))
         if requests.requested:
-            return {}, True
+            return {}, True, None
         try:
             trainer.fit(module, train_dataloaders=setup.train_loader, val_dataloaders=setup.val_loader,
                         ckpt_path=cfg.ckpt_path)
         except lifecycle.StopRequested:
-            return {}, True
+            return {}, True, None
         if stopper.stop_pending:  # the request came during the last step
-            return {}, True
+            return {}, True, None
         end = _validate(trainer, module, setup.val_loader)
         log.info("held-out after training:  %s", _fmt(end))
         result = {f"start/{k}": v for k, v in start.items()} | {f"end/{k}": v for k, v in end.items()}
         export_policy(cfg, module.policy, module.tokenizer, out / "export", trainer.is_global_zero, start_from)
+        chosen = best.best if best else None
+        if chosen is not None:
+            step, value, path = chosen
+            result |= {f"best/{best.monitor.metric}": value, "best/step": float(step)}
+            if trainer.is_global_zero:  # the best validation's weights, from its checkpoint
+                policy_model, tok, _ = build.policy(cfg, start_from)
+                build.load_policy_weights(policy_model, path)
+                export_policy(cfg, policy_model, tok, out / "export-best", True, start_from)
         if trainer.is_global_zero:
             # every validation's val/* by step as well (the held-out scores files; a run without MLflow has them too)
             validations = {str(step): scores for step, scores in heldout.read_scores(out).items()}
-            (out / "result.json").write_text(json.dumps({**result, "validations": validations}, indent=1))
+            extra = {"validations": validations} | ({"stop_reason": best.stop_reason} if best and best.stop_reason
+                                                     else {})
+            (out / "result.json").write_text(json.dumps({**result, **extra}, indent=1))
             if run_logger:
                 run_logger.log_metrics(result, step=trainer.global_step)
                 run_logger.set_tags({"checkpoint": str(last.resolve()) if last.is_file() else "(none)",
                                      "run_dir": str(out.resolve())})
                 if cfg.logger.log_export:
                     run_logger.log_folder(out / "export", "export")
+                    if chosen is not None:
+                        run_logger.log_folder(out / "export-best", "export-best")
             _print_summary(start, end, out)
-        return result, False
+        if best and best.stop_reason:
+            log.info("%s", best.stop_reason)
+        return result, False, best.stop_reason if best else None
     finally:
         reward_fn.close()
 

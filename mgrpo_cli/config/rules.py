@@ -109,6 +109,9 @@ TRAIN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.val_every", _at_least(1), "validate every N >= 1 steps"),
     ("trainer.checkpoint_every", _at_least(1), "checkpoint every N >= 1 steps"),
     ("trainer.keep_checkpoints", _at_least(1), "keep the N >= 1 newest step checkpoints"),
+    ("trainer.save_top_k", _at_least(0), "keep N >= 0 best checkpoints (0 = none)"),
+    ("trainer.early_stop_patience", _unset_or(_at_least(1)),
+     "stop after N >= 1 validations without improvement (or null for never)"),
     ("trainer.checkpoint_every_minutes", _unset_or(_positive), "checkpoint every N > 0 minutes (or null)"),
     ("trainer.max_nonfinite_steps", _at_least(0), "stop after N >= 1 non-finite steps in a row, or 0 for never"),
     ("trainer.num_nodes", _at_least(1), "need at least 1 node"),
@@ -173,6 +176,7 @@ def _check_train(cfg: Any) -> None:
     if g.dynamic_sampling and t.strategy == "fsdp" and ranks > 1:
         raise bad_value("grpo.dynamic_sampling", True, "with trainer=fsdp every rollout gathers the sharded weights "
                         "(a collective), and ranks would make different numbers of rollouts; use trainer=ddp")
+    _check_monitor(cfg)
     m = cfg.model
     if m.rollout_dtype is not None and (str(m.dtype) != "float32" or not str(t.precision).startswith("32")):
         raise bad_value("model.rollout_dtype", str(m.rollout_dtype), f"samples a float32 model in lower precision, and "
@@ -192,6 +196,25 @@ def _check_train(cfg: Any) -> None:
     if cfg.warmup.enabled and cfg.warmup.only and not is_embedded(cfg):
         raise bad_value("warmup.only", True, "the warm-up makes the embedded tiny model's start; it needs "
                         "model=tiny with model.path=null")
+
+
+def _check_monitor(cfg: Any) -> None:
+    """``trainer.monitor`` names a metric validation logs; early stop needs one."""
+    from mgrpo_cli.reporting.metrics import summary_keys
+
+    t = cfg.trainer
+    if t.monitor is None:
+        if t.early_stop_patience is not None:
+            raise bad_value("trainer.early_stop_patience", t.early_stop_patience, "stops when the monitored metric "
+                            "stops improving: set trainer.monitor (e.g. val/acc_t2)")
+        return
+    if t.strategy == "deepspeed" and t.save_top_k > 0:
+        raise bad_value("trainer.save_top_k", t.save_top_k, "trainer=deepspeed writes a checkpoint folder per "
+                        "rank, which export-best/ cannot read; use trainer=ddp or fsdp, or save_top_k=0")
+    keys = summary_keys(cfg.eval.n, cfg.eval.two_pass)
+    if not str(t.monitor).startswith("val/") or str(t.monitor)[4:] not in keys:
+        raise bad_value("trainer.monitor", t.monitor, f"validation (eval.n={cfg.eval.n}, eval.two_pass="
+                        f"{cfg.eval.two_pass}) logs {', '.join('val/' + k for k in keys if k != 'n')}")
 
 
 def clipped_losses() -> list[str]:

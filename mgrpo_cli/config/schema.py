@@ -60,6 +60,7 @@ ImportanceSamplingLevel = _choice("ImportanceSamplingLevel", "token", "sequence"
 LoraExport = _choice("LoraExport", "merged", "adapter")
 WarmupTask = _choice("WarmupTask", "dataset", "default")
 Dtype = _choice("Dtype", "auto", "float32", "bfloat16", "float16")
+MonitorMode = _choice("MonitorMode", "max", "min")
 RolloutDtype = _choice("RolloutDtype", "bfloat16", "float16")
 RolloutIS = _choice("RolloutIS", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -309,6 +310,14 @@ class TrainerConfig:
     val_every: int = 50
     # validate the held-out set before the first training step (verl's name; step 0 of the held-out files)
     val_before_train: bool = True
+    # a val/* metric (val/acc_t2, val/pass@4, ...): keep the save_top_k best validations as
+    # checkpoints/best-step=<step>.ckpt (and export the best to export-best/); null = none
+    monitor: Optional[str] = None
+    monitor_mode: MonitorMode = MonitorMode.max  # max | min: which way is better
+    save_top_k: int = 1
+    # stop (FINISHED, the reason in status.json and MLflow) after this many validations in a row without a
+    # strict improvement of the monitored metric; null = never
+    early_stop_patience: Optional[int] = None
     threads: Optional[int] = None  # torch.set_num_threads; null = leave as is
     # torch.use_deterministic_algorithms (Lightning's Trainer(deterministic=True)): bit-exact resume on GPU,
     # at the cost of slower deterministic kernels (docs/resume.md); CPU runs are exact without it

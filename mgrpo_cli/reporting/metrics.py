@@ -161,3 +161,13 @@ def summarize(records: list[dict]) -> dict[str, Any]:
             out[f"by_{key}"] = breakdown(rows, key)
     return out
 
+
+
+def summary_keys(n: int, two_pass: bool) -> list[str]:
+    """The numbers :func:`summarize` gives for ``n`` samples per problem, with or without a second pass."""
+    keys = ["n", "acc_t1"]
+    if n > 1:
+        keys += [f"mean@{n}", *(f"pass@{2 ** i}" for i in range(n.bit_length()) if 2 ** i <= n), f"maj@{n}"]
+    if two_pass:
+        keys += ["acc_t2", "delta", "delta_i2c", "delta_c2i", "rr", "wr", "rw", "ww", "fix_rate", "break_rate"]
+    return keys

@@ -41,13 +41,15 @@ STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 
 
 def write_status(folder: str | Path, status: str, error: Optional[str] = None,
-                 mlflow_run_id: Optional[str] = None) -> None:
+                 mlflow_run_id: Optional[str] = None, reason: Optional[str] = None) -> None:
     """Write ``<folder>/status.json`` atomically (a reader never sees half a file); on a full disk, where
-    no new file can be made, over the old file's bytes in place (its block holds the few hundred bytes)."""
+    no new file can be made, over the old file's bytes in place (its block holds the few hundred bytes).
+    ``reason``: why a FINISHED run ended before its last step (early stopping), as ``"reason"``."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     path = Path(folder) / "status.json"
-    text = json.dumps({"status": status, "error": error, "mlflow_run_id": mlflow_run_id}, indent=1) + "\n"
+    fields = {"status": status, "error": error, "mlflow_run_id": mlflow_run_id} | ({"reason": reason} if reason else {})
+    text = json.dumps(fields, indent=1) + "\n"
     replace_or_overwrite(path, text.encode())
 
 

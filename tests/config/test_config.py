@@ -131,6 +131,15 @@ BAD_COMBINATIONS = [
     (["model.rollout_dtype=bfloat16", "model.dtype=bfloat16"], "model.rollout_dtype=bfloat16: samples a float32 model "
      "in lower precision, and this one trains in model.dtype=bfloat16 with trainer.precision=32-true"),
     (["model.rollout_dtype=float16", "trainer.precision=bf16-mixed"], "model.rollout_dtype=float16: samples a float32"),
+    (["trainer.early_stop_patience=3"], "trainer.early_stop_patience=3: stops when the monitored metric stops "
+     "improving: set trainer.monitor"),
+    (["trainer.monitor=val/pass@4"], "trainer.monitor=val/pass@4: validation (eval.n=1, eval.two_pass=True) logs "
+     "val/acc_t1, val/acc_t2"),
+    (["trainer.monitor=acc_t2", "eval.n=4"], "trainer.monitor=acc_t2: validation (eval.n=4, eval.two_pass=True) "
+     "logs val/acc_t1, val/mean@4, val/pass@1, val/pass@2, val/pass@4, val/maj@4, val/acc_t2"),
+    (["trainer.monitor=val/acc_t2", "trainer.early_stop_patience=0"], "trainer.early_stop_patience=0"),
+    (["trainer.save_top_k=-1"], "trainer.save_top_k=-1: keep N >= 0 best checkpoints"),
+    (["eval.n=4", "eval.temperature=0"], "eval.temperature=0.0: eval.n=4 samples per problem need a temperature > 0"),
 ]
 
 

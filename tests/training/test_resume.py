@@ -286,3 +286,48 @@ def test_the_default_run_killed_after_a_validation_between_checkpoints_resumes_e
     res = run_cli("train", f"resume={run}", timeout=3600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_run(ref, killed, steps=300)
+
+
+# the issue-32 run: sampled validation (eval.n = 4) monitored for the two best checkpoints
+MONITORED = ["trainer.monitor=val/acc_t2", "trainer.save_top_k=2", "eval.n=4"]
+
+
+def test_best_checkpoints_of_sampled_validation_and_an_exact_resume(digits, tmp_path):
+    """``mgrpo train trainer.monitor=val/acc_t2 trainer.save_top_k=2 eval.n=4`` logs val/pass@4 and its
+    friends, keeps the two best validations' checkpoints beside last.ckpt and exports the best; a run
+    SIGKILLed between two checkpoints and resumed ends the same: results, exports, best checkpoints."""
+    from safetensors.torch import load_file
+
+    from mgrpo_cli.training.best import file_name, ranking
+
+    ref = tmp_path / "reference"
+    _train(ref, *RUN, *digits, *MONITORED)
+    run = ref / "run"
+    result = json.loads((run / "result.json").read_text())
+    history = {int(s): v["acc_t2"] for s, v in result["validations"].items() if int(s) > 0}
+    assert set(history) == set(range(1, STEPS + 1))  # every step validated (val_every=1), 0 = before training
+    for key in ("pass@1", "pass@2", "pass@4", "maj@4", "mean@4", "acc_t1", "acc_t2", "fix_rate"):
+        assert key in result["validations"][str(STEPS)], key
+    top = ranking(history, "max", 2)
+    assert sorted(p.name for p in (run / "checkpoints").glob("best-*.ckpt")) == sorted(file_name(s) for s, _ in top)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert result["best/acc_t2"] == top[0][1] and result["best/step"] == top[0][0]
+    best = torch.load(run / "checkpoints" / file_name(top[0][0]), map_location="cpu", weights_only=False)
+    exported = load_file(run / "export-best" / "model.safetensors")
+    assert best["global_step"] == top[0][0]
+    assert all(torch.equal(exported[k], best["state_dict"][f"policy.{k}"]) for k in exported if f"policy.{k}" in
+               best["state_dict"])
+    logged = _metrics(ref / "mlflow.db")
+    assert ("val/pass_at_4", STEPS) in logged and ("val/maj_at_4", STEPS) in logged  # MLflow's names for '@'
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    proc = _start(out, *RUN, *digits, *MONITORED)
+    assert _signal_after(proc, out, random.randint(EVERY, 2 * EVERY - 2), signal.SIGKILL) == -signal.SIGKILL
+    res = run_cli("train", f"resume={out / 'run'}", timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_run(ref, out)
+    names = sorted(p.name for p in (out / "run" / "checkpoints").glob("best-*.ckpt"))
+    assert names == sorted(file_name(s) for s, _ in top)
+    a, b = load_file(run / "export-best" / "model.safetensors"), load_file(out / "run" / "export-best" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
