@@ -155,6 +155,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             log.info("scoring %s on %d problems", source, len(problems))
             records, rate, counts = generate_records(cfg, policy, tok, problems, grader)
         name = cfg.dataset.name
+        if not records:
+            raise RescoreError("no problems to score")
         summary = summarize(records)  # the same scores as validation during training
         summary["skipped_rows"] = skipped
         summary.update(counts)

@@ -7,9 +7,10 @@ prepares the same loss (``loss.prepare_layer_loss``), then ``layers.link`` turns
 next layer's inputs (and spares). Layer losses are summed (L1 + lambda * L2: each of the
 ``num_iterations`` optimizer steps is one ``loss.loss_pass`` over every layer) or applied as
 ``num_iterations`` optimizer steps per layer (``OptimSpec.step_per_layer``). Validation is the
-two-pass (t1, t2) answer of ``solve`` (greedy, or ``eval.n`` samples), scored as ``mgrpo eval`` scores. Manual optimization: the step owns its backward passes (micro-batched)
-and the optimizer step. The module takes plain objects made by ``mgrpo_cli.cli.build``, never the config, and writes no
-files: the samples table and the held-out files are callbacks' (``training.callbacks``), which read
+two-pass (t1, t2) answer of ``solve`` (greedy, or ``eval.n`` samples), scored as ``mgrpo eval`` scores.
+Manual optimization: the step owns its backward passes (micro-batched) and the optimizer step. The
+module takes plain objects made by ``mgrpo_cli.cli.build``, never the config, and writes no files: the
+samples table and the held-out files are callbacks' (``training.callbacks``), which read
 the last step's layers (``trained``) and the last validation's rows (``val_rows``).
 On several processes (``mgrpo_cli.training.distributed``): each rank draws its own prompts, DDP gradients are
 averaged once per optimizer step, metrics are averaged over ranks, validation problems are split
