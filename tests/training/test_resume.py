@@ -292,6 +292,7 @@ def test_the_default_run_killed_after_a_validation_between_checkpoints_resumes_e
 MONITORED = ["trainer.monitor=val/acc_t2", "trainer.save_top_k=2", "eval.n=4"]
 
 
+@pytest.mark.slow  # three runs of 12 steps, each validating 4 samples per problem at every step
 def test_best_checkpoints_of_sampled_validation_and_an_exact_resume(digits, tmp_path):
     """``mgrpo train trainer.monitor=val/acc_t2 trainer.save_top_k=2 eval.n=4`` logs val/pass@4 and its
     friends, keeps the two best validations' checkpoints beside last.ckpt and exports the best; a run
@@ -301,7 +302,7 @@ def test_best_checkpoints_of_sampled_validation_and_an_exact_resume(digits, tmp_
     from mgrpo_cli.training.best import file_name, ranking
 
     ref = tmp_path / "reference"
-    _train(ref, *RUN, *digits, *MONITORED)
+    _train(ref, *RUN, *digits, *MONITORED, timeout=900)
     run = ref / "run"
     result = json.loads((run / "result.json").read_text())
     history = {int(s): v["acc_t2"] for s, v in result["validations"].items() if int(s) > 0}
@@ -323,8 +324,8 @@ def test_best_checkpoints_of_sampled_validation_and_an_exact_resume(digits, tmp_
     out = tmp_path / "killed"
     out.mkdir()
     proc = _start(out, *RUN, *digits, *MONITORED)
-    assert _signal_after(proc, out, random.randint(EVERY, 2 * EVERY - 2), signal.SIGKILL) == -signal.SIGKILL
-    res = run_cli("train", f"resume={out / 'run'}", timeout=300)
+    assert _signal_after(proc, out, random.randint(EVERY, 2 * EVERY - 2), signal.SIGKILL, timeout=900) == -signal.SIGKILL
+    res = run_cli("train", f"resume={out / 'run'}", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_run(ref, out)
     names = sorted(p.name for p in (out / "run" / "checkpoints").glob("best-*.ckpt"))
