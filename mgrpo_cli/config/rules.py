@@ -184,11 +184,10 @@ def _check_train(cfg: Any) -> None:
                         "model.dtype=float32 with trainer.precision=32-true, or rollout_dtype=null")
     buffer = cfg.reward.overlong_buffer_len
     if buffer is not None:
-        from mgrpo_cli.config.build import correction_budget
-
         budgets = {"model.max_completion_length": cfg.model.max_completion_length}
-        if lay.depth >= 2:
-            budgets["the correction budget"] = correction_budget(cfg)
+        if lay.depth >= 2:  # the corrections' budget, as cli.build.correction_budget reads it
+            budgets["the correction budget"] = (lay.max_new_tokens or cfg.model.max_correction_length
+                                                or cfg.model.max_completion_length)
         for name, budget in budgets.items():
             if buffer >= budget:
                 raise bad_value("reward.overlong_buffer_len", buffer, f"the buffer must be shorter than each layer's "
