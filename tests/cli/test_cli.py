@@ -66,9 +66,12 @@ def test_two_step_train_then_eval_on_gsm8k_and_math500(tmp_path):
             "train/layer1/zero_variance_groups", "train/layer1/clip_region", "val/acc_t1",
             "val/delta_i2c", "val/fix_rate", "train/step_time"} <= keys  # val/break_rate: only with a t1-right problem
     assert {"grpo.num_generations", "layer.select", "model.name"} <= params
-    # per-problem rows of the held-out evaluations before and after the two steps, also in MLflow
+    # per-problem rows (.jsonl) and scores (.json) of the held-out evaluations before and after the two
+    # steps; the rows also in MLflow
     steps = sorted(p.name for p in (run / "heldout").iterdir())
-    assert steps == ["step_000000.jsonl", "step_000002.jsonl"]
+    assert steps == ["step_000000.json", "step_000000.jsonl", "step_000002.json", "step_000002.jsonl"]
+    scores = json.loads((run / "heldout" / "step_000002.json").read_text())
+    assert {"acc_t1", "acc_t2", "fix_rate"} <= set(scores)
     rows = [json.loads(line) for line in (run / "heldout" / "step_000002.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and set(rows[0]) == {"id", "t1", "t2", "t1_answer", "t2_answer"}
     assert len({r["id"] for r in rows}) == 8
